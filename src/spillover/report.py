@@ -442,6 +442,7 @@ class FigureOut:
         text = self.svg or ""
         text = re.sub(r"<\?xml[^>]*\?>\s*", "", text)
         text = re.sub(r"<!DOCTYPE[^>]*>\s*", "", text)
+        text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
         return text.strip()
 
 
