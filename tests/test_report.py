@@ -1,0 +1,428 @@
+"""Report stage: self-contained, escaped, complete, deterministic, atomic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from spillover.errors import ConfigError, DataError
+from spillover.report import ReportConfig, write_combined_report, write_report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+XSS = "<script>alert(1)</script>"
+XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_make_run() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "make_report_run", FIXTURES / "make_report_run.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_run
+
+
+def _edit_json(path: Path, edit: Any) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _stratum(obj: dict[str, Any], category: str, context: str) -> dict[str, Any]:
+    return next(
+        s
+        for s in obj["strata"]
+        if s["category"] == category
+        and s["context_condition"] == context
+        and s.get("question_polarity") is None
+    )
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic run's artifacts (no report yet), with hostile text and undefined values."""
+    run = tmp_path_factory.mktemp("artifacts") / "run"
+    _load_make_run()(run)
+
+    def edit(obj: dict[str, Any]) -> None:
+        _stratum(obj, "Age", "ambig")["note"] = f"template 3 quirk {XSS}"
+        rxg = _stratum(obj, "Race_x_gender", "disambig")
+        for key in ("bias_score_aligned", "delta_bias_score"):
+            rxg[key] = None
+        rxg["delta_bias_score_ci_low"] = rxg["delta_bias_score_ci_high"] = None
+        obj["warnings"].append(f"stats: 3 items had no parsable answer {XSS}")
+
+    _edit_json(run / "stats" / "comparison.json", edit)
+
+    def edit_manifest(obj: dict[str, Any]) -> None:
+        obj["models"][0]["name"] = f"org/model{XSS}"
+        obj["bbq"]["verified"] = False
+        obj["bbq"]["warnings"] = ["Age.jsonl: SHA-256 differs from the pinned release"]
+
+    _edit_json(run / "manifest.json", edit_manifest)
+    return run
+
+
+@pytest.fixture(scope="module")
+def built(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifacts with a report built once (PNG figures); read-only for the tests."""
+    run = tmp_path_factory.mktemp("built") / "run"
+    shutil.copytree(artifacts, run)
+    write_report(run)
+    return run
+
+
+def _copy(src: Path, tmp_path: Path, name: str = "run") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _local_refs(html: str) -> list[str]:
+    return [
+        ref
+        for ref in re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)["\']', html, flags=re.I)
+        if not ref.startswith(("data:", "#"))
+    ]
+
+
+def _md_table(md: str, heading: str) -> list[list[str]]:
+    """Rows (cells) of the first table after ``heading``, header and rule excluded."""
+    block = md.split(heading, 1)[1]
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", ln)[1:-1]])
+    return rows
+
+
+# --------------------------------------------------------------------------- content
+
+
+def test_html_is_self_contained_and_figures_are_valid(built: Path) -> None:
+    html = (built / "report.html").read_text()
+    assert not re.search(r'(?:src|href)\s*=\s*["\']?\s*(?:https?:)?//', html, flags=re.I)
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    refs = _local_refs(html)
+    assert refs, "the report links its figure files"
+    for ref in refs:
+        path = built / ref
+        assert path.is_file(), ref
+        assert path.read_bytes().startswith(PNG_MAGIC), ref
+    # every figure is also embedded, and the embedded images are PNGs
+    import base64
+
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(embedded) == 6  # 2 heatmaps, forest, 1 flag panel, training, position
+    assert all(base64.b64decode(e).startswith(PNG_MAGIC) for e in embedded)
+    expected = {
+        "heatmap_delta_accuracy.png",
+        "heatmap_delta_bias_score.png",
+        "forest_delta_accuracy.png",
+        "flag_01_masking_age.png",
+        "training_curves.png",
+        "position_bias.png",
+    }
+    assert {p.name for p in (built / "figures").iterdir()} == expected
+    assert {Path(r).name for r in refs} == expected
+
+
+def test_dataset_and_user_text_is_escaped(built: Path) -> None:
+    html = (built / "report.html").read_text()
+    md = (built / "report.md").read_text()
+    assert XSS not in html and XSS not in md
+    # the note, the stats warning and the model name all appear, escaped
+    assert html.count(XSS_ESCAPED) >= 3
+    assert md.count(XSS_ESCAPED) >= 3
+
+
+def test_undefined_values_are_labelled_not_zero(built: Path) -> None:
+    md = (built / "report.md").read_text()
+    rows = _md_table(md, "### Effect sizes and bias scores")
+    header = [
+        "category",
+        "context",
+        "polarity",
+        "CI method",
+        "odds ratio",
+        "odds ratio 95% CI",
+        "bias score base",
+        "bias score aligned",
+        "Δ bias score",
+        "Δ bias 95% CI",
+        "note",
+    ]
+    rxg = next(r for r in rows if r[:3] == ["Race\\_x\\_gender", "disambig", "all"])
+    cells = dict(zip(header, rxg, strict=True))
+    assert cells["bias score aligned"] == "undefined"
+    assert cells["Δ bias score"] == "undefined"
+    assert cells["Δ bias 95% CI"] == "undefined"
+    assert cells["bias score base"] not in ("undefined", "0", "+0.000")
+    pooled = next(r for r in rows if r[:3] == ["Age", "all", "all"])
+    assert dict(zip(header, pooled, strict=True))["Δ bias score"] == "undefined"
+    assert not re.search(r"\bnan\b", md, flags=re.I)
+    html = (built / "report.html").read_text()
+    assert "<td>undefined</td>" in html
+    assert not re.search(r"\bnan\b", html, flags=re.I)
+
+
+def test_every_stratum_has_a_markdown_row(built: Path) -> None:
+    strata = json.loads((built / "stats" / "comparison.json").read_text())["strata"]
+    md = (built / "report.md").read_text()
+    main = _md_table(md, "### Accuracy and tests")
+    effects = _md_table(md, "### Effect sizes and bias scores")
+    assert len(strata) == 38  # 22 attribute x context, 11 pooled, 3 over attributes, 2 polarity
+    assert len(main) == len(effects) == len(strata)
+
+    def key(s: dict[str, Any]) -> tuple[str, str, str]:
+        cat = s["category"].replace("_", "\\_")
+        return (cat, s["context_condition"], s.get("question_polarity") or "all")
+
+    assert sorted(tuple(r[:3]) for r in main) == sorted(key(s) for s in strata)
+    assert sorted(tuple(r[:3]) for r in effects) == sorted(key(s) for s in strata)
+    # the significant Age ambig loss carries its numbers
+    age = next(r for r in main if r[:3] == ["Age", "ambig", "all"])
+    assert "-15.8 pp" in age and "significant\\_degradation" in age[-1]
+
+
+def test_summary_flags_and_warnings_are_visible(built: Path, artifacts: Path) -> None:
+    comparison = json.loads((artifacts / "stats" / "comparison.json").read_text())
+    explanation = comparison["flags"][0]["explanation"]
+    html = (built / "report.html").read_text()
+    md = (built / "report.md").read_text()
+    assert explanation in html
+    assert explanation in md
+    summary = html.split('id="summary"', 1)[1].split("</section>", 1)[0]
+    assert "Alignment target: Gender_identity." in summary
+    assert "1 of 22 attribute × context strata lost accuracy significantly (ambiguous: 1" in summary
+    assert "Spillover losses on non-target attributes: Age · ambig" in summary
+    assert "Holm correction" in summary
+    warnings = html.split('id="warnings"', 1)[1].split("</section>", 1)[0]
+    assert "BBQ data NOT verified" in warnings
+    assert "Age.jsonl: SHA-256 differs" in warnings
+    assert html.index('id="warnings"') < html.index('id="summary"')
+    assert "**BBQ data NOT verified" in md
+    # provenance
+    assert "HuggingFaceTB" not in html or "models.base" in html
+    assert "models.base" in html and "timings.align" in html
+
+
+def test_position_table_matches_predictions(built: Path) -> None:
+    import pandas as pd
+
+    md = (built / "report.md").read_text()
+    rows = {r[0]: r[1:] for r in _md_table(md, "## Answer position")}
+    for col, model in enumerate(("base", "aligned")):
+        df = pd.read_parquet(built / "eval" / model / "predictions.parquet")
+        share_a = (df["displayed_pred"] == 0).mean() * 100
+        assert rows["picks at position A"][col] == f"{share_a:.1f}%"
+        acc = df[df["permutation"] == "120"]["correct"].mean() * 100
+        assert rows["accuracy, order 120"][col] == f"{acc:.1f}%"
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_rebuild_is_deterministic_and_imports_no_heavy_library(built: Path, tmp_path: Path) -> None:
+    run = _copy(built, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / "figures").iterdir()}
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from spillover.report import write_report\n"
+        f"write_report(Path({str(run)!r}))\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"},
+    )
+    assert out.stdout.strip() == ""
+    assert (run / "report.md").read_bytes() == (built / "report.md").read_bytes()
+    assert (run / "report.html").read_bytes() == (built / "report.html").read_bytes()
+    assert {p.name: p.read_bytes() for p in (run / "figures").iterdir()} == before
+
+
+def test_missing_optional_artifacts_are_skipped_with_a_note(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    run = _copy(artifacts, tmp_path)
+    (run / "manifest.json").unlink()
+    (run / "align" / "log_history.json").unlink()
+    shutil.rmtree(run / "eval")
+    html = (write_report(run, ReportConfig(formats=("html",)))).read_text()
+    notes = html.split('id="notes"', 1)[1]
+    assert "Manifest not found (manifest.json)" in notes
+    assert "Training log history not found (log_history.json)" in notes
+    assert "No per-item predictions" in notes
+    assert not (run / "report.md").exists()
+    names = {p.name for p in (run / "figures").iterdir()}
+    assert "training_curves.png" not in names and "position_bias.png" not in names
+    assert "heatmap_delta_accuracy.png" in names
+
+
+def test_single_permutation_skips_the_position_view(artifacts: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = _copy(artifacts, tmp_path)
+    for model in ("base", "aligned"):
+        path = run / "eval" / model / "predictions.parquet"
+        df = pd.read_parquet(path)
+        df[df["permutation"] == "012"].to_parquet(path, index=False)
+    (run / "align" / "log_history.json").write_text("[]")
+    md = (
+        write_report(run, ReportConfig(formats=("md",), figure_formats=("svg",))).parent
+        / "report.md"
+    ).read_text()
+    assert "single answer order: position view skipped" in md
+    assert "log history is empty" in md
+    assert "## Answer position" not in md
+    svgs = sorted((run / "figures").iterdir())
+    assert [p.suffix for p in svgs] == [".svg"] * 4
+    for p in svgs:
+        text = p.read_text()
+        assert text.lstrip().startswith("<?xml") and "<svg" in text and "</svg>" in text
+        assert f"figures/{p.name}" in md
+
+
+def test_missing_comparison_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"stats/comparison\.json: not found"):
+        write_report(tmp_path)
+
+
+def test_failed_build_leaves_the_previous_report(built: Path, tmp_path: Path) -> None:
+    run = _copy(built, tmp_path)
+    previous = {p: p.read_bytes() for p in [run / "report.html", run / "report.md"]}
+    comparison = run / "stats" / "comparison.json"
+    comparison.write_text(comparison.read_text()[:500])  # truncated: not JSON
+    with pytest.raises(DataError, match=r"comparison\.json: not valid JSON"):
+        write_report(run)
+    comparison.write_text(json.dumps({"strata": [{"category": "Age"}]}))
+    with pytest.raises(DataError, match=r"strata\[0\]\.context_condition"):
+        write_report(run)
+    assert {p: p.read_bytes() for p in previous} == previous
+    assert not [p for p in run.rglob("*.tmp")]
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        ReportConfig(alpha=1.5)
+    with pytest.raises(ConfigError):
+        ReportConfig(formats=("pdf",))
+    with pytest.raises(ConfigError):
+        ReportConfig(figure_formats=())
+
+
+# --------------------------------------------------------------------------- CLI and sweeps
+
+
+def _app() -> typer.Typer:
+    from spillover._cli_report import report_command
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command("report")(report_command)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps "report" a subcommand
+        pass
+
+    return app
+
+
+def test_cli_missing_comparison_exits_1_with_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(_app(), ["report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "comparison.json" in result.output.replace("\n", "")
+
+
+def test_cli_sweep_builds_combined_report(artifacts: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _copy(artifacts, sweep, "gender")
+    race = _copy(artifacts, sweep, "race")
+    _edit_json(race / "manifest.json", lambda m: m["bbq"].update(verified=True))
+    _edit_json(race / "stats" / "comparison.json", lambda c: c["summary"].update(targets=["Age"]))
+    result = CliRunner().invoke(_app(), ["report", str(sweep), "--formats", "html,md"])
+    assert result.exit_code == 0, result.output
+    html = (sweep / "report.html").read_text()
+    for name in ("gender", "race"):
+        assert (sweep / name / "report.html").is_file()
+        assert f'href="{name}/report.html"' in html
+    refs = _local_refs(html)
+    assert all((sweep / r).is_file() for r in refs)
+    md = (sweep / "report.md").read_text()
+    spill = _md_table(md, "## Significant spillovers")
+    # gender run: Age is a spillover (loss and gain); race run targets Age: Gender is one
+    assert spill[0][:4] == ["gender", "Gender\\_identity", "Age", "ambig"]
+    assert any(r[0] == "race" and r[2] == "Gender\\_identity" for r in spill)
+    assert not any(r[0] == "race" and r[2] == "Age" for r in spill)
+    assert "gender: BBQ data NOT verified" in html and "race: BBQ" not in html
+
+
+def test_combined_report_needs_runs(tmp_path: Path) -> None:
+    with pytest.raises(DataError):
+        write_combined_report(tmp_path, [])
+    with pytest.raises(DataError, match=r"comparison\.json"):
+        write_combined_report(tmp_path, [tmp_path / "nope"])
+
+
+# --------------------------------------------------------------------------- browser
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(built: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not on PATH")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            (built / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    data = shot.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 50_000
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2400)
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 200  # text and figures, not a blank page
