@@ -166,7 +166,8 @@ def _register_stage_commands() -> None:
         ("_cli_eval", (("eval", "eval_command"),)),
         ("_cli_stats", (("metrics", "metrics_command"), ("compare", "compare_command"))),
         ("_cli_align", (("prefs", "prefs_command"), ("align", "align_command"))),
-        ("_cli_run", (("run", "run_command"), ("report", "report_command"))),
+        ("_cli_report", (("report", "report_command"),)),
+        ("_cli_run", (("run", "run_command"),)),
     ):
         try:
             mod = __import__(f"{__package__}.{module}", fromlist=["_"])
