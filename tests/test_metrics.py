@@ -538,6 +538,7 @@ def test_join_checks(tmp_path):
     carried["context_condition"] = "ambig"  # wrong, but BBQ's value wins
     joined = join_with_bbq(carried, _items_frame())
     assert (joined["context_condition"] == _items_frame()["context_condition"]).all()
+    assert "carry a 'context_condition' that disagrees with BBQ" in joined.attrs["notes"][0]
     carried = hand_frame().copy()
     carried.loc[2, "label"] = 2
     with pytest.raises(DataError, match="carry a 'label' that disagrees with BBQ"):

@@ -71,7 +71,7 @@ def bootstrap_cell_sums(
             # Drawing n items with replacement is the same as drawing multinomial counts over
             # the distinct per-item statistic patterns (a few dozen per cell), weighted by how
             # many items share each pattern: O(B * patterns) instead of O(B * n).
-            patterns, weights = np.unique(stats[members], axis=0, return_counts=True)
+            patterns, weights = _patterns(stats[members])
             draws = rng.multinomial(members.size, weights / members.size, size=replicates)
             out[:, cell, :] = draws @ patterns.astype(float)
         return out
@@ -87,6 +87,17 @@ def bootstrap_cell_sums(
         counts = _resample_counts(rng, len(clusters), replicates)
         out[:, cells, :] += np.einsum("bk,kcf->bcf", counts, per)
     return out
+
+
+def _patterns(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of a small non-negative integer matrix, and how often each occurs."""
+    dims = tuple(int(v) + 1 for v in rows.max(axis=0))
+    if rows.min() < 0 or float(np.prod(dims, dtype=float)) >= 2.0**62:
+        uniq, counts = np.unique(rows, axis=0, return_counts=True)
+        return uniq, counts
+    codes = np.ravel_multi_index(tuple(rows.T), dims)
+    _, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    return rows[first], counts
 
 
 def _resample_counts(rng: np.random.Generator, n: int, replicates: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ._stats_bootstrap import bootstrap_cell_sums, percentile_interval
-from ._stats_io import KEY_COLUMNS, check_joined, join_with_bbq, read_predictions_with_notes
+from ._stats_io import KEY_COLUMNS, check_joined, join_with_bbq, read_predictions
 from ._stats_metrics import (
     ALL,
     KEY_ORDER,
@@ -278,15 +278,20 @@ def _pair(
             len(only_a),
         )
     for col in ("context_condition", "question_polarity", "label", "unknown_loc", "target_loc"):
-        x = b[col].astype(object).where(b[col].notna(), None).to_numpy()
-        y = a[col].astype(object).where(a[col].notna(), None).to_numpy()
-        differ = np.fromiter((u != v for u, v in zip(x, y, strict=True)), dtype=bool, count=len(x))
+        if col in ("label", "unknown_loc", "target_loc"):
+            x = b[col].to_numpy(dtype=float, na_value=np.nan)
+            y = a[col].to_numpy(dtype=float, na_value=np.nan)
+            differ = (x != y) & ~(np.isnan(x) & np.isnan(y))
+        else:
+            x = b[col].astype(str).to_numpy()
+            y = a[col].astype(str).to_numpy()
+            differ = x != y
         if differ.any():
             i = int(np.flatnonzero(differ)[0])
             raise DataError(
                 f"{bname} and {aname} disagree on {col!r} for {int(differ.sum())} item(s) "
-                f"(e.g. {b['category'].iloc[i]}/{b['example_id'].iloc[i]}: {x[i]!r} vs {y[i]!r}); "
-                "join both runs with the same BBQ data"
+                f"(e.g. {b['category'].iloc[i]}/{b['example_id'].iloc[i]}: "
+                f"{b[col].iloc[i]!r} vs {a[col].iloc[i]!r}); join both runs with the same BBQ data"
             )
     return b, a, dropped
 
@@ -816,10 +821,10 @@ def load_and_compare(
         ConfigError: bad options.
     """
     cfg = cfg or CompareConfig()
-    base, notes_b = read_predictions_with_notes(base_path, permutation=cfg.permutation)
-    aligned, notes_a = read_predictions_with_notes(aligned_path, permutation=cfg.permutation)
+    base = read_predictions(base_path, permutation=cfg.permutation)
+    aligned = read_predictions(aligned_path, permutation=cfg.permutation)
     jb = join_with_bbq(base, bbq)
     ja = join_with_bbq(aligned, bbq)
     result = compare_runs(jb, ja, cfg)
-    result.warnings = [*bbq.warnings, *notes_b, *notes_a]
+    result.warnings = [*bbq.warnings, *jb.attrs["notes"], *ja.attrs["notes"]]
     return result

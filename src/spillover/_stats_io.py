@@ -248,43 +248,6 @@ def _permutation_strings(col: pd.Series) -> pd.Series:
     return col.astype(str)
 
 
-def read_predictions_with_notes(
-    path: str | os.PathLike[str], *, permutation: str | None = None
-) -> tuple[pd.DataFrame, list[str]]:
-    """Like :func:`read_predictions`, also returning the notes it made (e.g. permutation choice)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: prediction file not found")
-    kind = _SUFFIXES.get(p.suffix.lower())
-    if kind is None:
-        raise DataError(
-            f"{p}: unsupported prediction file type {p.suffix or '(none)'!r}; expected "
-            ".parquet, .csv or .jsonl"
-        )
-    if kind == "jsonl":
-        df, where = _read_jsonl(p)
-    elif kind == "csv":
-        df, where = _read_csv(p)
-    else:
-        df, where = _read_parquet(p)
-    df = _validate(df, str(p), where)
-    notes: list[str] = []
-    if PERMUTATION_COLUMN in df.columns:
-        df, note = _pick_permutation(df, str(p), permutation)
-        if note:
-            notes.append(note)
-            logger.info(note)
-    elif permutation is not None:
-        raise DataError(
-            f"{p}: a permutation ({permutation!r}) was requested but the file has no "
-            f"{PERMUTATION_COLUMN!r} column"
-        )
-    df = df.reset_index(drop=True)
-    df.attrs["source"] = str(p)
-    df.attrs["notes"] = list(notes)
-    return df, notes
-
-
 def _pick_permutation(
     df: pd.DataFrame, src: str, permutation: str | None
 ) -> tuple[pd.DataFrame, str | None]:
@@ -341,7 +304,36 @@ def read_predictions(
         DataError: the file is missing, unreadable or malformed; the message names
             the file, the line (CSV, JSONL) or row (Parquet) and the field.
     """
-    df, _ = read_predictions_with_notes(path, permutation=permutation)
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: prediction file not found")
+    kind = _SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{p}: unsupported prediction file type {p.suffix or '(none)'!r}; expected "
+            ".parquet, .csv or .jsonl"
+        )
+    if kind == "jsonl":
+        df, where = _read_jsonl(p)
+    elif kind == "csv":
+        df, where = _read_csv(p)
+    else:
+        df, where = _read_parquet(p)
+    df = _validate(df, str(p), where)
+    notes: list[str] = []
+    if PERMUTATION_COLUMN in df.columns:
+        df, note = _pick_permutation(df, str(p), permutation)
+        if note:
+            notes.append(note)
+            logger.info(note)
+    elif permutation is not None:
+        raise DataError(
+            f"{p}: a permutation ({permutation!r}) was requested but the file has no "
+            f"{PERMUTATION_COLUMN!r} column"
+        )
+    df = df.reset_index(drop=True)
+    df.attrs["source"] = str(p)
+    df.attrs["notes"] = list(notes)
     return df
 
 
@@ -377,7 +369,8 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     Returns:
         The predictions with ``context_condition``, ``question_polarity``,
         ``label_type``, ``label``, ``target_loc`` (nullable Int64), ``unknown_loc``,
-        ``question_index`` and ``subcategory`` added, in the order of ``preds``.
+        ``question_index`` and ``subcategory`` added, in the order of ``preds``;
+        ``attrs["notes"]`` holds the reading notes plus any replaced disagreements.
 
     Raises:
         DataError: predictions whose key is not in BBQ (how many, and a few), or
@@ -386,6 +379,7 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     src = str(preds.attrs.get("source", "predictions"))
     items = _item_frame(bbq)
     carried = [c for c in ITEM_COLUMNS if c in preds.columns and c in items.columns]
+    notes = list(preds.attrs.get("notes", []))
     left = preds.reset_index(drop=True).copy()
     left["_row"] = np.arange(len(left))
     merged = left.merge(
@@ -425,11 +419,12 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
                     "other items or its rows are misaligned"
                 )
             logger.warning("%s: %s; using BBQ's values", src, detail)
+            notes.append(f"{src}: {detail}; using BBQ's values")
         merged = merged.drop(columns=[f"{col}_pred"])
     merged = merged.drop(columns=["_merge"]).sort_values("_row").drop(columns=["_row"])
     merged = merged.reset_index(drop=True)
     merged["target_loc"] = merged["target_loc"].astype("Int64")
-    merged.attrs = dict(preds.attrs)
+    merged.attrs = {**preds.attrs, "notes": notes}
     front = [c for c in (*KEY_COLUMNS, "pred_index", *ITEM_COLUMNS) if c in merged.columns]
     rest = [c for c in merged.columns if c not in front]
     return merged[front + rest]

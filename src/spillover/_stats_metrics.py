@@ -223,12 +223,12 @@ def unknown_mass(df: pd.DataFrame) -> np.ndarray | None:
 
 
 def _codes(values: pd.Series, key: str) -> tuple[np.ndarray, list[str]]:
-    strs = values.astype(object).where(values.notna(), "none").astype(str).to_numpy()
+    strs = values.astype(object).where(values.notna(), "none").astype(str)
+    present = set(strs.unique())
     vocab = list(_VOCAB.get(key, ()))
-    extra = sorted(set(strs) - set(vocab))
-    order = [v for v in vocab if v in set(strs)] + extra
-    index = {v: i for i, v in enumerate(order)}
-    return np.fromiter((index[s] for s in strs), dtype=np.int64, count=len(strs)), order
+    order = [v for v in vocab if v in present] + sorted(present - set(vocab))
+    codes = pd.Categorical(strs, categories=order).codes
+    return np.asarray(codes, dtype=np.int64), order
 
 
 @dataclass(frozen=True)

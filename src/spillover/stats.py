@@ -48,7 +48,6 @@ from ._stats_io import (
     SCORE_COLUMNS,
     join_with_bbq,
     read_predictions,
-    read_predictions_with_notes,
 )
 from ._stats_metrics import (
     ALL,
@@ -111,9 +110,10 @@ def load_and_compute_metrics(
         DataError: unreadable or malformed predictions, unknown items.
         ConfigError: bad ``by``.
     """
-    preds, notes = read_predictions_with_notes(pred_path, permutation=permutation)
-    table = compute_metrics(join_with_bbq(preds, bbq), by)
-    return MetricsReport(table, list(bbq.warnings), notes)
+    preds = read_predictions(pred_path, permutation=permutation)
+    joined = join_with_bbq(preds, bbq)
+    table = compute_metrics(joined, by)
+    return MetricsReport(table, list(bbq.warnings), list(joined.attrs["notes"]))
 
 
 __all__ = [
@@ -152,6 +152,5 @@ __all__ = [
     "paired_difference_ci",
     "percentile_interval",
     "read_predictions",
-    "read_predictions_with_notes",
     "resolve_test",
 ]
