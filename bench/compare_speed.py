@@ -108,7 +108,11 @@ def main() -> int:
         result = compare_runs(jb, ja, cfg)
         t[f"compare ({args.bootstrap} bootstrap replicates)"] = time.perf_counter()
 
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPU(s), {platform.machine()}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} CPU(s), {platform.machine()}, "
+        f"load average {load}"
+    )
     print(f"items per file: {len(base)}; format: {args.format}; cluster: {args.cluster}")
     print(f"end to end (fresh process, CLI): {wall:.2f} s wall, peak RSS {peak_kib / 1024:.0f} MiB")
     names = list(t)
