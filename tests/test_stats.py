@@ -557,6 +557,8 @@ def test_targets_must_be_known():
         CompareConfig(test="t-test")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         CompareConfig(bootstrap=10)
+    with pytest.raises(ConfigError, match="needs 'category'"):
+        CompareConfig(by=("context_condition",), targets=("gender",))
 
 
 # --------------------------------------------------------------------------- bootstrap

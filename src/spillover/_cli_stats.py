@@ -95,8 +95,11 @@ def metrics_command(
 
 def _print_metrics(report: MetricsReport) -> None:
     table = Table(title="BBQ metrics (bias scores x100; '-' = undefined)")
-    keys = [c for c in ("category", "context_condition", "question_polarity", "label_type")]
-    keys = [k for k in keys if k in report.table.columns]
+    keys = [
+        k
+        for k in ("category", "context_condition", "question_polarity", "label_type")
+        if k in report.table.columns
+    ]
     for k in keys:
         table.add_column(k)
     for col in ("n", "accuracy", "unknown", "s_DIS", "s_AMB"):
@@ -225,7 +228,7 @@ def _print_comparison(result: Comparison) -> None:
         ("flags", "left"),
     ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    keys = [k for k in ("category", "context_condition", "question_polarity", "label_type")]
+    keys = ("category", "context_condition", "question_polarity", "label_type")
     for rec in result.records():
         label = " / ".join(str(rec[k]) for k in keys if k in rec and rec[k] != "all") or "overall"
         dci = (

@@ -123,6 +123,13 @@ def percentile_interval(
 
     Returns:
         ``(low, high, n_undefined)``; ``(None, None, n)`` when no replicate is defined.
+
+    Notes:
+        The limits are the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2``
+        quantiles of the defined replicates (numpy's linear interpolation).
+
+    References:
+        Efron & Tibshirani, "An Introduction to the Bootstrap" (1993), ch. 13.
     """
     finite = values[~np.isnan(values)]
     n_undefined = int(values.size - finite.size)

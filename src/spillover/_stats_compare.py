@@ -129,6 +129,8 @@ class CompareConfig:
                         if cat not in resolved:
                             resolved.append(cat)
             object.__setattr__(self, "targets", tuple(resolved) or None)
+            if self.targets and "category" not in self.by:
+                raise ConfigError("`targets` needs 'category' among the `by` keys")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python view for JSON output."""

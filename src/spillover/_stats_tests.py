@@ -301,6 +301,12 @@ def adjust_pvalues(
         called with the method named explicitly; ``none`` returns the raw values
         and ``p <= alpha``.
 
+    Notes:
+        Holm multiplies the i-th smallest of m p-values by ``m - i + 1`` and makes the
+        sequence monotone; Benjamini-Hochberg multiplies it by ``m / i`` and makes it
+        monotone from the top; both are capped at 1. ``reject`` is statsmodels' own
+        decision at ``alpha``.
+
     References:
         Holm, "A simple sequentially rejective multiple test procedure",
         Scandinavian Journal of Statistics 6:65-70 (1979).
