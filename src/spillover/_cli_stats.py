@@ -1,0 +1,272 @@
+"""``spillover metrics`` and ``spillover compare``: thin command-line wrappers.
+
+The main CLI registers these functions with ``app.command("metrics")(metrics_command)``
+and ``app.command("compare")(compare_command)``. Each parses its options, calls
+one library function, prints with rich and writes the requested files. Expected
+failures (:class:`~spillover.errors.SpilloverError`) become one red line on
+stderr and exit status 1; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .errors import SpilloverError
+
+if TYPE_CHECKING:
+    from .stats import Comparison, MetricsReport
+
+_BY_HELP = (
+    "Stratification keys, comma-separated: category, context_condition, question_polarity, "
+    "label_type. Rows are reported for every subset of them."
+)
+_BBQ_HELP = "Folder with the BBQ files (default: $SPILLOVER_BBQ_DIR, then the cache)."
+_UNVERIFIED_HELP = "Accept BBQ files whose SHA-256 differs from the pinned one (with a warning)."
+_PERM_HELP = (
+    "Answer-order permutation to use when a prediction file holds several "
+    "(default: the identity, '0')."
+)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except SpilloverError as exc:
+        message = " ".join(str(exc).split())
+        Console(stderr=True).print(Text(f"error: {message}", style="red"), soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _warn(lines: list[str]) -> None:
+    err = Console(stderr=True)
+    for line in lines:
+        err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _pval(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "<1e-16" if value < 1e-16 else format(value, ".2g")
+
+
+def metrics_command(
+    pred: Annotated[Path, typer.Argument(help="Prediction file (.parquet, .csv or .jsonl).")],
+    bbq_dir: Annotated[Path | None, typer.Option("--bbq-dir", help=_BBQ_HELP)] = None,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help=_UNVERIFIED_HELP)
+    ] = False,
+    by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = "category,context_condition",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the records as a JSON list to this file.")
+    ] = None,
+    permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
+) -> None:
+    """Accuracy and BBQ bias scores of one run, per stratum."""
+    with _user_errors():
+        from ._io import atomic_write_json
+        from .data import load_bbq
+        from .stats import load_and_compute_metrics
+
+        bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
+        report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
+        records = report.records()
+        _warn([*report.warnings, *report.notes])
+        _print_metrics(report)
+        if json_out is not None:
+            atomic_write_json(json_out, records)
+            Console().print(f"wrote {json_out}")
+
+
+def _print_metrics(report: MetricsReport) -> None:
+    table = Table(title="BBQ metrics (bias scores x100; '-' = undefined)")
+    keys = [
+        k
+        for k in ("category", "context_condition", "question_polarity", "label_type")
+        if k in report.table.columns
+    ]
+    for k in keys:
+        table.add_column(k)
+    for col in ("n", "accuracy", "unknown", "s_DIS", "s_AMB"):
+        table.add_column(col, justify="right")
+    has_mass = "unknown_mass" in report.table.columns
+    if has_mass:
+        table.add_column("unk. mass", justify="right")
+    for rec in report.records():
+        row = [str(rec[k]) for k in keys]
+        row += [
+            str(rec["n"]),
+            _num(rec["accuracy"]),
+            _num(rec["unknown_rate"]),
+            _num(rec["bias_score_disambig"], ".1f"),
+            _num(rec["bias_score_ambig"], ".1f"),
+        ]
+        if has_mass:
+            row.append(_num(rec["unknown_mass"]))
+        table.add_row(*row)
+    Console().print(table)
+
+
+def compare_command(
+    base: Annotated[Path, typer.Argument(help="Predictions of the base model.")],
+    aligned: Annotated[Path, typer.Argument(help="Predictions of the aligned model.")],
+    bbq_dir: Annotated[Path | None, typer.Option("--bbq-dir", help=_BBQ_HELP)] = None,
+    allow_unverified: Annotated[
+        bool, typer.Option("--allow-unverified", help=_UNVERIFIED_HELP)
+    ] = False,
+    test: Annotated[
+        str, typer.Option("--test", help="exact | midp | chi2 | chi2-cc | auto (= midp).")
+    ] = "auto",
+    correction: Annotated[
+        str,
+        typer.Option("--correction", help="holm | bh | bonferroni | none, within each level."),
+    ] = "holm",
+    alpha: Annotated[float, typer.Option("--alpha", help="Significance level.")] = 0.05,
+    by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = "category,context_condition",
+    intersect: Annotated[
+        bool,
+        typer.Option("--intersect", help="Compare the common items when the item sets differ."),
+    ] = False,
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap", help="Bootstrap replicates for bias-score intervals (0 = off)."
+        ),
+    ] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    cluster: Annotated[
+        str,
+        typer.Option(
+            "--cluster", help="Bootstrap unit: item, or template (question_index per category)."
+        ),
+    ] = "item",
+    targets: Annotated[
+        str | None,
+        typer.Option("--targets", help="Categories the alignment targeted, comma-separated."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write strata, flags and summary as JSON.")
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write the strata table as CSV.")
+    ] = None,
+    permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
+) -> None:
+    """Paired comparison of a base and an aligned run (McNemar tests, effects, Simpson flags)."""
+    with _user_errors():
+        from ._io import atomic_write_json, atomic_write_text
+        from .data import load_bbq
+        from .stats import CompareConfig, load_and_compare
+
+        cfg = CompareConfig(
+            test=test,  # type: ignore[arg-type]
+            correction=correction,  # type: ignore[arg-type]
+            alpha=alpha,
+            by=tuple(by.split(",")),
+            intersect=intersect,
+            bootstrap=bootstrap,
+            seed=seed,
+            cluster=cluster,  # type: ignore[arg-type]
+            targets=tuple(targets.split(",")) if targets else None,
+            permutation=permutation,
+        )
+        bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
+        result = load_and_compare(base, aligned, bbq, cfg)
+        payload = result.to_json()
+        csv_text = result.to_csv() if csv_out is not None else None
+        _warn(result.warnings)
+        _print_comparison(result)
+        if json_out is not None:
+            atomic_write_json(json_out, payload)
+            Console().print(f"wrote {json_out}")
+        if csv_out is not None and csv_text is not None:
+            atomic_write_text(csv_out, csv_text)
+            Console().print(f"wrote {csv_out}")
+
+
+def _print_comparison(result: Comparison) -> None:
+    out = Console()
+    summary = result.summary
+    dropped = summary["dropped"]
+    if dropped["base_only"] or dropped["aligned_only"]:
+        out.print(
+            f"compared {summary['n_items']} common items; dropped {dropped['base_only']} "
+            f"only in BASE and {dropped['aligned_only']} only in ALIGNED"
+        )
+    cfg = result.config
+    table = Table(
+        title=(
+            f"BASE vs ALIGNED: {summary['test']} McNemar, {cfg.correction} within each level "
+            f"(primary family: {summary['family']}, {summary['family_size']} tests); "
+            "accuracy in points, bias x100"
+        )
+    )
+    for col, just in (
+        ("stratum", "left"),
+        ("n", "right"),
+        ("acc base", "right"),
+        ("acc aligned", "right"),
+        ("Δacc [95% CI]", "right"),
+        ("b/c", "right"),
+        ("p adj", "right"),
+        ("Δbias", "right"),
+        ("flags", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    keys = ("category", "context_condition", "question_polarity", "label_type")
+    for rec in result.records():
+        label = " / ".join(str(rec[k]) for k in keys if k in rec and rec[k] != "all") or "overall"
+        dci = (
+            f"{100 * rec['delta_accuracy']:+.1f} "
+            f"[{100 * rec['delta_accuracy_ci_low']:+.1f}, {100 * rec['delta_accuracy_ci_high']:+.1f}]"
+        )
+        dbias = _num(rec["delta_bias_score"], "+.1f")
+        if rec["delta_bias_score_ci_low"] is not None:
+            dbias += (
+                f" [{rec['delta_bias_score_ci_low']:+.1f}, {rec['delta_bias_score_ci_high']:+.1f}]"
+            )
+        style = None
+        if "significant_degradation" in rec["flags"]:
+            style = "red"
+        elif "significant_improvement" in rec["flags"]:
+            style = "green"
+        table.add_row(
+            label,
+            str(rec["n"]),
+            _num(100 * rec["acc_base"], ".1f"),
+            _num(100 * rec["acc_aligned"], ".1f"),
+            dci,
+            f"{rec['b']}/{rec['c']}",
+            _pval(rec["p_adjusted"]),
+            dbias,
+            ", ".join(rec["flags"]),
+            style=style,
+        )
+    out.print(table)
+    for flag in result.flags:
+        out.print(Text(f"{flag.kind}: {flag.message}", style="bold"), soft_wrap=False)
+    if "spillover" in summary:
+        sp = summary["spillover"]
+        for group in ("target", "untargeted"):
+            for ctx, part in sp[group]["by_context"].items():
+                out.print(
+                    f"{group} ({', '.join(sp[group]['categories'])}) / {ctx}: "
+                    f"{len(part['improvements'])} significant improvement(s), "
+                    f"{len(part['degradations'])} significant degradation(s); pooled "
+                    f"Δacc {100 * part['pooled']['delta_accuracy']:+.1f} points"
+                )

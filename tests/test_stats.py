@@ -1,0 +1,796 @@
+"""Paired comparison of two runs: tests, intervals, corrections, Simpson flags, CLI.
+
+Small tests build BBQ-like frames (or a tiny BBQ folder) in memory; tests marked
+``fulldata`` read BBQ from ``$SPILLOVER_BBQ_DIR`` and skip without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from scipy.stats import binomtest, norm
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+from typer.testing import CliRunner
+
+import spillover
+from spillover._cli_stats import compare_command, metrics_command
+from spillover.data import CATEGORIES, BBQData, load_bbq
+from spillover.errors import ConfigError, DataError
+from spillover.stats import (
+    CompareConfig,
+    Comparison,
+    adjust_pvalues,
+    bootstrap_cell_sums,
+    compare_runs,
+    discordant_odds_ratio,
+    join_with_bbq,
+    mcnemar_midp,
+    mcnemar_test,
+    paired_difference_ci,
+    resolve_test,
+)
+
+REFERENCE = Path(__file__).parent / "reference"
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def bbq_like_items(per_cell: int = 200, templates: int = 10, seed: int = 0) -> pd.DataFrame:
+    """All 11 categories x 2 contexts, ``per_cell`` items each, with BBQ's structure.
+
+    The unknown option is the label in ambiguous contexts; disambiguated labels are a
+    non-unknown option; the target (biased answer) is a non-unknown option.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cat in CATEGORIES:
+        eid = 0
+        for ctx in ("ambig", "disambig"):
+            for k in range(per_cell):
+                unk = int(rng.integers(0, 3))
+                others = [i for i in range(3) if i != unk]
+                target = int(rng.choice(others))
+                label = unk if ctx == "ambig" else int(rng.choice(others))
+                rows.append(
+                    {
+                        "category": cat,
+                        "example_id": eid,
+                        "question_index": k % templates,
+                        "context_condition": ctx,
+                        "question_polarity": "neg" if k % 2 else "nonneg",
+                        "label_type": "label",
+                        "label": label,
+                        "target_loc": target,
+                        "unknown_loc": unk,
+                        "subcategory": None,
+                    }
+                )
+                eid += 1
+    df = pd.DataFrame(rows)
+    df["target_loc"] = df["target_loc"].astype("Int64")
+    return df
+
+
+def base_predictions(items: pd.DataFrame, accuracy: float = 0.6) -> np.ndarray:
+    """Deterministic: the first ``accuracy`` share of each cell right, the rest wrong.
+
+    Wrong answers pick the biased answer when that is wrong, else the unknown option.
+    """
+    label = items["label"].to_numpy()
+    target = items["target_loc"].to_numpy(dtype=int)
+    unk = items["unknown_loc"].to_numpy()
+    rank = items.groupby(["category", "context_condition"]).cumcount().to_numpy()
+    size = items.groupby(["category", "context_condition"])["example_id"].transform("size")
+    right = rank < accuracy * size.to_numpy()
+    wrong = np.where(target != label, target, unk)
+    return np.where(right, label, wrong)
+
+
+def improve(items: pd.DataFrame, pred: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Fix ``share`` of the biased wrong answers in every cell (accuracy up, bias down)."""
+    label = items["label"].to_numpy()
+    target = items["target_loc"].to_numpy(dtype=int)
+    fixable = (pred != label) & (pred == target)
+    rank = (
+        pd.Series(fixable.astype(int))
+        .groupby([items["category"], items["context_condition"]])
+        .cumsum()
+        .to_numpy()
+    )
+    total = (
+        pd.Series(fixable.astype(int))
+        .groupby([items["category"], items["context_condition"]])
+        .transform("sum")
+        .to_numpy()
+    )
+    chosen = fixable & (rank <= share * total)
+    out = pred.copy()
+    out[chosen] = label[chosen]
+    return out
+
+
+def degrade(items: pd.DataFrame, pred: np.ndarray, category: str, context: str, share: float):
+    """Turn ``share`` of the correct answers of one cell into the biased answer."""
+    label = items["label"].to_numpy()
+    target = items["target_loc"].to_numpy(dtype=int)
+    cell = ((items["category"] == category) & (items["context_condition"] == context)).to_numpy()
+    idx = np.flatnonzero(cell & (pred == label) & (target != label))
+    out = pred.copy()
+    out[idx[: int(share * len(idx))]] = target[idx[: int(share * len(idx))]]
+    return out
+
+
+def planted_pair(items: pd.DataFrame, *, mask: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    base = base_predictions(items)
+    aligned = improve(items, base)
+    if mask:
+        aligned = degrade(items, aligned, "Physical_appearance", "ambig", 0.5)
+    return items.assign(pred_index=base), items.assign(pred_index=aligned)
+
+
+def row(result: Comparison, **keys: str) -> pd.Series:
+    df = result.strata
+    sel = np.ones(len(df), dtype=bool)
+    want = {"category": "all", "context_condition": "all", **keys}
+    for k, v in want.items():
+        sel &= (df[k] == v).to_numpy()
+    assert sel.sum() == 1, want
+    return df[sel].iloc[0]
+
+
+@pytest.fixture(scope="module")
+def items() -> pd.DataFrame:
+    return bbq_like_items()
+
+
+@pytest.fixture(scope="module")
+def bbq_full() -> BBQData:
+    root = os.environ.get("SPILLOVER_BBQ_DIR")
+    if not root:
+        pytest.skip("SPILLOVER_BBQ_DIR is not set")
+    return load_bbq(root)
+
+
+# --------------------------------------------------------------------------- McNemar family
+
+
+def test_pvalues_equal_statsmodels_on_random_tables():
+    rng = np.random.default_rng(20240601)
+    small = rng.integers(0, 40, size=(1500, 2))
+    large = rng.integers(0, 3000, size=(300, 2))
+    tables = [(int(b), int(c)) for b, c in np.vstack([small, large]) if b + c > 0]
+    assert len(tables) >= 1000
+    n_cc = 0
+    for b, c in tables:
+        t = [[7, b], [c, 11]]
+        ref_exact = mcnemar(t, exact=True).pvalue
+        ref_chi2 = mcnemar(t, exact=False, correction=False).pvalue
+        assert mcnemar_test(b, c, "exact").pvalue == pytest.approx(ref_exact, abs=1e-12, rel=0)
+        assert mcnemar_test(b, c, "chi2").pvalue == pytest.approx(ref_chi2, abs=1e-12, rel=0)
+        if b != c:  # at b == c statsmodels corrects past zero; see the next test
+            ref_cc = mcnemar(t, exact=False, correction=True)
+            got = mcnemar_test(b, c, "chi2-cc")
+            assert got.pvalue == pytest.approx(ref_cc.pvalue, abs=1e-12, rel=0)
+            assert got.statistic == pytest.approx(ref_cc.statistic, abs=1e-12)
+            n_cc += 1
+    assert n_cc >= 1000
+
+
+def test_continuity_correction_is_not_applied_past_zero():
+    # statsmodels gives (|3 - 3| - 1)^2 / 6 = 1/6 -> p = 0.68; a tie is no evidence: p = 1
+    assert mcnemar([[5, 3], [3, 5]], exact=False, correction=True).pvalue < 0.7
+    res = mcnemar_test(3, 3, "chi2-cc")
+    assert res.statistic == 0.0 and res.pvalue == 1.0
+
+
+@pytest.mark.parametrize("case", json.loads((REFERENCE / "mcnemar_hand.json").read_text())["cases"])
+def test_exact_and_midp_against_hand_fractions(case):
+    b, c = case["b"], case["c"]
+    exact = Fraction(*case["exact"])
+    midp = Fraction(*case["midp"])
+    assert mcnemar_test(b, c, "exact").pvalue == pytest.approx(float(exact), abs=1e-15)
+    assert mcnemar_midp(b, c) == pytest.approx(float(midp), abs=1e-15)
+    assert mcnemar_test(c, b, "midp").pvalue == pytest.approx(float(midp), abs=1e-15)
+    if "chi2" in case:
+        assert mcnemar_test(b, c, "chi2").statistic == case["chi2"]
+        assert mcnemar_test(b, c, "chi2-cc").statistic == case["chi2_cc"]
+
+
+def test_midp_brief_example():
+    # b=1, c=5: exact = 2 * P(X <= 1 | n=6) = 2 * 7/64 = 0.21875; mid-p = 0.21875 - 6/64
+    assert mcnemar_test(1, 5, "exact").pvalue == pytest.approx(0.21875, abs=1e-15)
+    assert mcnemar_test(1, 5, "midp").pvalue == pytest.approx(0.125, abs=1e-15)
+
+
+def test_no_discordant_pairs_gives_p_one_for_every_test():
+    for method in ("exact", "midp", "chi2", "chi2-cc", "auto"):
+        res = mcnemar_test(0, 0, method)
+        assert res.pvalue == 1.0 and res.note == "no discordant pairs"
+    # statsmodels' corrected chi-square gives p = 0 here; we must not inherit that
+    with np.errstate(all="ignore"):
+        assert mcnemar([[4, 0], [0, 6]], exact=False, correction=True).pvalue == 0.0
+
+
+def test_auto_is_midp_and_bad_names_fail():
+    assert resolve_test("auto", 3, 900) == "midp"
+    assert mcnemar_test(1, 7, "auto").method == "midp"
+    with pytest.raises(ConfigError, match="unknown test"):
+        mcnemar_test(1, 2, "fisher")
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def _wilson(x: int, n: int, z: float) -> tuple[float, float]:
+    # closed form (Wilson 1927), written independently of the library's statsmodels call
+    p = x / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def _newcombe10(e: int, f: int, g: int, h: int, z: float) -> tuple[float, float]:
+    n = e + f + g + h
+    p1, p2 = (e + f) / n, (e + g) / n
+    l1, u1 = _wilson(e + f, n, z)
+    l2, u2 = _wilson(e + g, n, z)
+    a = e * h - f * g
+    if a > 0:
+        a = max(a - n / 2, 0.0)
+    denom = (e + f) * (g + h) * (e + g) * (f + h)
+    phi = a / math.sqrt(denom) if denom else 0.0
+    d1 = math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    d2 = math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    return p1 - p2 - d1, p1 - p2 + d2
+
+
+@pytest.mark.parametrize(
+    "ref", json.loads((REFERENCE / "newcombe1998_table3_method10.json").read_text())["rows"]
+)
+def test_paired_ci_matches_newcombe_table(ref):
+    lo, hi = paired_difference_ci(*ref["cells"], z=1.96)
+    assert lo == pytest.approx(ref["low"], abs=1e-4)
+    assert hi == pytest.approx(ref["high"], abs=1e-4)
+
+
+def test_paired_ci_matches_independent_computation_and_is_antisymmetric():
+    rng = np.random.default_rng(7)
+    z = float(norm.ppf(0.975))
+    for _ in range(300):
+        e, f, g, h = (int(v) for v in rng.integers(0, 60, size=4))
+        if e + f + g + h == 0 or min(e + f, g + h, e + g, f + h) == 0:
+            continue
+        lo, hi = paired_difference_ci(e, f, g, h)
+        ref = _newcombe10(e, f, g, h, z)
+        assert lo == pytest.approx(ref[0], abs=1e-12) and hi == pytest.approx(ref[1], abs=1e-12)
+        lo2, hi2 = paired_difference_ci(e, g, f, h)
+        assert lo2 == pytest.approx(-hi, abs=1e-12) and hi2 == pytest.approx(-lo, abs=1e-12)
+        assert lo <= (f - g) / (e + f + g + h) <= hi
+
+
+def test_paired_ci_is_narrower_than_unpaired_when_runs_agree():
+    # strongly concordant pairs: the paired interval must beat the independent-samples one
+    e, f, g, h = 60, 6, 1, 33
+    lo, hi = paired_difference_ci(e, f, g, h)
+    n = e + f + g + h
+    z = float(norm.ppf(0.975))
+    l1, u1 = _wilson(e + f, n, z)
+    l2, u2 = _wilson(e + g, n, z)
+    d = (f - g) / n
+    un_lo = d - math.hypot((e + f) / n - l1, u2 - (e + g) / n)
+    un_hi = d + math.hypot(u1 - (e + f) / n, (e + g) / n - l2)
+    assert hi - lo < (un_hi - un_lo) - 0.01
+
+
+def test_odds_ratio_interval_is_transformed_clopper_pearson():
+    for b, c in ((3, 11), (20, 5), (1, 1), (40, 37)):
+        res = discordant_odds_ratio(b, c)
+        ci = binomtest(b, b + c).proportion_ci(confidence_level=0.95, method="exact")
+        assert res.estimate == pytest.approx(b / c)
+        assert res.low == pytest.approx(ci.low / (1 - ci.low), rel=1e-9)
+        assert res.high == pytest.approx(ci.high / (1 - ci.high), rel=1e-9)
+        swapped = discordant_odds_ratio(c, b)
+        assert swapped.low == pytest.approx(1 / res.high, rel=1e-9)
+    zero_b = discordant_odds_ratio(0, 6)
+    assert zero_b.estimate == 0.0 and zero_b.low == 0.0 and zero_b.high is not None
+    zero_c = discordant_odds_ratio(6, 0)
+    assert zero_c.estimate is None and zero_c.high is None and "infinite" in zero_c.note
+    assert discordant_odds_ratio(0, 0).estimate is None
+
+
+# --------------------------------------------------------------------------- corrections
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("holm", "holm"), ("bh", "fdr_bh"), ("bonferroni", "bonferroni")]
+)
+def test_adjusted_pvalues_equal_multipletests(items, ours, theirs):
+    rng = np.random.default_rng(3)
+    base = items.assign(pred_index=rng.integers(0, 3, len(items)))
+    aligned = items.assign(pred_index=rng.integers(0, 3, len(items)))
+    result = compare_runs(base, aligned, CompareConfig(correction=ours))
+    fam = result.strata[result.strata["level"] == "category+context_condition"]
+    assert len(fam) == 22 and (fam["family_size"] == 22).all()
+    _, ref, _, _ = multipletests(fam["p_value"].to_numpy(), alpha=0.05, method=theirs)
+    assert np.allclose(fam["p_adjusted"].to_numpy(), ref, atol=1e-15, rtol=0)
+    assert (fam["correction"] == ours).all()
+    cats = result.strata[result.strata["level"] == "category"]
+    _, ref_c, _, _ = multipletests(cats["p_value"].to_numpy(), alpha=0.05, method=theirs)
+    assert np.allclose(cats["p_adjusted"].to_numpy(), ref_c, atol=1e-15, rtol=0)
+    assert (cats["family_size"] == 11).all()
+    overall = result.strata.iloc[-1]
+    assert overall["family_size"] == 1 and overall["p_adjusted"] == overall["p_value"]
+
+
+def test_no_correction_keeps_raw_pvalues():
+    adj, rej = adjust_pvalues([0.01, 0.2, 0.04], "none", 0.05)
+    assert adj.tolist() == [0.01, 0.2, 0.04] and rej.tolist() == [True, False, True]
+    with pytest.raises(ConfigError):
+        adjust_pvalues([0.1], "sidak", 0.05)
+
+
+# --------------------------------------------------------------------------- symmetry
+
+
+@pytest.mark.parametrize("cluster", ["item", "template"])
+def test_swapping_runs_keeps_pvalues_and_flips_effects(items, cluster):
+    rng = np.random.default_rng(11)
+    base = items.assign(pred_index=rng.integers(0, 3, len(items)))
+    al = base_predictions(items)
+    al = np.where(rng.random(len(items)) < 0.3, rng.integers(0, 3, len(items)), al)
+    aligned = items.assign(pred_index=al)
+    cfg = CompareConfig(bootstrap=300, seed=4, cluster=cluster)
+    fwd = compare_runs(base, aligned, cfg).strata
+    bwd = compare_runs(aligned, base, cfg).strata
+    assert fwd["p_value"].tolist() == bwd["p_value"].tolist()
+    assert fwd["p_adjusted"].tolist() == bwd["p_adjusted"].tolist()
+    assert (fwd["b"] == bwd["c"]).all() and (fwd["c"] == bwd["b"]).all()
+    assert np.allclose(fwd["delta_accuracy"], -bwd["delta_accuracy"], atol=1e-15)
+    assert np.allclose(fwd["delta_accuracy_ci_low"], -bwd["delta_accuracy_ci_high"], atol=1e-12)
+    assert np.allclose(fwd["delta_accuracy_ci_high"], -bwd["delta_accuracy_ci_low"], atol=1e-12)
+    d_f = fwd["delta_bias_score"].astype(float)
+    d_b = bwd["delta_bias_score"].astype(float)
+    assert d_f.notna().sum() == 24
+    assert np.allclose(d_f, -d_b, atol=1e-12, equal_nan=True)
+    both = (fwd["b"] > 0) & (fwd["c"] > 0)
+    log_or_f = np.log(fwd.loc[both, "odds_ratio"].astype(float))
+    log_or_b = np.log(bwd.loc[both, "odds_ratio"].astype(float))
+    assert np.allclose(log_or_f, -log_or_b, atol=1e-12)
+    if cluster == "template":  # resamples do not depend on the predictions: exact mirror
+        lo_f = fwd["delta_bias_score_ci_low"].astype(float)
+        hi_b = bwd["delta_bias_score_ci_high"].astype(float)
+        assert np.allclose(lo_f, -hi_b, atol=1e-9, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- Simpson flags
+
+
+def test_planted_masking_is_flagged(items):
+    base, aligned = planted_pair(items, mask=True)
+    result = compare_runs(base, aligned)
+    pa = row(result, category="Physical_appearance", context_condition="ambig")
+    assert pa["delta_accuracy"] < -0.15
+    assert "significant_degradation" in pa["flags"]
+    overall = row(result)
+    assert overall["delta_accuracy"] > 0 and "masking" in overall["flags"]
+    ambig = row(result, context_condition="ambig")
+    assert ambig["delta_accuracy"] > 0 and "masking" in ambig["flags"]
+    masking = [f for f in result.flags if f.kind == "masking"]
+    assert {(f.aggregate["category"], f.aggregate["context_condition"]) for f in masking} >= {
+        ("all", "all"),
+        ("all", "ambig"),
+    }
+    flag = next(
+        f for f in masking if f.aggregate == {"category": "all", "context_condition": "all"}
+    )
+    assert [s["category"] for s in flag.strata] == ["Physical_appearance"]
+    assert flag.strata[0]["b"] == pa["b"] and flag.strata[0]["n"] == 200
+    assert "Physical_appearance / ambig" in flag.message and "rises" in flag.message
+    degr = result.summary["by_context"]["ambig"]["degradations"]
+    assert [d["category"] for d in degr] == ["Physical_appearance"]
+
+
+def test_consistent_improvement_is_not_flagged(items):
+    base, aligned = planted_pair(items, mask=False)
+    result = compare_runs(base, aligned)
+    assert result.flags == []
+    fam = result.strata[result.strata["level"] == "category+context_condition"]
+    assert (fam["delta_accuracy"] > 0).all()
+    assert not any("masking" in f or "reversal" in f for f in result.strata["flags"])
+    assert not any("significant_degradation" in f for f in result.strata["flags"])
+
+
+def _reversal_frames(with_minority: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Disambiguated items where every category's s_DIS rises but the total falls.
+
+    target 0, label 1, unknown 2. X: base 2 biased / 8 other / 90 unknown (s_DIS -60),
+    aligned 30 / 70 / 0 (-40). Y: base 90 / 10 / 0 (+80), aligned 10 / 0 / 90 (+100).
+    Pooled: base 92 of 110 non-unknown biased (+67.3), aligned 40 of 110 (-27.3).
+    Z (optional, 20 items): base 10 / 10 (0), aligned 0 / 20 (-100): a small category
+    moving with the total, so the opposite strata are a weighted majority, not all.
+    """
+    spec = {"Age": ([0] * 2 + [1] * 8 + [2] * 90, [0] * 30 + [1] * 70)}
+    spec["Religion"] = ([0] * 90 + [1] * 10, [0] * 10 + [2] * 90)
+    if with_minority:
+        spec["SES"] = ([0] * 10 + [1] * 10, [1] * 20)
+    rows, pb, pa = [], [], []
+    for cat, (b, a) in spec.items():
+        for i, (x, y) in enumerate(zip(b, a, strict=True)):
+            rows.append(
+                {
+                    "category": cat,
+                    "example_id": i,
+                    "question_index": i % 5,
+                    "context_condition": "disambig",
+                    "question_polarity": "neg",
+                    "label_type": "label",
+                    "label": 1,
+                    "target_loc": 0,
+                    "unknown_loc": 2,
+                }
+            )
+            pb.append(x)
+            pa.append(y)
+    items = pd.DataFrame(rows)
+    return items.assign(pred_index=pb), items.assign(pred_index=pa)
+
+
+def test_reversal_all_strata():
+    base, aligned = _reversal_frames(with_minority=False)
+    result = compare_runs(base, aligned)
+    age = row(result, category="Age", context_condition="disambig")
+    rel = row(result, category="Religion", context_condition="disambig")
+    assert age["bias_score_base"] == pytest.approx(-60) and age[
+        "bias_score_aligned"
+    ] == pytest.approx(-40)
+    assert rel["bias_score_base"] == pytest.approx(80) and rel[
+        "bias_score_aligned"
+    ] == pytest.approx(100)
+    total = row(result, context_condition="disambig")
+    assert total["bias_score_base"] == pytest.approx(100 * (2 * 92 / 110 - 1))
+    assert total["bias_score_aligned"] == pytest.approx(100 * (2 * 40 / 110 - 1))
+    assert "reversal" in total["flags"]
+    (flag,) = [f for f in result.flags if f.kind == "reversal"]
+    assert flag.scope == "all" and flag.metric == "bias_score"
+    assert flag.aggregate == {"category": "all", "context_condition": "disambig"}
+    assert flag.aggregate_delta == pytest.approx(total["delta_bias_score"])
+    assert {s["category"] for s in flag.strata} == {"Age", "Religion"}
+    assert flag.weight_share == 1.0
+    assert "falls" in flag.message and "all 2 strata under it rise" in flag.message
+
+
+def test_reversal_weighted_majority():
+    base, aligned = _reversal_frames(with_minority=True)
+    result = compare_runs(base, aligned)
+    (flag,) = [f for f in result.flags if f.kind == "reversal"]
+    assert flag.scope == "weighted_majority"
+    assert flag.weight_share == pytest.approx(200 / 220)
+    assert {s["category"] for s in flag.strata} == {"Age", "Religion"}
+
+
+def test_no_reversal_when_strata_agree():
+    base, _ = _reversal_frames(with_minority=False)
+    result = compare_runs(base, base.assign(pred_index=0))  # everything biased: all rise
+    assert [f for f in result.flags if f.kind == "reversal"] == []
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_json_is_strict_and_complete(items):
+    base, aligned = planted_pair(items, mask=True)
+    result = compare_runs(base, aligned, CompareConfig(bootstrap=200, targets=("appearance",)))
+    payload = result.to_json()
+    text = json.dumps(payload, allow_nan=False)
+    assert set(payload) == {"strata", "flags", "summary", "warnings", "config"}
+    rec = payload["strata"][0]
+    for key in (
+        "category", "context_condition", "n", "b", "c", "n_both_correct", "n_both_wrong",
+        "acc_base", "acc_aligned", "test", "statistic", "p_value", "p_adjusted", "correction",
+        "family_size", "delta_accuracy", "delta_accuracy_ci_low", "delta_accuracy_ci_high",
+        "ci_method", "odds_ratio", "odds_ratio_ci_low", "odds_ratio_ci_high", "bias_score_base",
+        "bias_score_aligned", "delta_bias_score", "delta_bias_score_ci_low",
+        "delta_bias_score_ci_high", "flags", "note",
+    ):  # fmt: skip
+        assert key in rec, key
+    assert rec["test"] == "midp" and rec["ci_method"] == "newcombe-10"
+    overall = payload["strata"][-1]
+    assert overall["bias_score_base"] is None and "per context" in overall["note"]
+    assert "NaN" not in text and "Infinity" not in text
+    sp = payload["summary"]["spillover"]
+    assert sp["target"]["categories"] == ["Physical_appearance"]
+    assert len(sp["untargeted"]["categories"]) == 10
+    target_ambig = sp["target"]["by_context"]["ambig"]
+    assert [d["category"] for d in target_ambig["degradations"]] == ["Physical_appearance"]
+    assert target_ambig["pooled"]["n"] == 200 and target_ambig["pooled"]["delta_accuracy"] < 0
+    untargeted_ambig = sp["untargeted"]["by_context"]["ambig"]
+    assert untargeted_ambig["degradations"] == [] and len(untargeted_ambig["improvements"]) == 10
+    assert untargeted_ambig["pooled"]["n"] == 2000
+    assert payload["config"]["targets"] == ["Physical_appearance"]
+    lines = result.to_csv().splitlines()
+    assert len(lines) == len(result.strata) + 1
+    pa_line = next(
+        ln for ln in lines if ln.startswith("category+context_condition,Physical_appearance,ambig,")
+    )
+    assert "significant_degradation" in pa_line
+
+
+def test_no_discordant_pairs_row(items):
+    base = items.assign(pred_index=base_predictions(items))
+    result = compare_runs(base, base)
+    for rec in result.records():
+        assert rec["p_value"] == 1.0 and rec["note"].startswith("no discordant pairs")
+        assert rec["odds_ratio"] is None and rec["delta_accuracy"] == 0.0
+
+
+def test_polarity_split_and_families(items):
+    base, aligned = planted_pair(items, mask=True)
+    result = compare_runs(
+        base, aligned, CompareConfig(by=("category", "context_condition", "question_polarity"))
+    )
+    fine = result.strata[result.strata["level"] == "category+context_condition+question_polarity"]
+    assert len(fine) == 44 and (fine["family_size"] == 44).all()
+    cells = result.strata[result.strata["level"] == "category+context_condition"]
+    assert len(cells) == 22 and (cells["family_size"] == 22).all()
+    assert "question_polarity" in result.strata.columns
+    assert result.summary["family_size"] == 44
+
+
+def test_targets_must_be_known():
+    with pytest.raises(ConfigError, match="unknown BBQ category"):
+        CompareConfig(targets=("gendr_identity_x",))
+    assert CompareConfig(targets=("gender",)).targets == ("Gender_identity",)
+    with pytest.raises(ConfigError):
+        CompareConfig(test="t-test")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        CompareConfig(bootstrap=10)
+    with pytest.raises(ConfigError, match="needs 'category'"):
+        CompareConfig(by=("context_condition",), targets=("gender",))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_is_seeded():
+    base, aligned = planted_pair(bbq_like_items(per_cell=60), mask=True)
+    a = compare_runs(base, aligned, CompareConfig(bootstrap=200, seed=1)).strata
+    b = compare_runs(base, aligned, CompareConfig(bootstrap=200, seed=1)).strata
+    c = compare_runs(base, aligned, CompareConfig(bootstrap=200, seed=2)).strata
+    cols = ["delta_bias_score_ci_low", "delta_bias_score_ci_high"]
+    assert a[cols].equals(b[cols])
+    assert not a[cols].equals(c[cols])
+
+
+def test_item_bootstrap_has_the_resampling_distribution():
+    # one cell of 1,000 items with a 0/1 statistic of mean 0.3: replicate sums have mean
+    # 300 and variance n p (1 - p) = 210 when items are drawn with replacement
+    stats = (np.arange(1000) < 300).astype(np.int64)[:, None]
+    reps = bootstrap_cell_sums(stats, np.zeros(1000, dtype=np.int64), 1, replicates=6000, seed=0)
+    sums = reps[:, 0, 0]
+    assert abs(sums.mean() - 300) < 1.0
+    assert sums.var(ddof=1) == pytest.approx(210, rel=0.08)
+
+
+def test_template_bootstrap_is_wider_when_templates_agree():
+    # every template is answered all-right or all-wrong: items are not independent, so the
+    # template bootstrap must give a wider interval than the item bootstrap
+    items = bbq_like_items(per_cell=200, templates=10, seed=2)
+    rng = np.random.default_rng(0)
+    good = {(c, q): rng.random() < 0.5 for c in CATEGORIES for q in range(10)}
+    right = np.array(
+        [good[(c, q)] for c, q in zip(items["category"], items["question_index"], strict=True)]
+    )
+    base = items.assign(pred_index=items["unknown_loc"])
+    aligned = items.assign(pred_index=np.where(right, items["label"], items["unknown_loc"]))
+    width = {}
+    for unit in ("item", "template"):
+        s = compare_runs(base, aligned, CompareConfig(bootstrap=400, cluster=unit)).strata.iloc[-1]
+        width[unit] = s["delta_accuracy_boot_ci_high"] - s["delta_accuracy_boot_ci_low"]
+    assert width["template"] > 2 * width["item"]
+
+
+# --------------------------------------------------------------------------- mismatched input
+
+
+def test_mismatched_inputs(items):
+    base, aligned = planted_pair(items, mask=False)
+    short = aligned.iloc[5:]
+    with pytest.raises(DataError, match=r"different items.*5 only in BASE \(e\.g\. Age/0"):
+        compare_runs(base, short)
+    result = compare_runs(base, short, CompareConfig(intersect=True))
+    assert result.summary["dropped"]["base_only"] == 5
+    assert result.summary["dropped"]["aligned_only"] == 0
+    assert result.summary["n_items"] == len(items) - 5
+    with pytest.raises(DataError, match="duplicate key"):
+        compare_runs(base, pd.concat([aligned, aligned.iloc[:1]]))
+    with pytest.raises(DataError, match="missing column"):
+        compare_runs(base, aligned.drop(columns=["pred_index"]))
+    bad = aligned.copy()
+    bad.loc[3, "pred_index"] = 3
+    with pytest.raises(DataError, match=r"row 4: field 'pred_index'=3; expected 0, 1 or 2"):
+        compare_runs(base, bad)
+    other = aligned.copy()
+    other.loc[0, "label"] = (other.loc[0, "label"] + 1) % 3
+    with pytest.raises(DataError, match="disagree on 'label'"):
+        compare_runs(base, other)
+
+
+def _bbq_record(r) -> dict:
+    groups = [f"g{i}" for i in range(3)]
+    groups[int(r.unknown_loc)] = "unknown"
+    answers = [f"person {i}" for i in range(3)]
+    answers[int(r.unknown_loc)] = "Unknown"
+    return {
+        "example_id": int(r.example_id),
+        "question_index": str(r.question_index),
+        "question_polarity": r.question_polarity,
+        "context_condition": r.context_condition,
+        "category": r.category,
+        "answer_info": {f"ans{i}": [answers[i], groups[i]] for i in range(3)},
+        "additional_metadata": {"subcategory": "None", "stereotyped_groups": ["g0"]},
+        "context": "A context.",
+        "question": "A question?",
+        "ans0": answers[0],
+        "ans1": answers[1],
+        "ans2": answers[2],
+        "label": int(r.label),
+    }
+
+
+def write_bbq_folder(root: Path, items: pd.DataFrame) -> Path:
+    """A complete (but unverified) BBQ folder holding ``items``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for cat in CATEGORIES:
+        sub = items[items["category"] == cat]
+        lines = [json.dumps(_bbq_record(r)) for r in sub.itertuples(index=False)]
+        (root / f"{cat}.jsonl").write_text("\n".join(lines) + "\n")
+    with (root / "additional_metadata.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["category", "question_index", "example_id", "target_loc", "label_type"])
+        for r in items.itertuples(index=False):
+            w.writerow(
+                [r.category, r.question_index, r.example_id, int(r.target_loc), r.label_type]
+            )
+    return root
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("metrics")(metrics_command)
+    app.command("compare")(compare_command)
+    return app
+
+
+@pytest.fixture(scope="module")
+def small_bbq(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    items = bbq_like_items(per_cell=40, seed=5)
+    return write_bbq_folder(tmp_path_factory.mktemp("bbq"), items), items
+
+
+def test_cli_compare_writes_json_and_csv(small_bbq, tmp_path):
+    root, items = small_bbq
+    base, aligned = planted_pair(items, mask=True)
+    bp, ap = tmp_path / "base.jsonl", tmp_path / "aligned.parquet"
+    base[["category", "example_id", "pred_index"]].to_json(bp, orient="records", lines=True)
+    aligned[["category", "example_id", "pred_index"]].to_parquet(ap)
+    out_json, out_csv = tmp_path / "c.json", tmp_path / "c.csv"
+    res = CliRunner().invoke(
+        _app(),
+        ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified",
+         "--bootstrap", "200", "--seed", "3", "--json", str(out_json), "--csv", str(out_csv),
+         "--targets", "appearance"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out_json.read_text())
+    assert payload["warnings"] and all("UNVERIFIED" in w for w in payload["warnings"])
+    assert payload["config"]["bootstrap"] == 200 and payload["config"]["seed"] == 3
+    assert len(payload["strata"]) == 22 + 11 + 2 + 1
+    assert out_csv.read_text().startswith("level,category,context_condition,n,")
+    assert "UNVERIFIED" in res.stderr
+
+
+def test_cli_compare_intersect_reports_drops(small_bbq, tmp_path):
+    root, items = small_bbq
+    base, aligned = planted_pair(items, mask=False)
+    bp, ap = tmp_path / "b.csv", tmp_path / "a.csv"
+    base[["category", "example_id", "pred_index"]].to_csv(bp, index=False)
+    aligned[["category", "example_id", "pred_index"]].iloc[7:].to_csv(ap, index=False)
+    args = ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified"]
+    res = CliRunner().invoke(_app(), [*args, "--intersect"])
+    assert res.exit_code == 0, res.output
+    assert "dropped 7 only in BASE and 0 only in ALIGNED" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        ("subset", "the runs cover different items"),
+        ("duplicate", "duplicate key"),
+        ("no_column", "missing column(s) 'pred_index'"),
+        ("out_of_range", "field 'pred_index'=7"),
+        ("bad_option", "`correction`='sidak'"),
+    ],
+)
+def test_cli_compare_errors_are_one_line(small_bbq, tmp_path, mutate, message):
+    root, items = small_bbq
+    base, aligned = planted_pair(items, mask=False)
+    cols = ["category", "example_id", "pred_index"]
+    a = aligned[cols].copy()
+    extra: list[str] = []
+    if mutate == "subset":
+        a = a.iloc[3:]
+    elif mutate == "duplicate":
+        a = pd.concat([a, a.iloc[[10]]])
+    elif mutate == "no_column":
+        a = a.drop(columns=["pred_index"])
+    elif mutate == "out_of_range":
+        a.iloc[4, 2] = 7
+    else:
+        extra = ["--correction", "sidak"]
+    bp, ap = tmp_path / "b.csv", tmp_path / "a.csv"
+    base[cols].to_csv(bp, index=False)
+    a.to_csv(ap, index=False)
+    out_json, out_csv = tmp_path / "c.json", tmp_path / "c.csv"
+    res = CliRunner().invoke(
+        _app(),
+        ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified",
+         "--json", str(out_json), "--csv", str(out_csv), *extra],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert message in err[0]
+    assert "Traceback" not in res.output
+    assert not out_json.exists() and not out_csv.exists()
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_stats_modules_do_not_import_model_libraries():
+    code = (
+        "import sys, spillover.stats, spillover._cli_stats\n"
+        "bad = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    src = str(Path(spillover.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- full data
+
+
+@pytest.mark.fulldata
+def test_full_bbq_compare_and_planted_masking(bbq_full):
+    items = bbq_full.frame()
+    items = items[items["target_loc"].notna()].reset_index(drop=True)
+    base, aligned = planted_pair(items, mask=True)
+    preds_b = base[["category", "example_id", "pred_index"]]
+    preds_a = aligned[["category", "example_id", "pred_index"]]
+    result = compare_runs(
+        join_with_bbq(preds_b, bbq_full),
+        join_with_bbq(preds_a, bbq_full),
+        CompareConfig(bootstrap=300, cluster="template"),
+    )
+    assert len(result.strata) == 36 and result.summary["family_size"] == 22
+    pa = row(result, category="Physical_appearance", context_condition="ambig")
+    assert "significant_degradation" in pa["flags"]
+    assert "masking" in row(result)["flags"]
+    json.dumps(result.to_json(), allow_nan=False)
+    base2, aligned2 = planted_pair(items, mask=False)
+    clean = compare_runs(base2, aligned2)
+    assert [f for f in clean.flags if f.kind == "masking"] == []
