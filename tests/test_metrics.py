@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from spillover._cli_stats import metrics_command
-from spillover.data import BBQData, BBQItem, load_bbq
+from spillover.data import BBQData, BBQItem
 from spillover.errors import ConfigError, DataError
 from spillover.stats import (
     bias_score,
@@ -149,11 +148,8 @@ def oracle(items: pd.DataFrame, kind: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def bbq_full() -> BBQData:
-    root = os.environ.get("SPILLOVER_BBQ_DIR")
-    if not root:
-        pytest.skip("SPILLOVER_BBQ_DIR is not set")
-    return load_bbq(root)
+def bbq_full(full_bbq: BBQData) -> BBQData:
+    return full_bbq
 
 
 # --------------------------------------------------------------------------- hand-computed
@@ -408,8 +404,8 @@ def _official_script_scores(joined: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.fulldata
-def test_unifiedqa_predictions(bbq_full, tmp_path):
-    folder = Path(os.environ["SPILLOVER_BBQ_DIR"]) / "reference" / "unifiedqa"
+def test_unifiedqa_predictions(bbq_full, full_bbq_dir, tmp_path):
+    folder = Path(full_bbq_dir) / "reference" / "unifiedqa"
     files = sorted(folder.glob("preds_*.jsonl"))
     if not files:
         pytest.skip("no UnifiedQA prediction files under $SPILLOVER_BBQ_DIR/reference/unifiedqa")

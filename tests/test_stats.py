@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import spillover
 from spillover._cli_stats import compare_command, metrics_command
-from spillover.data import CATEGORIES, BBQData, load_bbq
+from spillover.data import CATEGORIES, BBQData
 from spillover.errors import ConfigError, DataError
 from spillover.stats import (
     CompareConfig,
@@ -157,11 +157,8 @@ def items() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def bbq_full() -> BBQData:
-    root = os.environ.get("SPILLOVER_BBQ_DIR")
-    if not root:
-        pytest.skip("SPILLOVER_BBQ_DIR is not set")
-    return load_bbq(root)
+def bbq_full(full_bbq: BBQData) -> BBQData:
+    return full_bbq
 
 
 # --------------------------------------------------------------------------- McNemar family
