@@ -229,6 +229,9 @@ def test_packed_scoring_equals_naive_per_option(tiny_dir: Path, attn: str) -> No
     # multi-token continuations and distinct scores: the test is not vacuous
     assert any(n > 1 for s in got for n in s.n_tokens)
     assert len({round(v, 3) for v in flat}) > len(flat) // 2
+    # shared prompts and prefixes are computed once
+    naive_tokens = sum(len(o.context) + len(o.continuation) - 1 for opts in encoded for o in opts)
+    assert scorer.stats.forward_tokens < naive_tokens / 2
 
 
 def test_options_with_different_contexts_are_scored_apart(tiny: Any) -> None:

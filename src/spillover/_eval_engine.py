@@ -1,12 +1,13 @@
 """Choice scoring: the log-likelihood of each option's continuation after a prompt.
 
-The HF backend scores an item's options in one *packed* sequence: the prompt's
-tokens once, followed by every option's continuation tokens (all but the last,
-which is only ever a target). A 4D block attention mask lets each continuation
-see the prompt and its own earlier tokens only, and position ids restart after
-the prompt, so every continuation is scored exactly as if it followed the
-prompt alone, for the prompt's cost once instead of three times. The LM head
-and log-softmax run only on the positions whose next token is scored.
+The HF backend packs requests into token trees: each row holds the prompt's
+tokens once and every option's continuation tokens after it (all but the last,
+which is only ever a target); requests whose prompts share a prefix (answer
+permutations of one prompt, two questions on one BBQ context) share those
+nodes too. A 4D attention mask lets every token attend to its ancestors in the
+tree only, and position ids are tree depths, so each continuation is scored
+exactly as if it followed its prompt alone. The LM head and log-softmax run
+only on the positions whose next token is scored.
 
 Tokenisation follows lm-evaluation-harness's ``_encode_pair`` for causal
 models: trailing whitespace of the prompt moves into the continuation, the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .errors import ConfigError, ModelError
@@ -137,17 +138,90 @@ def split_pair(
     return EncodedOption(tuple(whole[:k]), tuple(whole[k:]), merged)
 
 
-@dataclass(slots=True)
-class _Segment:
-    """One packed row: a context followed by several continuations."""
+class _Tree:
+    """A token trie packed into one row: shared prefixes are computed once.
 
-    req: int
-    context: tuple[int, ...]
-    options: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    Nodes are numbered in insertion order; a node's parent always precedes
+    it. Flattened depth-first, every subtree is a contiguous interval, so
+    "j is an ancestor of i (or i itself)" is ``j <= i < end[j]``.
+    """
 
-    @property
-    def length(self) -> int:
-        return len(self.context) + sum(len(c) - 1 for _, c in self.options)
+    __slots__ = ("_root", "children", "depth", "parent", "reqs", "scored", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.children: list[dict[int, int]] = []
+        self.scored: list[tuple[int, int, int, int]] = []  # node, target, request, option
+        self.reqs: set[int] = set()
+        self._root: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def new_tokens(self, seq: Sequence[int]) -> int:
+        """How many nodes inserting ``seq`` would add."""
+        kids = self._root
+        for i, t in enumerate(seq):
+            node = kids.get(t)
+            if node is None:
+                return len(seq) - i
+            kids = self.children[node]
+        return 0
+
+    def insert(self, seq: Sequence[int]) -> list[int]:
+        """Add a token path; returns its node ids."""
+        path: list[int] = []
+        kids = self._root
+        parent = -1
+        for t in seq:
+            node = kids.get(t)
+            if node is None:
+                node = len(self.tokens)
+                self.tokens.append(t)
+                self.parent.append(parent)
+                self.depth.append(len(path))
+                self.children.append({})
+                kids[t] = node
+            path.append(node)
+            parent = node
+            kids = self.children[node]
+        return path
+
+    def add_option(self, req: int, opt: int, context: Sequence[int], cont: Sequence[int]) -> None:
+        """Insert ``context + cont[:-1]`` and record which node predicts each ``cont`` token."""
+        path = self.insert([*context, *cont[:-1]])
+        start = len(context) - 1
+        for k, tgt in enumerate(cont):
+            self.scored.append((path[start + k], tgt, req, opt))
+        self.reqs.add(req)
+
+    def flatten(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Depth-first order: (tokens, positions, subtree end, new index of each node)."""
+        n = len(self.tokens)
+        kids: list[list[int]] = [[] for _ in range(n)]
+        roots: list[int] = []
+        for node, par in enumerate(self.parent):
+            (roots if par < 0 else kids[par]).append(node)
+        order: list[int] = []
+        stack = list(reversed(roots))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(kids[node]))
+        new = [0] * n
+        for i, node in enumerate(order):
+            new[node] = i
+        size = [1] * n
+        for node in reversed(order):
+            par = self.parent[node]
+            if par >= 0:
+                size[par] += size[node]
+        tokens = [self.tokens[node] for node in order]
+        pos = [self.depth[node] for node in order]
+        end = [new[node] + size[node] for node in order]
+        return tokens, pos, end, new
 
 
 class HFChoiceScorer:
@@ -161,6 +235,9 @@ class HFChoiceScorer:
         add_special_tokens: Passed to the tokenizer; None uses the tokenizer's
             default, except for texts that already start with its BOS token
             (as lm-evaluation-harness does).
+        max_row_tokens: Largest packed row (token-tree nodes).
+        group_tokens: Requests whose contexts share this many first tokens may
+            share a row (and so their common prefix).
     """
 
     def __init__(
@@ -171,6 +248,8 @@ class HFChoiceScorer:
         batch_tokens: int = 4096,
         boundary: str = "lm-eval",
         add_special_tokens: bool | None = None,
+        max_row_tokens: int = 512,
+        group_tokens: int = 8,
     ) -> None:
         if batch_tokens < 1:
             raise ConfigError(f"`batch_tokens`={batch_tokens}; expected a positive integer")
@@ -181,6 +260,8 @@ class HFChoiceScorer:
         self.batch_tokens = batch_tokens
         self.boundary = boundary
         self.add_special_tokens = add_special_tokens
+        self.max_row_tokens = max_row_tokens
+        self.group_tokens = group_tokens
         self.stats = ScorerStats()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config = base.config
@@ -284,41 +365,62 @@ class HFChoiceScorer:
         encoded: Sequence[Sequence[EncodedOption]],
         progress: Callable[[int], None] | None = None,
     ) -> list[ChoiceScores]:
-        """Score already tokenised requests (options sharing a context are packed together)."""
+        """Score already tokenised requests.
+
+        Requests whose prompts begin alike are packed into one token tree per
+        row (at most ``max_row_tokens`` nodes), so shared prefixes (one prompt
+        for three options, identical prompts under answer permutations, one
+        BBQ context under two questions) are computed once.
+        """
         import torch
 
-        segments: list[_Segment] = []
+        cap = max(1, min(self.max_row_tokens, self.batch_tokens))
+        trees: list[_Tree] = []
+        open_trees: dict[tuple[int, ...], _Tree] = {}
         for r, opts in enumerate(encoded):
-            by_ctx: dict[tuple[int, ...], _Segment] = {}
-            for j, opt in enumerate(opts):
+            for opt in opts:
                 if opt.merged:
                     self.stats.boundary_merges += 1
                 if not opt.continuation:
                     raise ConfigError("a continuation tokenises to nothing; cannot score it")
-                seg = by_ctx.get(opt.context)
-                if seg is None:
-                    seg = by_ctx[opt.context] = _Segment(r, opt.context)
-                    segments.append(seg)
-                seg.options.append((j, opt.continuation))
-            if len(by_ctx) > 1:
+            if len({o.context for o in opts}) > 1:
                 self.stats.split_requests += 1
+            key = tuple(opts[0].context[: self.group_tokens]) if opts else ()
+            tree = open_trees.get(key)
+            if (
+                tree is not None
+                and len(tree)
+                + sum(tree.new_tokens([*o.context, *o.continuation[:-1]]) for o in opts)
+                > cap
+                and len(tree)
+            ):
+                tree = None
+            if tree is None:
+                tree = open_trees[key] = _Tree()
+                trees.append(tree)
+            for j, o in enumerate(opts):
+                tree.add_option(r, j, o.context, o.continuation)
         self.stats.requests += len(encoded)
 
         logprobs: list[list[float]] = [[0.0] * len(opts) for opts in encoded]
-        remaining = [len({o.context for o in opts}) for opts in encoded]
-        order = sorted(range(len(segments)), key=lambda i: (-segments[i].length, i))
+        remaining = [0] * len(encoded)
+        for tree in trees:
+            for r in tree.reqs:
+                remaining[r] += 1
+        order = sorted(range(len(trees)), key=lambda i: (-len(trees[i]), i))
         with torch.inference_mode():
             start = 0
             while start < len(order):
-                longest = segments[order[start]].length
+                longest = len(trees[order[start]])
                 rows = max(1, self.batch_tokens // max(longest, 1))
-                batch = [segments[i] for i in order[start : start + rows]]
+                batch = [trees[i] for i in order[start : start + rows]]
                 start += len(batch)
                 self._run_batch(batch, logprobs)
                 done = 0
-                for seg in batch:
-                    remaining[seg.req] -= 1
-                    done += remaining[seg.req] == 0
+                for tree in batch:
+                    for r in tree.reqs:
+                        remaining[r] -= 1
+                        done += remaining[r] == 0
                 if progress is not None and done:
                     progress(done)
         return [
@@ -326,48 +428,33 @@ class HFChoiceScorer:
             for lp, opts in zip(logprobs, encoded, strict=True)
         ]
 
-    def _run_batch(self, batch: Sequence[_Segment], logprobs: list[list[float]]) -> None:
+    def _run_batch(self, batch: Sequence[_Tree], logprobs: list[list[float]]) -> None:
         import torch
 
-        width = max(seg.length for seg in batch)
+        flat = [tree.flatten() for tree in batch]
+        width = max(len(f[0]) for f in flat)
         n = len(batch)
         ids = torch.full((n, width), self._pad, dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
-        # segment id per position: 0 prompt, k>0 option k, -1 padding
-        segid = torch.full((n, width), -1, dtype=torch.long)
-        rows: list[int] = []
-        cols: list[int] = []
+        # padding: a node's subtree is itself only, so it attends to itself alone
+        end = torch.arange(1, width + 1, dtype=torch.long).repeat(n, 1)
+        flat_idx: list[int] = []
         targets: list[int] = []
         owners: list[tuple[int, int]] = []
-        for b, seg in enumerate(batch):
-            ctx = seg.context
-            p = len(ctx)
-            ids[b, :p] = torch.tensor(ctx, dtype=torch.long)
-            pos[b, :p] = torch.arange(p)
-            segid[b, :p] = 0
-            at = p
-            for k, (j, cont) in enumerate(seg.options, start=1):
-                body = cont[:-1]
-                m = len(body)
-                if m:
-                    ids[b, at : at + m] = torch.tensor(body, dtype=torch.long)
-                    pos[b, at : at + m] = torch.arange(p, p + m)
-                    segid[b, at : at + m] = k
-                # the first token is predicted from the prompt's last position,
-                # token t>0 from the option's own (t-1)-th packed position
-                srcs = [p - 1, *range(at, at + m)]
-                for src, tgt in zip(srcs, cont, strict=True):
-                    rows.append(b)
-                    cols.append(src)
-                    targets.append(tgt)
-                    owners.append((seg.req, j))
-                at += m
-        q = segid.unsqueeze(2)
-        kv = segid.unsqueeze(1)
-        idx = torch.arange(width)
-        causal = idx.view(1, 1, width) <= idx.view(1, width, 1)
-        allowed = causal & (kv >= 0) & ((kv == 0) | (kv == q))
-        allowed |= torch.eye(width, dtype=torch.bool).unsqueeze(0)  # padding rows: no NaN
+        for b, (tree, (tokens, positions, ends, new)) in enumerate(zip(batch, flat, strict=True)):
+            m = len(tokens)
+            ids[b, :m] = torch.tensor(tokens, dtype=torch.long)
+            pos[b, :m] = torch.tensor(positions, dtype=torch.long)
+            end[b, :m] = torch.tensor(ends, dtype=torch.long)
+            for node, tgt, r, j in tree.scored:
+                flat_idx.append(b * width + new[node])
+                targets.append(tgt)
+                owners.append((r, j))
+        col = torch.arange(width)
+        # query i may attend to key j iff j is i's ancestor or i itself: j <= i < end[j]
+        allowed = (col.view(1, 1, width) <= col.view(1, width, 1)) & (
+            col.view(1, width, 1) < end.view(n, 1, width)
+        )
         mask = torch.zeros((n, 1, width, width), dtype=self._dtype)
         mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self._dtype).min)
         dev = self._device
@@ -378,9 +465,8 @@ class HFChoiceScorer:
             use_cache=False,
         )
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        # unique scored positions: the prompt's last one serves every option
-        flat = [r * width + c for r, c in zip(rows, cols, strict=True)]
-        uniq = sorted(set(flat))
+        # the LM head runs once per distinct scored position
+        uniq = sorted(set(flat_idx))
         where = {f: i for i, f in enumerate(uniq)}
         sel = hidden.reshape(n * width, -1)[torch.tensor(uniq, device=dev)]
         logits = self._head(sel).float()
@@ -391,7 +477,7 @@ class HFChoiceScorer:
             logits = torch.tanh(logits / cap) * cap
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp[
-            torch.tensor([where[f] for f in flat], device=dev),
+            torch.tensor([where[f] for f in flat_idx], device=dev),
             torch.tensor(targets, device=dev),
         ].tolist()
         for (r, j), v in zip(owners, picked, strict=True):
