@@ -70,7 +70,7 @@ def test_permutation_modes(mode: str, expected: list[tuple[int, int, int]]) -> N
     # every answer is shown at every position equally often (position bias cancels)
     for pos in range(3):
         shown = [order[pos] for order in expected]
-        assert sorted(set(shown)) == ([0] if mode == "none" else [0, 1, 2])
+        assert sorted(set(shown)) == ([pos] if mode == "none" else [0, 1, 2])
     assert [permutation_id(o) for o in expected] == sorted(permutation_id(o) for o in expected)
 
 
