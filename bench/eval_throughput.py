@@ -1,0 +1,215 @@
+"""Throughput and agreement of ``spillover eval`` against lm-evaluation-harness.
+
+Both systems score the same seeded stratified BBQ sample (every category x
+context) with the same model, prompt (``"{context}\\n\\nQ: {question}\\nA:"``)
+and the three BBQ answers as choices. Each runs as a whole subprocess (model
+load included) and is timed from start to exit; peak RSS comes from the
+child's own ``wait4`` resource usage. lm-evaluation-harness reads a generated
+task YAML (``--include_path``) over a local JSONL of the chosen items and logs
+per-sample log-likelihoods (``--log_samples``), which are compared with ours.
+
+Example::
+
+    python bench/eval_throughput.py --per-stratum 23 \\
+        --lm-eval-python /path/to/lmeval-venv/bin/python --bf16
+
+Needs BBQ (``--bbq-dir`` or ``$SPILLOVER_BBQ_DIR``) and an ``lm_eval``
+installation (default: the ``lm_eval`` package importable by
+``--lm-eval-python``, itself defaulting to ``python`` on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNNER = (
+    "import sys, typer\nfrom spillover._cli_eval import eval_command\ntyper.run(eval_command)\n"
+)
+
+TASK_YAML = """\
+task: spillover_bbq_bench
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}\\n\\nQ: {{{{question}}}}\\nA:"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run a command to completion; return (wall seconds, peak RSS MiB) of that child."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"command failed ({code}): {' '.join(cmd[:6])} ...")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
+    ap.add_argument("--per-stratum", type=int, default=23, help="items per category x context")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--lm-eval-python", default="python", help="python that can import lm_eval")
+    ap.add_argument("--lm-eval-batch-size", default="16")
+    ap.add_argument("--bf16", action="store_true", help="also run ours in bfloat16, compare")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    args = ap.parse_args()
+    if not args.bbq_dir:
+        raise SystemExit("give --bbq-dir or set SPILLOVER_BBQ_DIR")
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import pyarrow.parquet as pq
+
+    from spillover.data import load_bbq, select_items
+    from spillover.evaluate import sort_items
+    from spillover.models import EMBEDDED_ALIAS, prepare_embedded
+
+    data = load_bbq(args.bbq_dir)
+    items = sort_items(select_items(data.items, per_stratum=args.per_stratum, seed=args.seed))
+    cats = {it.category for it in items}
+    ctxs = {(it.category, it.context_condition) for it in items}
+    folder = str(prepare_embedded()) if args.model == EMBEDDED_ALIAS else args.model
+
+    work = Path(tempfile.mkdtemp(prefix="spillover-bench-"))
+    try:
+        docs = work / "items.jsonl"
+        with open(docs, "w") as fh:
+            for it in items:
+                rec = {
+                    "category": it.category,
+                    "example_id": it.example_id,
+                    "context": it.context,
+                    "question": it.question,
+                    "choices": list(it.answers),
+                    "label": it.label,
+                }
+                fh.write(json.dumps(rec) + "\n")
+        keys = work / "items.csv"
+        keys.write_text(
+            "category,example_id\n" + "".join(f"{it.category},{it.example_id}\n" for it in items)
+        )
+        tasks = work / "tasks"
+        tasks.mkdir()
+        (tasks / "spillover_bbq_bench.yaml").write_text(TASK_YAML.format(data=docs))
+
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "src"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        ours_out = work / "ours.parquet"
+        ours_cmd = [
+            sys.executable, "-c", RUNNER,
+            "--model", args.model, "--bbq-dir", args.bbq_dir, "--items", str(keys),
+            "--batch-tokens", str(args.batch_tokens), "--device", "cpu",
+            "--out", str(ours_out),
+        ]  # fmt: skip
+        lm_cmd = [
+            args.lm_eval_python, "-m", "lm_eval",
+            "--model", "hf",
+            "--model_args", f"pretrained={folder},dtype=float32",
+            "--tasks", "spillover_bbq_bench", "--include_path", str(tasks),
+            "--device", "cpu", "--batch_size", str(args.lm_eval_batch_size),
+            "--output_path", str(work / "lm_eval_out"), "--log_samples",
+        ]  # fmt: skip
+        lm_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+
+        n = len(items)
+        print(f"items: {n} ({len(cats)} categories, {len(ctxs)} category x context strata)")
+        print(f"model: {args.model}")
+        print(f"load: {os.getloadavg()[0]:.2f} (1-min average before the runs)")
+        t_ours, rss_ours = run_timed(ours_cmd, env, work / "ours.log")
+        t_lm, rss_lm = run_timed(lm_cmd, lm_env, work / "lm_eval.log")
+
+        ours = pq.read_table(ours_out).to_pylist()
+        sample_files = glob.glob(
+            str(work / "lm_eval_out" / "**" / "samples_*.jsonl"), recursive=True
+        )
+        if len(sample_files) != 1:
+            raise SystemExit(f"expected one lm-eval samples file, found {sample_files}")
+        theirs: dict[tuple[str, int], list[float]] = {}
+        for line in Path(sample_files[0]).read_text().splitlines():
+            s = json.loads(line)
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            theirs[(s["doc"]["category"], int(s["doc"]["example_id"]))] = lls
+
+        same = 0
+        max_gap = 0.0
+        diffs: list[str] = []
+        for row in ours:
+            key = (row["category"], row["example_id"])
+            lls = theirs[key]
+            mine = [row["score_0"], row["score_1"], row["score_2"]]
+            max_gap = max(max_gap, *(abs(a - b) for a, b in zip(mine, lls, strict=True)))
+            lm_pred = max(range(3), key=lambda j: (lls[j], -j))
+            if lm_pred == row["pred_index"]:
+                same += 1
+            else:
+                srt = sorted(lls, reverse=True)
+                diffs.append(
+                    f"  {key[0]}/{key[1]}: ours={row['pred_index']} lm-eval={lm_pred} "
+                    f"ours={[round(x, 4) for x in mine]} lm-eval={[round(x, 4) for x in lls]} "
+                    f"lm-eval top-2 gap={srt[0] - srt[1]:.2e}"
+                )
+        print(f"{'system':<10} {'wall s':>8} {'items/s':>8} {'peak RSS MiB':>13}")
+        print(f"{'spillover':<10} {t_ours:8.1f} {n / t_ours:8.2f} {rss_ours:13.0f}")
+        print(f"{'lm-eval':<10} {t_lm:8.1f} {n / t_lm:8.2f} {rss_lm:13.0f}")
+        print(f"speed-up (items/s ratio, whole process): {t_lm / t_ours:.2f}x")
+        print(f"identical predictions: {same}/{n} ({100 * same / n:.2f} %)")
+        print(f"max |log-likelihood difference| over all options: {max_gap:.2e}")
+        print(f"differing items: {len(diffs)}")
+        for d in diffs:
+            print(d)
+
+        if args.bf16:
+            bf_out = work / "ours_bf16.parquet"
+            bf_cmd = [*ours_cmd[:-1], str(bf_out), "--dtype", "bfloat16"]
+            t_bf, rss_bf = run_timed(bf_cmd, env, work / "ours_bf16.log")
+            bf = {(r["category"], r["example_id"]): r for r in pq.read_table(bf_out).to_pylist()}
+            agree = sum(
+                bf[(r["category"], r["example_id"])]["pred_index"] == r["pred_index"] for r in ours
+            )
+            print(
+                f"spillover bf16: {t_bf:.1f} s, {n / t_bf:.2f} items/s, {rss_bf:.0f} MiB; "
+                f"predictions identical to fp32: {agree}/{n} ({100 * agree / n:.2f} %)"
+            )
+    finally:
+        if args.keep is not None:
+            shutil.copytree(work, args.keep, dirs_exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

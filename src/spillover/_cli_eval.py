@@ -1,0 +1,299 @@
+"""The ``spillover eval`` command: score BBQ items with a model, write predictions.
+
+Registered by the main CLI as ``app.command("eval")(eval_command)``. Only
+:class:`~spillover.errors.SpilloverError` is caught (one red line on stderr,
+exit code 1); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .errors import ConfigError, ModelError, SpilloverError
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return parts or None
+
+
+def eval_command(
+    model: Annotated[
+        str, typer.Option("--model", help="Model alias (e.g. smollm2-135m), hub id or folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Predictions Parquet file to write.", dir_okay=False)
+    ],
+    adapter: Annotated[
+        Path | None,
+        typer.Option("--adapter", help="PEFT LoRA adapter folder to apply (not merged)."),
+    ] = None,
+    bbq_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bbq-dir",
+            help="Folder holding BBQ. Default: $SPILLOVER_BBQ_DIR, else the cache.",
+            envvar="SPILLOVER_BBQ_DIR",
+            show_default=False,
+        ),
+    ] = None,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unverified",
+            help="Accept BBQ files whose SHA-256 differs (recorded in the output metadata).",
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Cache root. Default: $SPILLOVER_CACHE or ~/.cache/spillover.",
+            envvar="SPILLOVER_CACHE",
+            show_default=False,
+        ),
+    ] = None,
+    categories: Annotated[
+        str | None,
+        typer.Option("--categories", help="Comma-separated categories (aliases allowed)."),
+    ] = None,
+    contexts: Annotated[
+        str | None, typer.Option("--contexts", help="Comma-separated: ambig, disambig.")
+    ] = None,
+    per_stratum: Annotated[
+        int | None,
+        typer.Option(
+            "--per-stratum", help="Seeded sample of N items per category x context.", min=1
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --per-stratum sample.")] = 0,
+    items: Annotated[
+        Path | None,
+        typer.Option("--items", help="CSV/JSONL list of category,example_id to score."),
+    ] = None,
+    all_items: Annotated[
+        bool, typer.Option("--all", help="Score every item (after --categories/--contexts).")
+    ] = False,
+    prompt_format: Annotated[
+        str, typer.Option("--prompt-format", help="lm-eval, letters or letters-chat.")
+    ] = "lm-eval",
+    permutations: Annotated[
+        str, typer.Option("--permutations", help="Answer orders: none, cyclic (3) or all (6).")
+    ] = "none",
+    length_norm: Annotated[
+        str,
+        typer.Option(
+            "--length-norm",
+            help="Pick the prediction by: none (summed log-prob), token (mean per token), "
+            "char (per character, lm-eval acc_norm) or byte (per UTF-8 byte).",
+        ),
+    ] = "none",
+    batch_tokens: Annotated[
+        int, typer.Option("--batch-tokens", help="Token budget of one forward pass.", min=64)
+    ] = 4096,
+    chunk_items: Annotated[
+        int,
+        typer.Option("--chunk-items", help="Items per resumable shard.", min=1),
+    ] = 256,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: auto).")
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    ] = "auto",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Score only the first N selected items.", min=1),
+    ] = None,
+) -> None:
+    """Score BBQ items with a causal LM and write per-item predictions (Parquet).
+
+    Finished chunks are kept in <out>.shards/ while the run goes: rerunning the
+    same command after an interruption resumes where it stopped.
+    """
+    try:
+        _run(
+            model=model,
+            out=out,
+            adapter=adapter,
+            bbq_dir=bbq_dir,
+            allow_unverified=allow_unverified,
+            cache_dir=cache_dir,
+            categories=categories,
+            contexts=contexts,
+            per_stratum=per_stratum,
+            seed=seed,
+            items=items,
+            all_items=all_items,
+            prompt_format=prompt_format,
+            permutations=permutations,
+            length_norm=length_norm,
+            batch_tokens=batch_tokens,
+            chunk_items=chunk_items,
+            device=device,
+            dtype=dtype,
+            limit=limit,
+        )
+    except SpilloverError as exc:
+        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(1) from None
+
+
+def _run(
+    *,
+    model: str,
+    out: Path,
+    adapter: Path | None,
+    bbq_dir: Path | None,
+    allow_unverified: bool,
+    cache_dir: Path | None,
+    categories: str | None,
+    contexts: str | None,
+    per_stratum: int | None,
+    seed: int,
+    items: Path | None,
+    all_items: bool,
+    prompt_format: str,
+    permutations: str,
+    length_norm: str,
+    batch_tokens: int,
+    chunk_items: int,
+    device: str | None,
+    dtype: str,
+    limit: int | None,
+) -> None:
+    from .data import load_bbq, read_item_list, select_items
+    from .evaluate import EvalConfig, evaluate_model, summarize_predictions
+    from .models import load_model, resolve_model
+    from .prompts import render
+
+    chosen = [
+        name
+        for name, on in (
+            ("--per-stratum", per_stratum is not None),
+            ("--items", items is not None),
+            ("--all", all_items),
+        )
+        if on
+    ]
+    if len(chosen) != 1:
+        what = "none was given" if not chosen else f"got {' and '.join(chosen)}"
+        raise ConfigError(f"choose exactly one of --per-stratum, --items or --all ({what})")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    cfg = EvalConfig(
+        prompt_format=prompt_format,
+        permutations=permutations,
+        batch_tokens=batch_tokens,
+        length_norm=length_norm,
+        chunk_items=chunk_items,
+        seed=seed,
+    ).validate()
+    keys = read_item_list(items) if items is not None else None
+    resolve_model(model)  # a missing folder fails before BBQ is read
+
+    cats = _split(categories)
+    data = load_bbq(
+        bbq_dir, cache_dir=cache_dir, categories=cats, allow_unverified=allow_unverified
+    )
+    for w in data.warnings:
+        _err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    selected = select_items(
+        data.items,
+        contexts=_split(contexts),
+        keys=keys,
+        per_stratum=per_stratum,
+        seed=seed,
+    )
+    from .evaluate import sort_items
+
+    selected = sort_items(selected)
+    if limit is not None:
+        selected = selected[:limit]
+    if not selected:
+        raise ConfigError("the selection is empty; check --categories, --contexts and --items")
+
+    t0 = time.perf_counter()
+    loaded = load_model(model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir)
+    render(selected[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
+    t_load = time.perf_counter() - t0
+    provenance: dict[str, Any] = {
+        "bbq": data.provenance(),
+        "selection": {
+            "categories": list(data.categories),
+            "contexts": _split(contexts),
+            "per_stratum": per_stratum,
+            "seed": seed,
+            "items_file": str(items) if items is not None else None,
+            "all": all_items,
+            "limit": limit,
+        },
+    }
+
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=_err,
+        transient=True,
+    )
+    task = progress.add_task("scoring", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    t1 = time.perf_counter()
+    with progress:
+        preds = evaluate_model(
+            loaded, selected, cfg, out=out, progress=on_progress, provenance=provenance
+        )
+    t_score = time.perf_counter() - t1
+
+    table = Table(title=f"{len(selected)} items, {loaded.spec.name}, {cfg.prompt_format}")
+    cols = ("permutation", "n", "accuracy", "accuracy_ambig", "accuracy_disambig")
+    extra = ("unknown_rate", "position_0", "position_1", "position_2")
+    for col in (*cols, *extra):
+        table.add_column(col, justify="right")
+    for row in summarize_predictions(preds):
+        table.add_row(*(_fmt(row[c]) for c in (*cols, *extra)))
+    _out.print(table)
+    _out.print(
+        f"wrote {len(preds)} predictions to {out} "
+        f"(model load {t_load:.1f}s, scoring {t_score:.1f}s, "
+        f"{len(preds) / max(t_score, 1e-9):.1f} rows/s)",
+        highlight=False,
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+__all__ = ["eval_command"]

@@ -1,0 +1,522 @@
+"""Choice scoring: the log-likelihood of each option's continuation after a prompt.
+
+The HF backend packs requests into token trees: each row holds the prompt's
+tokens once and every option's continuation tokens after it (all but the last,
+which is only ever a target); requests whose prompts share a prefix (answer
+permutations of one prompt, two questions on one BBQ context) share those
+nodes too. A 4D attention mask lets every token attend to its ancestors in the
+tree only, and position ids are tree depths, so each continuation is scored
+exactly as if it followed its prompt alone. The LM head and log-softmax run
+only on the positions whose next token is scored.
+
+Tokenisation follows lm-evaluation-harness's ``_encode_pair`` for causal
+models: trailing whitespace of the prompt moves into the continuation, the
+prompt is encoded alone and the continuation is ``whole[len(prompt_enc):]``
+where ``whole`` encodes prompt and continuation together. The model input is
+``prompt_enc + continuation_enc``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from .errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+Boundary = Literal["lm-eval", "whole"]
+BOUNDARIES: tuple[str, ...] = ("lm-eval", "whole")
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceRequest:
+    """A prompt and the continuations to score after it."""
+
+    prompt: str
+    """Text the continuations are conditioned on."""
+    continuations: tuple[str, ...]
+    """Scored texts, in the order their scores are returned."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceScores:
+    """Scores of one :class:`ChoiceRequest`."""
+
+    logprobs: tuple[float, ...]
+    """Summed log-probability of each continuation's tokens given the prompt."""
+    n_tokens: tuple[int, ...]
+    """Number of scored tokens of each continuation."""
+
+
+@runtime_checkable
+class ChoiceScorer(Protocol):
+    """Anything that scores multiple-choice continuations."""
+
+    def score(
+        self,
+        requests: Sequence[ChoiceRequest],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ChoiceScores]:
+        """Score every request; ``progress(n)`` is called as ``n`` more requests finish."""
+        ...
+
+
+@dataclass(slots=True)
+class ScorerStats:
+    """Counters kept by :class:`HFChoiceScorer` (cumulative over calls)."""
+
+    requests: int = 0
+    """Requests scored."""
+    boundary_merges: int = 0
+    """Options whose joint encoding does not start with the prompt's own encoding."""
+    split_requests: int = 0
+    """Requests whose options did not share prompt tokens (scored per option group)."""
+    forward_tokens: int = 0
+    """Token positions run through the model, padding included."""
+    batches: int = 0
+    """Forward passes."""
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain dict view."""
+        return {
+            "requests": self.requests,
+            "boundary_merges": self.boundary_merges,
+            "split_requests": self.split_requests,
+            "forward_tokens": self.forward_tokens,
+            "batches": self.batches,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedOption:
+    """One option as token ids: the context it follows and its own tokens."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+    merged: bool = False
+    """Whether the joint encoding did not start with the context's own encoding."""
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_pair(
+    whole: Sequence[int], context_enc: Sequence[int], boundary: str = "lm-eval"
+) -> EncodedOption:
+    """Split one option's encodings into context and continuation tokens.
+
+    Args:
+        whole: Encoding of ``context + continuation`` (after whitespace moving).
+        context_enc: Encoding of the context alone.
+        boundary: ``lm-eval``: context = ``context_enc``, continuation =
+            ``whole[len(context_enc):]`` (lm-evaluation-harness's rule, also
+            when the boundary token merged). ``whole``: score the joint
+            encoding; the context is the longest prefix it shares with
+            ``context_enc``. Either rule falls back to ``whole`` when the
+            ``lm-eval`` continuation would be empty.
+
+    Returns:
+        The split, with ``merged`` set when the joint encoding does not start
+        with ``context_enc``.
+    """
+    n = len(context_enc)
+    merged = tuple(whole[:n]) != tuple(context_enc)
+    if boundary == "lm-eval" and len(whole) > n:
+        return EncodedOption(tuple(context_enc), tuple(whole[n:]), merged)
+    k = _common_prefix(whole, context_enc) if merged else n
+    k = min(k, len(whole) - 1)
+    if k <= 0:
+        raise ConfigError("a continuation tokenises to nothing; cannot score an empty option")
+    return EncodedOption(tuple(whole[:k]), tuple(whole[k:]), merged)
+
+
+class _Tree:
+    """A token trie packed into one row: shared prefixes are computed once.
+
+    Nodes are numbered in insertion order; a node's parent always precedes
+    it. Flattened depth-first, every subtree is a contiguous interval, so
+    "j is an ancestor of i (or i itself)" is ``j <= i < end[j]``.
+    """
+
+    __slots__ = ("_root", "children", "depth", "parent", "reqs", "scored", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.children: list[dict[int, int]] = []
+        self.scored: list[tuple[int, int, int, int]] = []  # node, target, request, option
+        self.reqs: set[int] = set()
+        self._root: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def new_tokens(self, seq: Sequence[int]) -> int:
+        """How many nodes inserting ``seq`` would add."""
+        kids = self._root
+        for i, t in enumerate(seq):
+            node = kids.get(t)
+            if node is None:
+                return len(seq) - i
+            kids = self.children[node]
+        return 0
+
+    def insert(self, seq: Sequence[int]) -> list[int]:
+        """Add a token path; returns its node ids."""
+        path: list[int] = []
+        kids = self._root
+        parent = -1
+        for t in seq:
+            node = kids.get(t)
+            if node is None:
+                node = len(self.tokens)
+                self.tokens.append(t)
+                self.parent.append(parent)
+                self.depth.append(len(path))
+                self.children.append({})
+                kids[t] = node
+            path.append(node)
+            parent = node
+            kids = self.children[node]
+        return path
+
+    def add_option(self, req: int, opt: int, context: Sequence[int], cont: Sequence[int]) -> None:
+        """Insert ``context + cont[:-1]`` and record which node predicts each ``cont`` token."""
+        path = self.insert([*context, *cont[:-1]])
+        start = len(context) - 1
+        for k, tgt in enumerate(cont):
+            self.scored.append((path[start + k], tgt, req, opt))
+        self.reqs.add(req)
+
+    def flatten(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Depth-first order: (tokens, positions, subtree end, new index of each node)."""
+        n = len(self.tokens)
+        kids: list[list[int]] = [[] for _ in range(n)]
+        roots: list[int] = []
+        for node, par in enumerate(self.parent):
+            (roots if par < 0 else kids[par]).append(node)
+        order: list[int] = []
+        stack = list(reversed(roots))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(kids[node]))
+        new = [0] * n
+        for i, node in enumerate(order):
+            new[node] = i
+        size = [1] * n
+        for node in reversed(order):
+            par = self.parent[node]
+            if par >= 0:
+                size[par] += size[node]
+        tokens = [self.tokens[node] for node in order]
+        pos = [self.depth[node] for node in order]
+        end = [new[node] + size[node] for node in order]
+        return tokens, pos, end, new
+
+
+class HFChoiceScorer:
+    """Packed-sequence scorer for a transformers causal LM (optionally PEFT-wrapped).
+
+    Args:
+        model: A causal LM (``PreTrainedModel`` or ``PeftModel``), eval mode.
+        tokenizer: Its tokenizer.
+        batch_tokens: Upper bound on ``rows x padded length`` of one forward.
+        boundary: Tokenisation boundary rule, see :func:`split_pair`.
+        add_special_tokens: Passed to the tokenizer; None uses the tokenizer's
+            default, except for texts that already start with its BOS token
+            (as lm-evaluation-harness does).
+        max_row_tokens: Largest packed row (token-tree nodes).
+        group_tokens: Requests whose contexts share this many first tokens may
+            share a row (and so their common prefix).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_tokens: int = 4096,
+        boundary: str = "lm-eval",
+        add_special_tokens: bool | None = None,
+        max_row_tokens: int = 512,
+        group_tokens: int = 8,
+    ) -> None:
+        if batch_tokens < 1:
+            raise ConfigError(f"`batch_tokens`={batch_tokens}; expected a positive integer")
+        if boundary not in BOUNDARIES:
+            raise ConfigError(f"`boundary`={boundary!r}; expected one of {', '.join(BOUNDARIES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_tokens = batch_tokens
+        self.boundary = boundary
+        self.add_special_tokens = add_special_tokens
+        self.max_row_tokens = max_row_tokens
+        self.group_tokens = group_tokens
+        self.stats = ScorerStats()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._config = base.config
+        impl = getattr(self._config, "_attn_implementation", None) or "eager"
+        if impl not in ("eager", "sdpa"):
+            raise ConfigError(
+                f"packed scoring needs eager or sdpa attention (custom 4D masks); "
+                f"this model uses {impl!r}: load it with attn_implementation='sdpa'"
+            )
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        if decoder is None:
+            decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+        head = base.get_output_embeddings()
+        if decoder is None or head is None:
+            raise ModelError(f"{type(base).__name__}: cannot find its decoder and LM head")
+        self._decoder = decoder
+        self._head = head
+        self._softcap = getattr(self._config, "final_logit_softcapping", None)
+        self._logit_scale = getattr(self._config, "logit_scale", None)
+        param = next(base.parameters())
+        self._device = param.device
+        self._dtype = param.dtype
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bos = tokenizer.bos_token
+        self._bos_text: str | None = bos if isinstance(bos, str) and bos else None
+        prefix = tokenizer.bos_token_id
+        if prefix is None:
+            prefix = tokenizer.eos_token_id
+        self._prefix_id: int | None = prefix
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode texts the way lm-evaluation-harness's ``tok_encode`` does."""
+        out: list[list[int]] = [[] for _ in texts]
+        groups: dict[bool | None, list[int]] = {}
+        for i, t in enumerate(texts):
+            special = self.add_special_tokens
+            if special is None and self._bos_text is not None and t.startswith(self._bos_text):
+                special = False
+            groups.setdefault(special, []).append(i)
+        for special, idx in groups.items():
+            kwargs = {} if special is None else {"add_special_tokens": special}
+            enc = self.tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]
+            for i, ids in zip(idx, enc, strict=True):
+                out[i] = list(ids)
+        return out
+
+    def encode(self, requests: Sequence[ChoiceRequest]) -> list[list[EncodedOption]]:
+        """Token ids of every option of every request (see :func:`split_pair`)."""
+        contexts: list[str] = []
+        wholes: list[str] = []
+        for req in requests:
+            if not req.prompt:
+                contexts.append("")
+                wholes.extend(req.continuations)
+                continue
+            # lm-eval moves the prompt's trailing whitespace into the continuation
+            ctx = req.prompt.rstrip() if self.boundary == "lm-eval" else req.prompt
+            moved = req.prompt[len(ctx) :]
+            contexts.append(ctx)
+            wholes.extend(ctx + moved + c for c in req.continuations)
+        ctx_enc = self._encode_texts(contexts)
+        whole_enc = self._encode_texts(wholes)
+        out: list[list[EncodedOption]] = []
+        pos = 0
+        for req, cenc in zip(requests, ctx_enc, strict=True):
+            opts: list[EncodedOption] = []
+            for _ in req.continuations:
+                whole = whole_enc[pos]
+                pos += 1
+                if not req.prompt:
+                    # lm-eval: an empty context becomes the prefix token
+                    if self._prefix_id is None:
+                        raise ConfigError("empty prompt and the tokenizer has no BOS/EOS token")
+                    cont = tuple(whole)
+                    if cont and cont[0] == self._prefix_id:
+                        opts.append(EncodedOption(cont[:1], cont[1:]))
+                    else:
+                        opts.append(EncodedOption((self._prefix_id,), cont))
+                    continue
+                opts.append(split_pair(whole, cenc, self.boundary))
+            out.append(opts)
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(
+        self,
+        requests: Sequence[ChoiceRequest],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ChoiceScores]:
+        """Score requests in length-bucketed, token-budgeted packed batches.
+
+        Results come back in request order.
+        """
+        return self.score_encoded(self.encode(requests), progress)
+
+    def score_encoded(
+        self,
+        encoded: Sequence[Sequence[EncodedOption]],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ChoiceScores]:
+        """Score already tokenised requests.
+
+        Requests whose prompts begin alike are packed into one token tree per
+        row (at most ``max_row_tokens`` nodes), so shared prefixes (one prompt
+        for three options, identical prompts under answer permutations, one
+        BBQ context under two questions) are computed once.
+        """
+        import torch
+
+        cap = max(1, min(self.max_row_tokens, self.batch_tokens))
+        trees: list[_Tree] = []
+        open_trees: dict[tuple[int, ...], _Tree] = {}
+        for r, opts in enumerate(encoded):
+            for opt in opts:
+                if opt.merged:
+                    self.stats.boundary_merges += 1
+                if not opt.continuation:
+                    raise ConfigError("a continuation tokenises to nothing; cannot score it")
+            if len({o.context for o in opts}) > 1:
+                self.stats.split_requests += 1
+            key = tuple(opts[0].context[: self.group_tokens]) if opts else ()
+            tree = open_trees.get(key)
+            if (
+                tree is not None
+                and len(tree)
+                + sum(tree.new_tokens([*o.context, *o.continuation[:-1]]) for o in opts)
+                > cap
+                and len(tree)
+            ):
+                tree = None
+            if tree is None:
+                tree = open_trees[key] = _Tree()
+                trees.append(tree)
+            for j, o in enumerate(opts):
+                tree.add_option(r, j, o.context, o.continuation)
+        self.stats.requests += len(encoded)
+
+        logprobs: list[list[float]] = [[0.0] * len(opts) for opts in encoded]
+        remaining = [0] * len(encoded)
+        for tree in trees:
+            for r in tree.reqs:
+                remaining[r] += 1
+        order = sorted(range(len(trees)), key=lambda i: (-len(trees[i]), i))
+        with torch.inference_mode():
+            start = 0
+            while start < len(order):
+                longest = len(trees[order[start]])
+                rows = max(1, self.batch_tokens // max(longest, 1))
+                batch = [trees[i] for i in order[start : start + rows]]
+                start += len(batch)
+                self._run_batch(batch, logprobs)
+                done = 0
+                for tree in batch:
+                    for r in tree.reqs:
+                        remaining[r] -= 1
+                        done += remaining[r] == 0
+                if progress is not None and done:
+                    progress(done)
+        return [
+            ChoiceScores(tuple(lp), tuple(len(o.continuation) for o in opts))
+            for lp, opts in zip(logprobs, encoded, strict=True)
+        ]
+
+    def _run_batch(self, batch: Sequence[_Tree], logprobs: list[list[float]]) -> None:
+        import torch
+
+        flat = [tree.flatten() for tree in batch]
+        width = max(len(f[0]) for f in flat)
+        n = len(batch)
+        ids = torch.full((n, width), self._pad, dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        # padding: a node's subtree is itself only, so it attends to itself alone
+        end = torch.arange(1, width + 1, dtype=torch.long).repeat(n, 1)
+        flat_idx: list[int] = []
+        targets: list[int] = []
+        owners: list[tuple[int, int]] = []
+        for b, (tree, (tokens, positions, ends, new)) in enumerate(zip(batch, flat, strict=True)):
+            m = len(tokens)
+            ids[b, :m] = torch.tensor(tokens, dtype=torch.long)
+            pos[b, :m] = torch.tensor(positions, dtype=torch.long)
+            end[b, :m] = torch.tensor(ends, dtype=torch.long)
+            for node, tgt, r, j in tree.scored:
+                flat_idx.append(b * width + new[node])
+                targets.append(tgt)
+                owners.append((r, j))
+        col = torch.arange(width)
+        # query i may attend to key j iff j is i's ancestor or i itself: j <= i < end[j]
+        allowed = (col.view(1, 1, width) <= col.view(1, width, 1)) & (
+            col.view(1, width, 1) < end.view(n, 1, width)
+        )
+        mask = torch.zeros((n, 1, width, width), dtype=self._dtype)
+        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self._dtype).min)
+        dev = self._device
+        out = self._decoder(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        # the LM head runs once per distinct scored position
+        uniq = sorted(set(flat_idx))
+        where = {f: i for i, f in enumerate(uniq)}
+        sel = hidden.reshape(n * width, -1)[torch.tensor(uniq, device=dev)]
+        logits = self._head(sel).float()
+        if self._logit_scale is not None:
+            logits = logits * float(self._logit_scale)
+        if self._softcap is not None:
+            cap = float(self._softcap)
+            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp[
+            torch.tensor([where[f] for f in flat_idx], device=dev),
+            torch.tensor(targets, device=dev),
+        ].tolist()
+        for (r, j), v in zip(owners, picked, strict=True):
+            logprobs[r][j] += v
+        self.stats.forward_tokens += n * width
+        self.stats.batches += 1
+
+
+def score_naive(
+    model: Any, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> list[float]:
+    """Reference scorer: one unpadded forward per ``(context, continuation)`` pair.
+
+    Slow; used to check the packed scorer.
+    """
+    import torch
+
+    out: list[float] = []
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for ctx, cont in sequences:
+            seq = list(ctx) + list(cont)
+            ids = torch.tensor([seq[:-1]], device=dev)
+            logits = model(input_ids=ids).logits[0].float()
+            logp = torch.log_softmax(logits[len(ctx) - 1 :], dim=-1)
+            tgt = torch.tensor(list(cont), device=dev)
+            out.append(float(logp.gather(1, tgt.unsqueeze(1)).sum()))
+    return out
+
+
+__all__ = [
+    "BOUNDARIES",
+    "Boundary",
+    "ChoiceRequest",
+    "ChoiceScorer",
+    "ChoiceScores",
+    "EncodedOption",
+    "HFChoiceScorer",
+    "ScorerStats",
+    "score_naive",
+    "split_pair",
+]

@@ -1,0 +1,667 @@
+"""Tests of the evaluator: packed scoring, tokenisation boundary, permutations, files, CLI.
+
+Default tests use a tiny random-weight Llama with a byte-level BPE tokenizer
+trained on a few sentences, saved to a temporary folder (no downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from spillover._eval_engine import (  # noqa: E402
+    ChoiceRequest,
+    ChoiceScores,
+    EncodedOption,
+    HFChoiceScorer,
+    score_naive,
+    split_pair,
+)
+from spillover.data import CATEGORIES, BBQItem  # noqa: E402
+from spillover.errors import ConfigError  # noqa: E402
+from spillover.evaluate import (  # noqa: E402
+    PREDICTION_COLUMNS,
+    EvalConfig,
+    Prediction,
+    evaluate_model,
+    normalised,
+    read_metadata,
+    read_predictions,
+    shard_dir,
+    summarize_predictions,
+)
+from spillover.models import load_model  # noqa: E402
+from spillover.prompts import permutations, render  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+CORPUS = [
+    "The doctor and the nurse were talking about the schedule.",
+    "Q: Who was late to work?\nA: The doctor. Cannot be determined. Not enough info.",
+    "A grandfather and his grandson were at the park; the old man was tired!",
+    "Who is bad at math? (the woman) 'unknown' -- $5, 100% sure...",
+    "My neighbor, who is Muslim, and another neighbor, who is Christian, met.",
+    "Answer with the letter of the correct option. A. B. C. Question:",
+]
+
+NAMES = [
+    "The doctor",
+    "The nurse",
+    "Can't be determined",
+    "the old man",
+    "(the woman)",
+    "!Not known",
+]
+
+
+def _item(i: int, category: str = "Age", context: str = "ambig") -> BBQItem:
+    a = NAMES[i % len(NAMES)]
+    b = NAMES[(i + 1) % len(NAMES)]
+    unknown = "Cannot be determined" if i % 2 else "Not enough info"
+    answers = [a, b, unknown]
+    unk = i % 3
+    answers[2], answers[unk] = answers[unk], answers[2]
+    groups = ["g1", "g2", "g3"]
+    groups[unk] = "unknown"
+    label = unk if context == "ambig" else (unk + 1) % 3
+    target = None if i % 5 == 4 else (unk + 2) % 3
+    return BBQItem(
+        category=category,
+        example_id=i,
+        question_index=i % 4 + 1,
+        context_condition=context,  # type: ignore[arg-type]
+        question_polarity="neg" if i % 2 else "nonneg",
+        context=CORPUS[i % 3] + (" They met again." if i % 2 else ""),
+        question="Who was late to work?" if i % 2 else "Who is bad at math?",
+        answers=(answers[0], answers[1], answers[2]),
+        answer_groups=(groups[0], groups[1], groups[2]),
+        label=label,
+        unknown_loc=unk,
+        target_loc=target,
+        label_type="name" if i % 2 else "label",
+        stereotyped_groups=("old",),
+        subcategory=None,
+        flags=() if target is not None else ("target_loc_na",),
+    )
+
+
+ITEMS = [
+    _item(i, c, x)
+    for i, (c, x) in enumerate(
+        [(CATEGORIES[k % 3], "ambig" if k % 2 else "disambig") for k in range(12)]
+    )
+]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
+    """A random-weight 2-layer Llama and a byte-level BPE tokenizer, saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 3, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path) -> Any:
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def _bbq_record(it: BBQItem) -> dict[str, Any]:
+    return {
+        "example_id": it.example_id,
+        "question_index": str(it.question_index),
+        "question_polarity": it.question_polarity,
+        "context_condition": it.context_condition,
+        "category": it.category,
+        "answer_info": {f"ans{k}": [it.answers[k], it.answer_groups[k]] for k in range(3)},
+        "additional_metadata": {"subcategory": "None", "stereotyped_groups": ["old"]},
+        "context": it.context,
+        "question": it.question,
+        "ans0": it.answers[0],
+        "ans1": it.answers[1],
+        "ans2": it.answers[2],
+        "label": it.label,
+    }
+
+
+@pytest.fixture(scope="module")
+def mini_bbq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BBQ-shaped folder with a few items of 3 categories (loaded with --allow-unverified)."""
+    root = tmp_path_factory.mktemp("bbq")
+    meta = ["category,example_id,target_loc,label_type"]
+    for cat in CATEGORIES[:3]:
+        its = [_item(i, cat, "ambig" if i % 2 else "disambig") for i in range(10)]
+        lines = [json.dumps(_bbq_record(it)) for it in its]
+        (root / f"{cat}.jsonl").write_text("\n".join(lines) + "\n")
+        for it in its:
+            tl = "NA" if it.target_loc is None else str(it.target_loc)
+            meta.append(f"{cat},{it.example_id},{tl},{it.label_type}")
+    (root / "additional_metadata.csv").write_text("\n".join(meta) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _requests(
+    items: Sequence[BBQItem], fmt: str = "lm-eval", tok: Any = None
+) -> list[ChoiceRequest]:
+    out = []
+    for it in items:
+        r = render(it, fmt, tokenizer=tok)
+        out.append(ChoiceRequest(r.prompt, r.continuations))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_scoring_equals_naive_per_option(tiny_dir: Path, attn: str) -> None:
+    lm = load_model(str(tiny_dir), device="cpu", attn_implementation=attn)
+    reqs = _requests(ITEMS)
+    reqs.append(ChoiceRequest("Who? A:  ", ("x", " !!", "(the woman)")))  # trailing spaces
+    # a small budget forces several batches, padding and length bucketing
+    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=150)
+    got = scorer.score(reqs)
+    assert scorer.stats.batches > 2
+    encoded = scorer.encode(reqs)
+    want = score_naive(lm.model, [(o.context, o.continuation) for opts in encoded for o in opts])
+    flat = [v for s in got for v in s.logprobs]
+    assert len(flat) == len(want)
+    assert max(abs(a - b) for a, b in zip(flat, want, strict=True)) < 1e-4
+    assert [n for s in got for n in s.n_tokens] == [
+        len(o.continuation) for opts in encoded for o in opts
+    ]
+    # multi-token continuations and distinct scores: the test is not vacuous
+    assert any(n > 1 for s in got for n in s.n_tokens)
+    assert len({round(v, 3) for v in flat}) > len(flat) // 2
+    # shared prompts and prefixes are computed once
+    naive_tokens = sum(len(o.context) + len(o.continuation) - 1 for opts in encoded for o in opts)
+    assert scorer.stats.forward_tokens < naive_tokens / 2
+
+
+def test_options_with_different_contexts_are_scored_apart(tiny: Any) -> None:
+    tok = tiny.tokenizer
+    a = tok("The doctor and the nurse", add_special_tokens=False)["input_ids"]
+    b = tok("A grandfather and", add_special_tokens=False)["input_ids"]
+    c = tok(" the old man was tired", add_special_tokens=False)["input_ids"]
+    enc = [
+        [
+            EncodedOption(tuple(a), tuple(c)),
+            EncodedOption(tuple(b), tuple(c)),
+            EncodedOption(tuple(a), tuple(c[:2])),
+        ]
+    ]
+    scorer = HFChoiceScorer(tiny.model, tok, batch_tokens=64)
+    got = scorer.score_encoded(enc)[0].logprobs
+    want = score_naive(tiny.model, [(o.context, o.continuation) for o in enc[0]])
+    assert scorer.stats.split_requests == 1
+    assert max(abs(x - y) for x, y in zip(got, want, strict=True)) < 1e-4
+
+
+def _lm_eval_split(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's causal split, written out independently."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    return ctx, whole[len(ctx) :]
+
+
+TRICKY = [
+    ("Q: Who?\nA:", " The doctor"),
+    ("Q: Who?\nA: ", "The doctor"),  # trailing space moves into the continuation
+    ("Q: Who?\nA:  \n", "x"),  # trailing whitespace of several kinds
+    ("Q: Who?\nA:", "!Not known"),  # continuation starts with punctuation
+    ("Q: Who?\nA:", "(the woman)"),
+    ("Q: Who?\nA", ": 'unknown'"),
+    ("It cost $5", "00"),  # digits that may merge across the boundary
+]
+
+
+@pytest.mark.parametrize(("context", "continuation"), TRICKY)
+def test_boundary_matches_lm_eval_rule(tiny: Any, context: str, continuation: str) -> None:
+    scorer = HFChoiceScorer(tiny.model, tiny.tokenizer)
+    (opt,) = scorer.encode([ChoiceRequest(context, (continuation,))])[0]
+    ctx, cont = _lm_eval_split(tiny.tokenizer, context, continuation)
+    if cont:
+        assert (list(opt.context), list(opt.continuation)) == (ctx, cont)
+    else:  # lm-eval would score nothing: we fall back to the joint encoding
+        assert opt.merged and opt.continuation
+
+
+def test_split_pair_rules() -> None:
+    # clean boundary
+    assert split_pair([1, 2, 3, 4], [1, 2, 3]) == EncodedOption((1, 2, 3), (4,), False)
+    # merged boundary: lm-eval keeps its own context encoding ...
+    assert split_pair([1, 2, 9, 4], [1, 2, 3]) == EncodedOption((1, 2, 3), (4,), True)
+    # ... 'whole' scores the joint encoding after the shared prefix
+    assert split_pair([1, 2, 9, 4], [1, 2, 3], "whole") == EncodedOption((1, 2), (9, 4), True)
+    # lm-eval's continuation would be empty: fall back to the joint encoding
+    assert split_pair([1, 2, 9], [1, 2, 3]) == EncodedOption((1, 2), (9,), True)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+class DisplayedFirst:
+    """A scorer that always prefers displayed position 0; scores encode the text length."""
+
+    def score(
+        self, requests: Sequence[ChoiceRequest], progress: Callable[[int], None] | None = None
+    ) -> list[ChoiceScores]:
+        out = []
+        for r in requests:
+            lps = tuple(
+                -float(len(c)) - (0.0 if j == 0 else 1000.0) for j, c in enumerate(r.continuations)
+            )
+            out.append(ChoiceScores(lps, tuple(len(c) for c in r.continuations)))
+        if progress is not None:
+            progress(len(requests))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["none", "cyclic", "all"])
+def test_permutations_map_back_to_original_indices(tiny: Any, mode: str) -> None:
+    cfg = EvalConfig(permutations=mode)
+    preds = evaluate_model(tiny, ITEMS[:4], cfg, scorer=DisplayedFirst())
+    orders = permutations(mode)
+    assert len(preds) == 4 * len(orders)
+    for p in preds:
+        order = tuple(int(ch) for ch in p.permutation)
+        assert order in orders
+        assert p.pred_index == order[0]
+        assert p.displayed_pred == 0
+        item = next(it for it in ITEMS if it.key == (p.category, p.example_id))
+        # scores belong to the ORIGINAL answers whatever the displayed order
+        for k in range(3):
+            penalty = 0.0 if order[0] == k else 1000.0
+            assert getattr(p, f"score_{k}") == -float(len(" " + item.answers[k])) - penalty
+        assert p.correct == (p.pred_index == item.label)
+        assert p.unknown == (p.pred_index == item.unknown_loc)
+        assert p.biased == (None if item.target_loc is None else p.pred_index == item.target_loc)
+    rows = summarize_predictions(preds)
+    assert all(r["position_0"] == 1.0 for r in rows)
+    if mode != "none":
+        pooled = rows[-1]
+        assert pooled["permutation"] == "all"
+        assert pooled["consistency"] == 0.0  # position bias: the answer changes with the order
+
+
+def test_length_norms() -> None:
+    s = ChoiceScores((-6.0, -4.0, -5.0), (3, 1, 5))
+    conts = (" abcdef", " ab", " é")
+    assert normalised(s, conts, "none") == [-6.0, -4.0, -5.0]
+    assert normalised(s, conts, "token") == [-2.0, -4.0, -1.0]
+    assert normalised(s, conts, "char") == [-1.0, -2.0, -5.0]
+    assert normalised(s, conts, "byte") == [-1.0, -2.0, -2.5]
+    with pytest.raises(ConfigError):
+        normalised(s, conts, "words")
+
+
+def test_evaluate_writes_sorted_file_with_metadata(tiny: Any, tmp_path: Path) -> None:
+    out = tmp_path / "preds.parquet"
+    cfg = EvalConfig(permutations="cyclic", chunk_items=5, batch_tokens=256)
+    shuffled = list(reversed(ITEMS))
+    preds = evaluate_model(tiny, shuffled, cfg, out=out, provenance={"bbq": {"warnings": ["w"]}})
+    assert out.is_file() and not shard_dir(out).exists()
+    df = read_predictions(out)
+    assert list(df.columns) == list(PREDICTION_COLUMNS)
+    assert len(df) == len(ITEMS) * 3
+    rank = {c: i for i, c in enumerate(CATEGORIES)}
+    keys = [
+        (rank[c], e, p) for c, e, p in zip(df.category, df.example_id, df.permutation, strict=True)
+    ]
+    assert keys == sorted(keys)
+    assert df["target_loc"].isna().sum() == 3 * sum(it.target_loc is None for it in ITEMS)
+    assert df["biased"].isna().sum() == df["target_loc"].isna().sum()
+    assert [p.to_dict() for p in preds] == df.astype(object).where(df.notna(), None).to_dict(
+        "records"
+    )
+    meta = read_metadata(out)
+    assert meta["config"]["permutations"] == "cyclic"
+    assert meta["model"]["model_id"] == str(tiny.spec.model_id)
+    assert meta["bbq"]["warnings"] == ["w"]
+    assert meta["n_rows"] == len(df)
+    # same items in any order, other chunking: same predictions
+    again = evaluate_model(tiny, ITEMS, EvalConfig(permutations="cyclic", chunk_items=100))
+    for a, b in zip(preds, again, strict=True):
+        assert (a.category, a.example_id, a.permutation, a.pred_index) == (
+            b.category,
+            b.example_id,
+            b.permutation,
+            b.pred_index,
+        )
+        assert abs(a.score_0 - b.score_0) < 1e-4
+
+
+def test_resume_refuses_a_different_config(tiny: Any, tmp_path: Path) -> None:
+    out = tmp_path / "p.parquet"
+    folder = shard_dir(out)
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "config": {"x": 1}}))
+    with pytest.raises(ConfigError, match="different configuration"):
+        evaluate_model(tiny, ITEMS[:2], EvalConfig(), out=out)
+
+
+def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    torch.manual_seed(1)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=32,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(base, lora)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    merged_dir = tmp_path / "merged"
+    peft_model.merge_and_unload().save_pretrained(merged_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (merged_dir / f).write_bytes((tiny_dir / f).read_bytes())
+
+    # per-token means: summed log-probs of a random model mostly reward short answers
+    cfg = EvalConfig(permutations="cyclic", length_norm="token")
+    plain = evaluate_model(load_model(str(tiny_dir), device="cpu"), ITEMS, cfg)
+    adapted_lm = load_model(str(tiny_dir), adapter=adapter_dir, device="cpu")
+    assert type(adapted_lm.model).__name__.startswith("PeftModel")
+    adapted = evaluate_model(adapted_lm, ITEMS, cfg)
+    merged = evaluate_model(load_model(str(merged_dir), device="cpu"), ITEMS, cfg)
+    assert adapted[0].adapter is not None
+
+    def scores(ps: list[Prediction]) -> list[float]:
+        return [s for p in ps for s in (p.score_0, p.score_1, p.score_2)]
+
+    assert max(abs(a - b) for a, b in zip(scores(adapted), scores(plain), strict=True)) > 0.1
+    assert [p.pred_index for p in adapted] != [p.pred_index for p in plain]
+    assert max(abs(a - b) for a, b in zip(scores(adapted), scores(merged), strict=True)) < 1e-3
+    assert [p.pred_index for p in adapted] == [p.pred_index for p in merged]
+
+
+def test_letters_chat_scores_the_letter(tiny: Any) -> None:
+    # 'whole': the letter alone is the assistant's first token
+    preds = evaluate_model(
+        tiny, ITEMS[:3], EvalConfig(prompt_format="letters-chat", boundary="whole")
+    )
+    assert all((p.n_tokens_0, p.n_tokens_1, p.n_tokens_2) == (1, 1, 1) for p in preds)
+    # 'lm-eval': the template's trailing newline moves into every continuation
+    scorer = HFChoiceScorer(tiny.model, tiny.tokenizer)
+    r = render(ITEMS[0], "letters-chat", tokenizer=tiny.tokenizer)
+    assert r.prompt.endswith("\n")
+    opts = scorer.encode([ChoiceRequest(r.prompt, r.continuations)])[0]
+    assert [tiny.tokenizer.decode(o.continuation) for o in opts] == ["\nA", "\nB", "\nC"]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _app() -> Any:
+    import typer
+
+    from spillover._cli_eval import eval_command
+
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("noop")(lambda: None)  # keep "eval" a subcommand
+    return app
+
+
+def _invoke(args: list[str]) -> Any:
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(_app(), ["eval", *args])
+
+
+def test_cli_writes_predictions(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.parquet"
+    res = _invoke(
+        [
+            "--model",
+            str(tiny_dir),
+            "--bbq-dir",
+            str(mini_bbq),
+            "--allow-unverified",
+            "--categories",
+            "age,disability",
+            "--contexts",
+            "ambig",
+            "--all",
+            "--permutations",
+            "cyclic",
+            "--out",
+            str(out),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    df = read_predictions(out)
+    assert set(df.category) == {"Age", "Disability_status"}
+    assert set(df.context_condition) == {"ambig"}
+    assert len(df) == 2 * 5 * 3
+    meta = read_metadata(out)
+    assert meta["bbq"]["verified"] is False and meta["bbq"]["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--prompt-format", "yaml", "--all"], "prompt_format"),
+        (["--per-stratum", "2", "--items", "ITEMS"], "exactly one of"),
+        (["--all", "--model", "MISSING"], "no such folder"),
+        (["--all", "--adapter", "NOADAPTER"], "adapter_config.json"),
+        (["--all", "--prompt-format", "letters-chat", "--model", "NOCHAT"], "chat template"),
+    ],
+)
+def test_cli_bad_input_one_line_no_output(
+    tiny_dir: Path, mini_bbq: Path, tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text("category,example_id\nAge,1\n")
+    (tmp_path / "noadapter").mkdir()
+    nochat = tmp_path / "nochat"
+    if "NOCHAT" in extra:
+        build_tiny_model(nochat, chat_template=False)
+    subst = {
+        "ITEMS": str(items),
+        "MISSING": str(tmp_path / "does" / "not" / "exist"),
+        "NOADAPTER": str(tmp_path / "noadapter"),
+        "NOCHAT": str(nochat),
+    }
+    extra = [subst.get(a, a) for a in extra]
+    args = ["--model", str(tiny_dir)] if "--model" not in extra else []
+    out = tmp_path / "bad.parquet"
+    res = _invoke(
+        [
+            *args,
+            "--bbq-dir",
+            str(mini_bbq),
+            "--allow-unverified",
+            "--categories",
+            "age",
+            *extra,
+            "--out",
+            str(out),
+        ]
+    )
+    assert res.exit_code == 1
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert "Traceback" not in res.output
+    tail = err[err.index("error:") :].strip()
+    assert "\n" not in tail and needle in tail  # one line, the last one
+    assert not out.exists() and not shard_dir(out).exists()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import typer
+    import spillover.evaluate as ev
+    from spillover._cli_eval import eval_command
+
+    if sys.argv[1] == "slow":
+        real = ev._write_shard
+        def slow(*a, **k):
+            real(*a, **k)
+            time.sleep(0.5)
+        ev._write_shard = slow
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("noop")(lambda: None)
+    app(sys.argv[2:])
+    """
+)
+
+
+def test_resume_after_sigkill_is_byte_identical(
+    tiny_dir: Path, mini_bbq: Path, tmp_path: Path
+) -> None:
+    base = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--bbq-dir",
+        str(mini_bbq),
+        "--allow-unverified",
+        "--categories",
+        "age,disability,gender",
+        "--all",
+        "--permutations",
+        "cyclic",
+        "--chunk-items",
+        "3",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    ref = tmp_path / "ref.parquet"
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, "fast", *base, "--out", str(ref)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "resumed.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "slow", *base, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    folder = shard_dir(out)
+    deadline = time.monotonic() + 90
+    while not list(folder.glob("*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before a shard appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = sorted(folder.glob("*.parquet"))
+    assert 1 <= len(shards) < 10  # 30 items / 3 per shard: killed part-way
+    assert not out.exists()
+    first = shards[0].read_bytes()
+    again = subprocess.run(
+        [sys.executable, "-c", _CHILD, "fast", *base, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert not folder.exists()
+    assert out.read_bytes() == ref.read_bytes()
+    assert first  # the killed run's shard was reused, not an empty file
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_smollm2_forward_and_lm_eval_boundary() -> None:
+    lm = load_model("smollm2-135m", device="cpu")
+    scorer = HFChoiceScorer(lm.model, lm.tokenizer)
+    for context, continuation in TRICKY:
+        (opt,) = scorer.encode([ChoiceRequest(context, (continuation,))])[0]
+        ctx, cont = _lm_eval_split(lm.tokenizer, context, continuation)
+        assert (list(opt.context), list(opt.continuation)) == (ctx, cont)
+    preds = evaluate_model(lm, ITEMS[:2], EvalConfig())
+    assert all(p.score_0 < 0 and p.score_1 < 0 and p.score_2 < 0 for p in preds)
+    got = scorer.score(_requests(ITEMS[:2]))
+    enc = scorer.encode(_requests(ITEMS[:2]))
+    want = score_naive(lm.model, [(o.context, o.continuation) for opts in enc for o in opts])
+    flat = [v for s in got for v in s.logprobs]
+    assert max(abs(a - b) for a, b in zip(flat, want, strict=True)) < 1e-3
+
+
+@pytest.mark.fulldata
+def test_full_bbq_prompts_render_and_tokenise(tiny: Any) -> None:
+    bbq_dir = os.environ.get("SPILLOVER_BBQ_DIR")
+    if not bbq_dir:
+        pytest.skip("SPILLOVER_BBQ_DIR is not set")
+    from spillover.data import load_bbq, select_items
+
+    data = load_bbq(bbq_dir)
+    picked = select_items(data.items, per_stratum=2, seed=0)
+    assert len({it.category for it in picked}) == 11
+    preds = evaluate_model(tiny, picked, EvalConfig(permutations="cyclic"))
+    assert len(preds) == 3 * len(picked)
