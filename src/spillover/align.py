@@ -951,7 +951,13 @@ def build_trainer(
     if cfg.method in DPO_LOSSES:
         kwargs["pack_pairs"] = cfg.pack_pairs
     with _quiet_experimental():
-        return trainer_cls(**kwargs)
+        trainer = trainer_cls(**kwargs)
+    # the library never prints: drop the Trainer's console printer / tqdm bar
+    from transformers import trainer_callback
+
+    trainer.remove_callback(trainer_callback.PrinterCallback)
+    trainer.remove_callback(trainer_callback.ProgressCallback)
+    return trainer
 
 
 def used_rows(dataset: Any, cfg: AlignConfig) -> Any:

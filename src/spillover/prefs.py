@@ -186,7 +186,7 @@ class PairSet:
             "seed": self.config.seed,
             "config": self.config.to_dict(),
             "provenance": dict(self.provenance),
-            "warnings": list(self.provenance.get("bbq", {}).get("warnings", [])),
+            "warnings": list((self.provenance.get("bbq") or {}).get("warnings", [])),
         }
 
 
