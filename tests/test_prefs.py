@@ -123,9 +123,7 @@ def test_write_read_roundtrip(tmp_path: Path) -> None:
     assert len(df) == len(ps.train)
     info = json.loads((out / "split.json").read_text())
     assert info["seed"] == 1 and info["counts"]["train_pairs"] == len(ps.train)
-    assert heldout_templates(out) == {
-        c: set(t) for c, t in ps.heldout_templates.items()
-    }
+    assert heldout_templates(out) == {c: set(t) for c, t in ps.heldout_templates.items()}
     # an existing folder is left untouched
     with pytest.raises(ConfigError, match="already exists"):
         write_pairs(ps, out)

@@ -69,7 +69,9 @@ def prefs_command(
     ],
     strategy: Annotated[
         str,
-        typer.Option(help="stereotype (reject the biased answer) or all-wrong (every wrong answer)."),
+        typer.Option(
+            help="stereotype (reject the biased answer) or all-wrong (every wrong answer)."
+        ),
     ] = "stereotype",
     contexts: Annotated[
         str, typer.Option(help="Context conditions, comma-separated: ambig, disambig.")
@@ -167,7 +169,9 @@ def prefs_command(
 
 
 @contextmanager
-def _training_progress(total_hint: int | None) -> Iterator[Callable[[int, int, Mapping[str, float]], None]]:
+def _training_progress(
+    total_hint: int | None,
+) -> Iterator[Callable[[int, int, Mapping[str, float]], None]]:
     progress = Progress(
         TextColumn("[bold]training"),
         BarColumn(),
@@ -179,8 +183,13 @@ def _training_progress(total_hint: int | None) -> Iterator[Callable[[int, int, M
         transient=False,
     )
     task = progress.add_task("train", total=total_hint, metrics="")
+    started = False
 
     def update(step: int, total: int, logs: Mapping[str, float]) -> None:
+        nonlocal started
+        if not started:  # shown once training runs, not while checks may still fail
+            progress.start()
+            started = True
         fields: dict[str, Any] = {"completed": step, "total": total or None}
         if "loss" in logs:
             parts = [f"loss {logs['loss']:.4f}"]
@@ -191,15 +200,16 @@ def _training_progress(total_hint: int | None) -> Iterator[Callable[[int, int, M
             fields["metrics"] = "  ".join(parts)
         progress.update(task, **fields)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if started:
+            progress.stop()
 
 
 @_one_line_errors
 def align_command(
-    model: Annotated[
-        str, typer.Option(help="Model alias, hub id or folder.", show_default=False)
-    ],
+    model: Annotated[str, typer.Option(help="Model alias, hub id or folder.", show_default=False)],
     pairs: Annotated[
         Path,
         typer.Option(help="Pairs folder written by `spillover prefs`.", show_default=False),
@@ -278,9 +288,7 @@ def align_command(
     merge: Annotated[
         bool, typer.Option("--merge", help="Also write merged weights to OUT/merged.")
     ] = False,
-    report_to: Annotated[
-        str, typer.Option(help="Tracker: none, tensorboard or wandb.")
-    ] = "none",
+    report_to: Annotated[str, typer.Option(help="Tracker: none, tensorboard or wandb.")] = "none",
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N; default: CUDA when available.")
     ] = None,

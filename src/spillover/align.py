@@ -419,6 +419,20 @@ def trainer_classes(method: str) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
+def _no_dataset_progress_bars() -> Any:
+    """Silence ``datasets`` progress bars (the library does not print)."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _quiet_experimental() -> Any:
     import warnings
 
@@ -950,7 +964,7 @@ def build_trainer(
         kwargs["callbacks"] = [_ProgressCallbackAdapter.make(progress)]
     if cfg.method in DPO_LOSSES:
         kwargs["pack_pairs"] = cfg.pack_pairs
-    with _quiet_experimental():
+    with _quiet_experimental(), _no_dataset_progress_bars():
         trainer = trainer_cls(**kwargs)
     # the library never prints: drop the Trainer's console printer / tqdm bar
     from transformers import trainer_callback
