@@ -221,8 +221,8 @@ def test_pair_packing_is_exact(attn: str, tiny_dir: Path) -> None:
         examples.append(
             {
                 "prompt_ids": pi,
-                "chosen_ids": tok(p + c).input_ids[len(pi) :] + [tok.eos_token_id],
-                "rejected_ids": tok(p + r).input_ids[len(pi) :] + [tok.eos_token_id],
+                "chosen_ids": [*tok(p + c).input_ids[len(pi) :], tok.eos_token_id],
+                "rejected_ids": [*tok(p + r).input_ids[len(pi) :], tok.eos_token_id],
             }
         )
     batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(examples)

@@ -142,9 +142,9 @@ def test_letters_chat_uses_chat_template(tiny_chat_tokenizer: object) -> None:
 
 
 def test_unknown_target_and_bad_options() -> None:
-    with pytest.raises(ConfigError, match="did you mean 'Gender_identity'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'Gender_identity'"):
         PrefsConfig(targets=("gendr",))
-    with pytest.raises(ConfigError, match="`heldout_frac`=1.5"):
+    with pytest.raises(ConfigError, match=r"`heldout_frac`=1\.5"):
         PrefsConfig(targets=("gender",), heldout_frac=1.5)
     with pytest.raises(ConfigError, match="`contexts`='ambiguous'"):
         PrefsConfig(targets=("gender",), contexts=("ambiguous",))

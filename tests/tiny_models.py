@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-WORDS = (
+TEXT = (
     "the man woman who was late not enough information unknown secretary board meeting a and "
     "were met q answer with letter of correct option question can't be determined nurse "
     "doctor engineer gender identity age A B C . , : ? ! ( ) 0 1 2 3 4 5 6 7 8 9 \n"
-).split(" ")
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -32,7 +32,7 @@ def make_tokenizer(*, bos: bool = False, chat: bool = True) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    tok.train_from_iterator([TEXT] * 20, trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]

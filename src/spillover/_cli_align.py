@@ -131,7 +131,6 @@ def prefs_command(
                 "pass --model (e.g. --model smollm2-135m)"
             )
         from .models import load_tokenizer, resolve_model
-
         from .prompts import has_chat_template
 
         tokenizer = load_tokenizer(resolve_model(model))

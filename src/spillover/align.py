@@ -397,7 +397,7 @@ def trainer_classes(method: str) -> tuple[Any, Any]:
 
     method = _check_method(method)
     if method in DPO_LOSSES:
-        return trl.DPOConfig, _patched_trainer(trl.DPOTrainer)
+        return trl.DPOConfig, _patched_trainer(trl.DPOTrainer)  # type: ignore[attr-defined]
     module, cfg_name, trainer_name, where = OTHER_METHODS[method]
     for mod_name in (module, _FALLBACK_MODULES.get(module)):
         if mod_name is None:
@@ -449,7 +449,7 @@ def _patched_trainer(base: Any) -> Any:
     if base in _PATCHED:
         return _PATCHED[base]
 
-    class _Trainer(base):  # type: ignore[misc, valid-type]
+    class _Trainer(base):  # type: ignore[misc]
         def __init__(self, *args: Any, pack_pairs: bool = False, **kwargs: Any) -> None:
             self.pack_pairs = pack_pairs
             super().__init__(*args, **kwargs)
@@ -796,7 +796,7 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     from .models import _weights_location, load_tokenizer, resolve_model
 
     spec = resolve_model(cfg.model)
-    bnb = BitsAndBytesConfig(
+    bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -811,7 +811,7 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         )
     except OSError as exc:
         raise ModelError(f"could not load model {cfg.model!r}: {exc}") from None
-    model = prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
         model, use_gradient_checkpointing=cfg.gradient_checkpointing
     )
     tok = load_tokenizer(spec)
@@ -900,7 +900,7 @@ class _ProgressCallbackAdapter:
     def make(progress: ProgressCallback) -> Any:
         from transformers import TrainerCallback
 
-        class _CB(TrainerCallback):  # type: ignore[misc]
+        class _CB(TrainerCallback):
             def __init__(self) -> None:
                 self.latest: dict[str, float] = {}
 
