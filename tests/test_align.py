@@ -1,0 +1,386 @@
+"""Alignment: every method trains, LoRA traps, pair packing, CLI errors, SmolLM2 end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from spillover._cli_align import align_command
+from spillover.align import (
+    METHODS,
+    AlignConfig,
+    build_trainer,
+    pair_packing,
+    reward_accuracy,
+    train_adapter,
+    trainer_classes,
+)
+from spillover.errors import ConfigError, DataError
+from tiny_models import make_tiny
+
+FULL_BBQ = os.environ.get("SPILLOVER_BBQ_DIR")
+
+PROMPTS = [
+    "A man and a woman met. q: who was late?\nA:",
+    "The nurse and the doctor met. q: who was the secretary?\nA:",
+    "A woman and a man were late to the board meeting. q: who was late?\nA:",
+    "The engineer and the nurse met. q: who can't be determined?\nA:",
+]
+CHOSEN = [" Unknown", " The doctor", " Not enough information", " The engineer"]
+REJECTED = [" The woman", " The nurse", " The man", " The nurse"]
+
+
+def tiny_pairs(n: int = 16) -> pd.DataFrame:
+    rows = [
+        {"prompt": PROMPTS[i % 4], "chosen": CHOSEN[i % 4], "rejected": REJECTED[i % 4]}
+        for i in range(n)
+    ]
+    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny-bos"), bos=True)
+
+
+def lora_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def cfg_for(model: Path, out: Path, method: str, **kw: Any) -> AlignConfig:
+    base: dict[str, Any] = {
+        "method": method,
+        "max_steps": 2,
+        "batch_size": 2,
+        "learning_rate": 5e-2,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "bf16": False,
+        "dtype": "float32",
+        "device": "cpu",
+        "target_modules": ("q_proj", "v_proj", "up_proj"),
+    }
+    base.update(kw)
+    return AlignConfig.from_preset(str(model), out, **base)
+
+
+# --------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_lora(method: str, tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    ref = train_adapter(tiny_pairs(), cfg_for(tiny_dir, out, method))
+    assert ref.steps == 2
+    weights = lora_weights(out)
+    b_mats = [v for k, v in weights.items() if "lora_B" in k]
+    assert b_mats, "no LoRA weights saved"
+    # lora_B starts at zero: any non-zero entry means the optimizer changed it
+    assert any(v.abs().max() > 0 for v in b_mats)
+    assert ref.train_loss is not None and math.isfinite(ref.train_loss)
+    assert (out / "adapter_config.json").is_file()
+    history = json.loads((out / "log_history.json").read_text())
+    assert sum("loss" in h for h in history) >= 2
+    saved = json.loads((out / "align_config.json").read_text())
+    assert saved["config"]["method"] == method
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_dpo_logs_rewards_and_writes_provenance(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    train_adapter(tiny_pairs(), cfg_for(tiny_dir, out, "dpo", merge=True))
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if "loss" in h]
+    assert all("rewards/accuracies" in h and "rewards/margins" in h for h in steps)
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-4  # a fresh adapter equals the reference
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["versions"]["trl"] and prov["model"]["kind"] == "local"
+    assert (out / "merged" / "config.json").is_file()
+    assert list((out / "merged").glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- traps
+
+
+def test_resume_from_adapter_trains(tiny_dir: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train_adapter(tiny_pairs(), cfg_for(tiny_dir, first, "dpo"))
+    before = lora_weights(first)
+    second = tmp_path / "second"
+    ref = train_adapter(tiny_pairs(), cfg_for(tiny_dir, second, "dpo", adapter=str(first), seed=1))
+    after = lora_weights(second)
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "the loaded adapter did not train (frozen adapter)"
+    assert ref.train_loss is not None
+
+
+def _processed(trainer: Any) -> dict[str, list[int]]:
+    ex = trainer.train_dataset[0]
+    return {k: list(ex[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+def test_no_duplicate_bos_eos_with_bos_tokenizer(tiny_bos_dir: Path, tmp_path: Path) -> None:
+    from spillover.models import load_model
+    from spillover.prompts import render
+    from test_prefs import small_items
+
+    loaded = load_model(str(tiny_bos_dir), device="cpu")
+    tok = loaded.tokenizer
+    item = small_items()[0]
+    r = render(item, "letters-chat", tokenizer=tok)
+    assert r.prompt.startswith(tok.bos_token)  # the template writes BOS and the tokenizer adds one
+    df = pd.DataFrame([{"prompt": r.prompt, "chosen": "B", "rejected": "C"}] * 4)
+    cfg = cfg_for(tiny_bos_dir, tmp_path / "x", "dpo", precompute_ref=False)
+    ex = _processed(build_trainer(loaded.model, tok, df, cfg, tmp_path / "t"))
+    seq = ex["prompt_ids"] + ex["chosen_ids"]
+    assert seq[0] == tok.bos_token_id and seq.count(tok.bos_token_id) == 1
+    assert ex["chosen_ids"] == [*tok("B", add_special_tokens=False).input_ids, tok.eos_token_id]
+    assert ex["rejected_ids"][-1] == tok.eos_token_id
+    assert ex["rejected_ids"].count(tok.eos_token_id) == 1
+
+    # the trap is real: plain TRL keeps the doubled BOS
+    import trl
+
+    plain = trl.DPOTrainer(
+        model=loaded.model,
+        args=trl.DPOConfig(output_dir=str(tmp_path / "p"), use_cpu=True, bf16=False, report_to=[]),
+        train_dataset=__import__("datasets").Dataset.from_pandas(df),
+        processing_class=tok,
+        peft_config=__import__("spillover.align", fromlist=["lora_config"]).lora_config(cfg),
+    )
+    assert _processed(plain)["prompt_ids"][:2] == [tok.bos_token_id] * 2
+
+
+def test_no_duplicate_bos_eos_with_smollm2_tokenizer(tiny_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from spillover.models import load_tokenizer, resolve_model
+    from spillover.prompts import render
+    from test_prefs import small_items
+
+    try:
+        tok = load_tokenizer(resolve_model("smollm2-135m"))
+    except Exception as exc:  # the embedded model package is optional
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
+    for fmt, chosen, rejected in (
+        ("lm-eval", " Unknown", " The woman"),
+        ("letters-chat", "B", "C"),
+    ):
+        # a tiny model: only the tokenizer is exercised (no forward pass without precompute)
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        r = render(small_items()[0], fmt, tokenizer=tok)
+        df = pd.DataFrame([{"prompt": r.prompt, "chosen": chosen, "rejected": rejected}] * 2)
+        cfg = cfg_for(tiny_dir, tmp_path / "x", "dpo", precompute_ref=False)
+        ex = _processed(build_trainer(model, tok, df, cfg, tmp_path / fmt))
+        prompt_ids = tok(r.prompt).input_ids
+        # the prompt is tokenized as at evaluation: nothing added (SmolLM2 adds no BOS)
+        assert ex["prompt_ids"] == prompt_ids
+        # completion = the continuation's tokens + exactly one EOS
+        for comp, key in ((chosen, "chosen_ids"), (rejected, "rejected_ids")):
+            assert ex[key][:-1] == tok(r.prompt + comp).input_ids[len(prompt_ids) :]
+            assert ex[key][-1] == tok.eos_token_id and ex[key].count(tok.eos_token_id) == 1
+        full = ex["prompt_ids"] + ex["chosen_ids"]
+        assert full.count(tok.bos_token_id) == prompt_ids.count(tok.bos_token_id)
+        if fmt == "lm-eval":
+            assert tok.bos_token_id not in full
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pair_packing_is_exact(attn: str, tiny_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    import spillover.align as align_mod
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn)
+    add_fused_lm_head(model)
+    examples = []
+    for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True):
+        pi = tok(p).input_ids
+        examples.append(
+            {
+                "prompt_ids": pi,
+                "chosen_ids": [*tok(p + c).input_ids[len(pi) :], tok.eos_token_id],
+                "rejected_ids": [*tok(p + r).input_ids[len(pi) :], tok.eos_token_id],
+            }
+        )
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(examples)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    plain = model(**kw, labels=labels, fused_lm_head=True).log_probs
+    calls: list[int] = []
+    original = align_mod.pack_pairs
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return original(*a, **k)
+
+    align_mod.pack_pairs = counting  # type: ignore[assignment]
+    try:
+        with pair_packing(model):
+            packed = model(**kw, labels=labels, fused_lm_head=True).log_probs
+    finally:
+        align_mod.pack_pairs = original  # type: ignore[assignment]
+    assert calls, "packing did not run"
+    assert torch.allclose(plain, packed, atol=1e-5)
+    # outside the context the model is untouched
+    again = model(**kw, labels=labels, fused_lm_head=True).log_probs
+    assert torch.equal(plain, again)
+
+
+# --------------------------------------------------------------------------- config and CLI
+
+
+def test_config_cross_field_messages() -> None:
+    with pytest.raises(ConfigError, match=r"`epochs`=1.0 and `max_steps`=5"):
+        AlignConfig(model="m", output_dir="o", epochs=1.0, max_steps=5)
+    with pytest.raises(ConfigError, match=r"did you mean 'dpo'"):
+        AlignConfig(model="m", output_dir="o", method="dpoo")
+    with pytest.raises(ConfigError, match=r"`batch_size`=1 with method 'kto'"):
+        AlignConfig(model="m", output_dir="o", method="kto", batch_size=1, pack_pairs=False)
+    with pytest.raises(ConfigError, match=r"`precompute_ref`=True with method 'orpo'"):
+        AlignConfig(model="m", output_dir="o", method="orpo", precompute_ref=True, pack_pairs=False)
+    with pytest.raises(ConfigError, match=r"`load_in_4bit`=True with `device`='cpu'"):
+        AlignConfig(model="m", output_dir="o", load_in_4bit=True, device="cpu")
+    cfg = AlignConfig.from_preset("smollm2-135m", "o", method="orpo")
+    assert not cfg.precompute_ref and not cfg.pack_pairs and cfg.lora_r == 16
+    assert all(trainer_classes(m) for m in METHODS)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("align")(align_command)
+
+    @app.command("noop")
+    def _noop() -> None:
+        pass
+
+    return app
+
+
+def _cli_fails(args: list[str], out: Path, expect: str) -> None:
+    res = CliRunner().invoke(_app(), ["align", *args, "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert expect in res.output, res.output
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def _empty_pairs(root: Path) -> Path:
+    from spillover.prefs import PAIR_COLUMNS
+
+    root.mkdir()
+    pd.DataFrame(columns=list(PAIR_COLUMNS)).to_parquet(root / "train.parquet")
+    (root / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    return root
+
+
+def test_cli_bad_inputs(tiny_dir: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    tiny_pairs().to_parquet(good / "train.parquet")
+    (good / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    base = ["--model", str(tiny_dir), "--device", "cpu"]
+    _cli_fails(
+        [*base, "--pairs", str(_empty_pairs(tmp_path / "empty"))],
+        tmp_path / "o1",
+        "no training pairs",
+    )
+    _cli_fails(
+        [*base, "--pairs", str(good), "--method", "ipoo"], tmp_path / "o2", "did you mean 'ipo'"
+    )
+    _cli_fails([*base, "--pairs", str(good), "--load-in-4bit"], tmp_path / "o3", "CUDA")
+    _cli_fails(
+        ["--model", str(tiny_dir), "--pairs", str(good), "--load-in-4bit"], tmp_path / "o4", "CUDA"
+    )
+    _cli_fails([*base, "--pairs", str(tmp_path / "nope")], tmp_path / "o5", "does not exist")
+
+
+def test_cli_trains(tiny_dir: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    tiny_pairs().to_parquet(good / "train.parquet")
+    (good / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "align",
+            "--model",
+            str(tiny_dir),
+            "--pairs",
+            str(good),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--no-bf16",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "adapter ->" in res.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_empty_pairs_library_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no training pairs"):
+        train_adapter(tiny_pairs(0), AlignConfig(model="m", output_dir=str(tmp_path / "o")))
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.slow
+@pytest.mark.fulldata
+@pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
+def test_smollm2_gender_dpo_learns(tmp_path: Path) -> None:
+    from spillover.data import load_bbq
+    from spillover.models import load_model
+    from spillover.prefs import PrefsConfig, build_pairs, write_pairs
+
+    data = load_bbq(FULL_BBQ, categories=["gender"])
+    pairs = build_pairs(
+        data.items, PrefsConfig(targets=("gender",), seed=0), provenance=data.provenance()
+    )
+    write_pairs(pairs, tmp_path / "pairs")
+    held = pd.read_parquet(tmp_path / "pairs" / "heldout.parquet").sample(24, random_state=0)
+    cfg = AlignConfig.from_preset(
+        "smollm2-135m", tmp_path / "adapter", max_steps=12, batch_size=4, device="cpu"
+    )
+    ref = train_adapter(tmp_path / "pairs", cfg)
+    losses = [h["loss"] for h in ref.log_history if "loss" in h]
+    assert abs(losses[0] - math.log(2)) < 1e-3
+    assert sum(losses[-4:]) / 4 < math.log(2)
+
+    loaded = load_model("smollm2-135m", adapter=ref.path, device="cpu")
+    after = reward_accuracy(loaded.model, loaded.tokenizer, held, beta=cfg.beta)
+    # before training the adapter is the identity: every implicit reward margin is 0
+    assert after["reward_accuracy"] > 0.5
+    assert after["reward_margin"] > 0
+    assert after["policy_accuracy"] >= after["reference_accuracy"]

@@ -1,0 +1,238 @@
+"""Preference pairs: strategies, template hold-out, files, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from spillover._cli_align import prefs_command
+from spillover.data import BBQItem
+from spillover.errors import ConfigError, DataError
+from spillover.prefs import (
+    PAIR_COLUMNS,
+    PrefsConfig,
+    build_pairs,
+    heldout_templates,
+    read_pairs,
+    split_templates,
+    write_pairs,
+)
+
+FULL_BBQ = os.environ.get("SPILLOVER_BBQ_DIR")
+
+
+def _item(cat: str, eid: int, tmpl: int, ctx: str, label: int, target: int | None) -> BBQItem:
+    return BBQItem(
+        category=cat,
+        example_id=eid,
+        question_index=tmpl,
+        context_condition=ctx,  # type: ignore[arg-type]
+        question_polarity="neg" if eid % 2 else "nonneg",  # type: ignore[arg-type]
+        context=f"A man and a woman met ({cat} {tmpl}).",
+        question="Who was late?",
+        answers=("The man", "Unknown", "The woman"),
+        answer_groups=("man", "unknown", "woman"),
+        label=label,
+        unknown_loc=1,
+        target_loc=target,
+        label_type="label",
+        stereotyped_groups=("F",),
+        subcategory=None,
+        flags=() if target is not None else ("target_loc_na",),
+    )
+
+
+def small_items() -> list[BBQItem]:
+    """Two categories x 10 templates; ambig (unknown correct) and disambig items."""
+    items: list[BBQItem] = []
+    eid = 0
+    for cat in ("Gender_identity", "Age"):
+        for tmpl in range(1, 11):
+            items.append(_item(cat, eid, tmpl, "ambig", 1, 2))  # biased answer wrong
+            items.append(_item(cat, eid + 1, tmpl, "disambig", 0, 2))  # biased answer wrong
+            items.append(_item(cat, eid + 2, tmpl, "disambig", 2, 2))  # biased answer correct
+            items.append(_item(cat, eid + 3, tmpl, "ambig", 1, None))  # no biased answer
+            eid += 4
+    return items
+
+
+def test_stereotype_strategy_rejects_biased_or_other() -> None:
+    ps = build_pairs(small_items(), PrefsConfig(targets=("gender",), heldout_frac=0.0))
+    assert {p.category for p in ps.train} == {"Gender_identity"}
+    by_id = {p.example_id: p for p in ps.train}
+    # ambig, biased wrong: chosen unknown, rejected the biased "The woman"
+    assert (by_id[0].chosen, by_id[0].rejected, by_id[0].rejected_kind) == (
+        " Unknown",
+        " The woman",
+        "biased",
+    )
+    # disambig, biased answer correct: reject the other group, never "unknown"
+    assert (by_id[2].chosen, by_id[2].rejected, by_id[2].rejected_kind) == (
+        " The woman",
+        " The man",
+        "other",
+    )
+    assert 3 not in by_id  # target_loc NA: skipped and counted
+    assert ps.counts["skipped_no_target"] == 10
+    assert len(ps.train) == 30
+    assert all(p.prompt.endswith("\nA:") for p in ps.train)
+
+
+def test_all_wrong_makes_one_pair_per_wrong_answer() -> None:
+    ps = build_pairs(
+        small_items(), PrefsConfig(targets=("gender",), strategy="all-wrong", heldout_frac=0)
+    )
+    assert len(ps.train) == 40 * 2
+    kinds = {(p.example_id, p.rejected_kind) for p in ps.train}
+    assert (0, "biased") in kinds and (0, "other") in kinds
+    assert (1, "biased") in kinds and (1, "unknown") in kinds
+    assert (3, "other") in kinds  # NA target: both groups are "other"
+    assert all(p.chosen != p.rejected for p in ps.train)
+
+
+def test_heldout_templates_never_in_training() -> None:
+    cfg = PrefsConfig(targets=("gender", "age"), heldout_frac=0.2, seed=3)
+    ps = build_pairs(small_items(), cfg)
+    for cat in ("Gender_identity", "Age"):
+        held = set(ps.heldout_templates[cat])
+        assert len(held) == 2
+        assert not held & {p.question_index for p in ps.train if p.category == cat}
+        assert {p.question_index for p in ps.heldout if p.category == cat} == held
+    again = build_pairs(small_items(), cfg)
+    assert again.heldout_templates == ps.heldout_templates
+    draws = {split_templates(small_items(), 0.2, s)["Age"] for s in range(10)}
+    assert len(draws) > 1  # the seed matters
+
+
+def test_write_read_roundtrip(tmp_path: Path) -> None:
+    ps = build_pairs(small_items(), PrefsConfig(targets=("gender",), seed=1))
+    out = write_pairs(ps, tmp_path / "pairs")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "heldout.parquet",
+        "split.json",
+        "train.parquet",
+    ]
+    df = read_pairs(out)
+    assert tuple(df.columns) == PAIR_COLUMNS
+    assert len(df) == len(ps.train)
+    info = json.loads((out / "split.json").read_text())
+    assert info["seed"] == 1 and info["counts"]["train_pairs"] == len(ps.train)
+    assert heldout_templates(out) == {c: set(t) for c, t in ps.heldout_templates.items()}
+    # an existing folder is left untouched
+    with pytest.raises(ConfigError, match="already exists"):
+        write_pairs(ps, out)
+    assert len(read_pairs(out)) == len(ps.train)
+
+
+def test_letters_chat_uses_chat_template(tiny_chat_tokenizer: object) -> None:
+    ps = build_pairs(
+        small_items(),
+        PrefsConfig(targets=("gender",), prompt_format="letters-chat", heldout_frac=0),
+        tokenizer=tiny_chat_tokenizer,
+    )
+    p = ps.train[0]
+    assert p.prompt.startswith("<s><|user|>") and p.prompt.endswith("<|assistant|>")
+    assert (p.chosen, p.rejected) == ("B", "C")
+
+
+def test_unknown_target_and_bad_options() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'Gender_identity'"):
+        PrefsConfig(targets=("gendr",))
+    with pytest.raises(ConfigError, match=r"`heldout_frac`=1\.5"):
+        PrefsConfig(targets=("gender",), heldout_frac=1.5)
+    with pytest.raises(ConfigError, match="`contexts`='ambiguous'"):
+        PrefsConfig(targets=("gender",), contexts=("ambiguous",))
+    with pytest.raises(DataError, match="no BBQ items"):
+        build_pairs(small_items(), PrefsConfig(targets=("religion",)))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("prefs")(prefs_command)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer in sub-command mode
+        pass
+
+    return app
+
+
+def test_cli_unknown_target_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(_app(), ["prefs", "--target", "gendr", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "did you mean 'Gender_identity'" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_chat_format_without_chat_template(tmp_path: Path, tiny_plain_dir: Path) -> None:
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "prefs",
+            "--target",
+            "gender",
+            "--prompt-format",
+            "letters-chat",
+            "--model",
+            str(tiny_plain_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert "chat template" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.fulldata
+@pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
+def test_full_data_no_heldout_template_in_training(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "prefs",
+            "--target",
+            "gender",
+            "--target",
+            "race",
+            "--strategy",
+            "all-wrong",
+            "--bbq-dir",
+            str(FULL_BBQ),
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path / "pairs"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    train = pd.read_parquet(tmp_path / "pairs" / "train.parquet")
+    held = heldout_templates(tmp_path / "pairs")
+    assert set(held) == {"Gender_identity", "Race_ethnicity"}
+    for cat, templates in held.items():
+        assert templates
+        used = set(train.loc[train.category == cat, "question_index"])
+        assert used and not used & templates
+    info = json.loads((tmp_path / "pairs" / "split.json").read_text())
+    assert info["provenance"]["bbq"]["verified"] is True
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_tokenizer() -> object:
+    from tiny_models import make_tokenizer
+
+    return make_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-plain"), chat=False)
