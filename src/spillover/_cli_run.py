@@ -75,7 +75,7 @@ def run_command(
 
     from .runs import RunConfig, plan_run, run_study, summary_rows
 
-    cfg = RunConfig.load(config) if config is not None else RunConfig(name="default")
+    cfg = RunConfig.load(config) if config is not None else RunConfig.default()
     if report_to is not None:
         from .errors import ConfigError
 

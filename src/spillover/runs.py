@@ -56,6 +56,24 @@ STAGES: tuple[str, ...] = ("eval-base", "prefs", "align", "eval-aligned", "compa
 DEFAULT_PER_STRATUM = 24
 """Items per category x context in the embedded default run (528 items per evaluation)."""
 
+DEFAULT_STUDY: Mapping[str, Any] = {
+    "name": "default",
+    "model": "smollm2-135m",
+    "target": "gender",
+    "method": "dpo",
+    "seed": 0,
+    "eval": {"per_stratum": DEFAULT_PER_STRATUM, "prompt_format": "lm-eval"},
+    "align": {"max_steps": 40},
+    "compare": {
+        "test": "auto",
+        "correction": "holm",
+        "alpha": 0.05,
+        "bootstrap": 1000,
+        "cluster": "template",
+    },
+}
+"""The embedded default study (``spillover run`` without a config; also configs/default.yaml)."""
+
 
 # --------------------------------------------------------------------------- config
 
@@ -180,6 +198,11 @@ class RunConfig:
     """Statistics."""
     report: ReportSection = field(default_factory=ReportSection)
     """Report."""
+
+    @classmethod
+    def default(cls) -> RunConfig:
+        """The embedded default study (:data:`DEFAULT_STUDY`)."""
+        return cls.from_mapping(DEFAULT_STUDY)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -904,6 +927,7 @@ def summary_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "DEFAULT_STUDY",
     "STAGES",
     "BBQSection",
     "CompareSection",
