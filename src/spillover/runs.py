@@ -110,8 +110,12 @@ class EvalSection:
     """Token budget of one forward pass."""
     length_norm: str = "none"
     """Prediction rule: ``none`` (summed log-prob), ``token``, ``char`` or ``byte``."""
+    chunk_items: int = 256
+    """Items per shard (the unit an interrupted evaluation resumes from)."""
 
     def __post_init__(self) -> None:
+        if self.chunk_items < 1:
+            raise ValueError(f"`chunk_items` must be positive, got {self.chunk_items}")
         if self.per_stratum is not None and self.items is not None:
             raise ValueError("give either `per_stratum` or `items`, not both")
         if self.per_stratum is not None and self.per_stratum < 1:
@@ -285,6 +289,7 @@ class RunConfig:
         _check_choice(cmp_.correction, ("holm", "bh", "bonferroni", "none"), "compare.correction", doc)
         _check_choice(cmp_.cluster, ("item", "template"), "compare.cluster", doc)
         _check_choice(prefs.strategy, ("stereotype", "all-wrong"), "prefs.strategy", doc)
+        _check_compare(cmp_, doc)
         return cls(
             name=name,
             models=models,
@@ -335,6 +340,16 @@ def _check_choice(value: str, allowed: Sequence[str], key: str, doc: YamlDoc | N
     if value not in allowed:
         where = doc.where(key.split(".")) if doc is not None else "config"
         raise ConfigError(f"{where}: `{key}`={value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_compare(cmp_: CompareSection, doc: YamlDoc | None) -> None:
+    from .stats import CompareConfig
+
+    try:
+        CompareConfig(**dataclasses.asdict(cmp_))
+    except ConfigError as exc:
+        where = doc.where(["compare"]) if doc is not None else "config"
+        raise ConfigError(f"{where}: `compare`: {exc}") from None
 
 
 def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
@@ -744,6 +759,7 @@ def _eval_config(ctx: _Context) -> Any:
         permutations=ev.permutations,
         batch_tokens=ev.batch_tokens,
         length_norm=ev.length_norm,
+        chunk_items=ev.chunk_items,
         seed=ctx.sub.seed,
     )
 

@@ -1,0 +1,241 @@
+"""`spillover run`: config validation, planning, resumable end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from spillover.cli import app
+from spillover.errors import ConfigError
+from spillover.runs import STAGES, RunConfig, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+runner = CliRunner()
+
+
+def write_cfg(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_default_study_matches_configs_default() -> None:
+    assert RunConfig.load(CONFIGS / "default.yaml") == RunConfig.default()
+
+
+def test_shipped_configs_validate() -> None:
+    paper = RunConfig.load(CONFIGS / "paper.yaml")
+    assert paper.models == ("mistral-7b", "llama-3.1-8b", "qwen-2.5-7b")
+    assert paper.targets == (("Gender_identity",),) and paper.methods == ("dpo",)
+    assert paper.eval.per_stratum is None and paper.compare.correction == "holm"
+    assert len(paper.sub_runs()) == 3
+    beyond = RunConfig.load(CONFIGS / "beyond.yaml")
+    assert (("Gender_identity", "Race_ethnicity") in beyond.targets) and len(beyond.sub_runs()) == 27
+    assert beyond.eval.permutations == "cyclic" and beyond.compare.cluster == "template"
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("model: smollm2-135m\nevl:\n  per_stratum: 3\n", r"study\.yaml:2: unknown key `evl` \(did you mean `eval`\?\)"),
+        ("eval:\n  per_stratum: 3\n  prompt_fromat: lm-eval\n", r"study\.yaml:3: unknown key `eval\.prompt_fromat` \(did you mean `prompt_format`\?\)"),
+        ("eval:\n  per_stratum: many\n", r"study\.yaml:2: `eval\.per_stratum`: Input should be a valid integer.*'many'"),
+        ("model: mistral-8b\n", r"study\.yaml:1: unknown model preset `mistral-8b`"),
+        ("target: [gender, religon]\n", r"study\.yaml:1: `target`: unknown BBQ category 'religon' \(did you mean 'Religion'\?\)"),
+        ("method: dpoo\n", r"study\.yaml:1: unknown method `dpoo` \(did you mean `dpo`\?\)"),
+        ("align:\n  lora_rank: 8\n", r"study\.yaml:2: unknown key `align\.lora_rank` \(did you mean `lora_r`\?\)"),
+        ("align:\n  method: ipo\n", r"study\.yaml:2: `align\.method` is set by the run \(use the top-level `method` key\)"),
+        ("compare:\n  correction: fdr\n", r"study\.yaml:2: `compare\.correction`='fdr'"),
+        ("eval:\n  per_stratum: 3\n  items: x.csv\n", r"study\.yaml:1: `eval`: give either `per_stratum` or `items`"),
+        ("seed: [0, x]\n", r"study\.yaml:1: `seed` must be an integer"),
+        ("compare:\n  bootstrap: 50\n", r"study\.yaml:1: `compare`: `bootstrap`=50; expected 0 \(off\) or at least 100"),
+        ("model: [a\n", r"study\.yaml:2: invalid YAML"),
+    ],
+    ids=["top", "nested", "type", "preset", "attribute", "method", "align-key", "align-reserved",
+         "choice", "cross-field", "seed", "bootstrap", "yaml"],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        RunConfig.load(write_cfg(tmp_path, text))
+
+
+def test_invalid_config_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, "eval:\n  per_stratumm: 3\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "unknown key `eval.per_stratumm`" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_bad_force_stage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="`--force` trian: unknown stage"):
+        run_study(RunConfig.default(), tmp_path / "run", force=["trian"])
+
+
+def test_sub_run_slugs_are_distinct() -> None:
+    beyond = RunConfig.load(CONFIGS / "beyond.yaml")
+    slugs = [s.slug for s in beyond.sub_runs()]
+    assert len(set(slugs)) == len(slugs)
+    assert "smollm2-135m__Gender_identity+Race_ethnicity__kto__s2" in slugs
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = RunConfig.load(CONFIGS / "beyond.yaml")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+    assert RunConfig.load(path) == cfg
+
+
+@pytest.mark.fulldata
+def test_paper_dry_run(full_bbq_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "paper"
+    result = runner.invoke(
+        app, ["run", str(CONFIGS / "paper.yaml"), "--dry-run", "--bbq-dir", str(full_bbq_dir), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "3 sub-run(s)" in text and "eval-base -> prefs -> align -> eval-aligned -> compare -> report" in text
+    # nine categories, every item: 58,492 minus Race_x_SES and Race_x_gender
+    assert "eval 31372 items x 2 models" in text
+    assert "compute mistral-7b:" in text and "TFLOP" in text
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def tiny_study(model: str, bbq: Path, **extra: object) -> dict[str, object]:
+    study: dict[str, object] = {
+        "name": "tiny",
+        "model": model,
+        "target": "gender",
+        "method": "dpo",
+        "seed": 0,
+        "bbq": {"dir": str(bbq), "allow_unverified": True},
+        "eval": {"per_stratum": 2, "chunk_items": 8},
+        "align": {"max_steps": 2, "batch_size": 2},
+        "compare": {"bootstrap": 100},
+    }
+    study.update(extra)
+    return study
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+def test_tiny_run_end_to_end_and_resume(tiny_model_dir: Path, mini_dir: Path, tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping(tiny_study(str(tiny_model_dir), mini_dir))
+    events: list[tuple[str, str]] = []
+    out = tmp_path / "run"
+    run_study(cfg, out, on_event=lambda stage, status, info: events.append((stage, status)))
+    for rel in (
+        "config.yaml",
+        "manifest.json",
+        "eval/base/predictions.parquet",
+        "eval/aligned/predictions.parquet",
+        "prefs/train.parquet",
+        "prefs/split.json",
+        "align/adapter/adapter_config.json",
+        "align/log_history.json",
+        "stats/comparison.json",
+        "stats/heldout_target.json",
+        "report.html",
+        "report.md",
+    ):
+        assert (out / rel).is_file(), rel
+    assert [s for s, st in events if st == "done"] == list(STAGES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["timings"]) == set(STAGES)
+    assert manifest["bbq"]["verified"] is False and "UNVERIFIED" in manifest["warnings"][0]
+    assert manifest["libraries"]["torch"] and manifest["sub_run"]["target"] == ["Gender_identity"]
+    comparison = json.loads((out / "stats/comparison.json").read_text())
+    assert any("UNVERIFIED" in w for w in comparison["warnings"])
+    cats = {s["category"] for s in comparison["strata"]}
+    assert len(cats - {"all"}) == 11
+    # a second run finds every stage complete
+    again: list[tuple[str, str]] = []
+    run_study(cfg, out, on_event=lambda stage, status, info: again.append((stage, status)))
+    assert [st for _, st in again] == ["skip"] * len(STAGES)
+    # --force compare reruns compare and report only, with the same result
+    forced: list[tuple[str, str]] = []
+    run_study(cfg, out, force=["compare"], on_event=lambda s, st, i: forced.append((s, st)))
+    assert [s for s, st in forced if st == "done"] == ["compare", "report"]
+    assert json.loads((out / "stats/comparison.json").read_text()) == comparison
+
+
+def test_tiny_sweep_shares_base_eval(tiny_model_dir: Path, mini_dir: Path, tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping(tiny_study(str(tiny_model_dir), mini_dir, method=["dpo", "ipo"]))
+    events: list[tuple[str, str]] = []
+    dirs = run_study(cfg, tmp_path / "sweep", on_event=lambda s, st, i: events.append((s, st)))
+    assert [d.name for d in dirs] == [s.slug for s in cfg.sub_runs()]
+    # the second sub-run reused the first one's base predictions
+    assert ("eval-base", "skip") in events
+    a, b = (d / "eval/base/predictions.parquet" for d in dirs)
+    assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "sweep" / "report.html").is_file()
+
+
+def _run_cli(cfg_path: Path, out: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "spillover", "run", str(cfg_path), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_during_aligned_eval_resumes_to_identical_comparison(
+    mini_dir: Path, tmp_path: Path
+) -> None:
+    study = tiny_study("smollm2-135m", mini_dir)
+    study["eval"] = {"per_stratum": 4, "chunk_items": 4}
+    cfg_path = tmp_path / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(study), encoding="utf-8")
+
+    clean = tmp_path / "clean"
+    proc = _run_cli(cfg_path, clean)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = _run_cli(cfg_path, killed)
+    shards = killed / "eval" / "aligned" / "predictions.parquet.shards"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if shards.is_dir() and len(list(shards.glob("*.parquet"))) >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "stats" / "comparison.json").exists()
+    proc = _run_cli(cfg_path, killed)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    a = json.loads((clean / "stats" / "comparison.json").read_text())
+    b = json.loads((killed / "stats" / "comparison.json").read_text())
+    assert a == b
+    assert (clean / "eval/aligned/predictions.parquet").read_bytes() == (
+        killed / "eval/aligned/predictions.parquet"
+    ).read_bytes()
