@@ -24,8 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/spillover data fetch
-	$(BIN)/spillover data info
+	$(BIN)/spillover run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

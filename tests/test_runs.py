@@ -208,7 +208,7 @@ def test_sigkill_during_aligned_eval_resumes_to_identical_comparison(
     mini_dir: Path, tmp_path: Path
 ) -> None:
     study = tiny_study("smollm2-135m", mini_dir)
-    study["eval"] = {"per_stratum": 4, "chunk_items": 4}
+    study["eval"] = {"per_stratum": 2, "chunk_items": 2}
     cfg_path = tmp_path / "study.yaml"
     cfg_path.write_text(yaml.safe_dump(study), encoding="utf-8")
 
@@ -236,6 +236,10 @@ def test_sigkill_during_aligned_eval_resumes_to_identical_comparison(
     a = json.loads((clean / "stats" / "comparison.json").read_text())
     b = json.loads((killed / "stats" / "comparison.json").read_text())
     assert a == b
-    assert (clean / "eval/aligned/predictions.parquet").read_bytes() == (
-        killed / "eval/aligned/predictions.parquet"
-    ).read_bytes()
+    # same rows and values (the file metadata differ only in the adapter's path)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(clean / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),
+        pd.read_parquet(killed / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),
+    )
