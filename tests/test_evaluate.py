@@ -215,7 +215,7 @@ def test_packed_scoring_equals_naive_per_option(tiny_dir: Path, attn: str) -> No
     reqs = _requests(ITEMS)
     reqs.append(ChoiceRequest("Who? A:  ", ("x", " !!", "(the woman)")))  # trailing spaces
     # a small budget forces several batches, padding and length bucketing
-    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=150)
+    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=150, max_row_tokens=60)
     got = scorer.score(reqs)
     assert scorer.stats.batches > 2
     encoded = scorer.encode(reqs)
