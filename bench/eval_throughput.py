@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,11 @@ def main() -> None:
         print(f"{'spillover':<10} {t_ours:8.1f} {n / t_ours:8.2f} {rss_ours:13.0f}")
         print(f"{'lm-eval':<10} {t_lm:8.1f} {n / t_lm:8.2f} {rss_lm:13.0f}")
         print(f"speed-up (items/s ratio, whole process): {t_lm / t_ours:.2f}x")
+        m = re.search(
+            r"model load\s+([\d.]+)s,\s+scoring\s+([\d.]+)s", (work / "ours.log").read_text()
+        )
+        if m:
+            print(f"spillover inside its run: model load {m[1]} s, scoring {m[2]} s")
         print(f"identical predictions: {same}/{n} ({100 * same / n:.2f} %)")
         print(f"max |log-likelihood difference| over all options: {max_gap:.2e}")
         print(f"differing items: {len(diffs)}")

@@ -294,6 +294,7 @@ def _run(
         f"(model load {t_load:.1f}s, scoring {t_score:.1f}s, "
         f"{len(preds) / max(t_score, 1e-9):.1f} rows/s)",
         highlight=False,
+        soft_wrap=True,
     )
 
 
