@@ -213,6 +213,8 @@ def _run(
     resolve_model(model)  # a missing folder fails before BBQ is read
 
     cats = _split(categories)
+    if cats is None and keys is not None:  # read only the listed items' categories
+        cats = sorted({c for c, _ in keys})
     data = load_bbq(
         bbq_dir, cache_dir=cache_dir, categories=cats, allow_unverified=allow_unverified
     )
