@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,48 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
     return wall, usage.ru_maxrss / 1024.0
 
 
+def compare(ours_file: Path, lm_eval_out: Path) -> list[str]:
+    """Prediction agreement and score gaps between our file and lm-eval's logged samples."""
+    import pyarrow.parquet as pq
+
+    ours = pq.read_table(ours_file).to_pylist()
+    sample_files = glob.glob(str(lm_eval_out / "**" / "samples_*.jsonl"), recursive=True)
+    if len(sample_files) != 1:
+        raise SystemExit(f"expected one lm-eval samples file, found {sample_files}")
+    theirs: dict[tuple[str, int], list[float]] = {}
+    for line in Path(sample_files[0]).read_text().splitlines():
+        s = json.loads(line)
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        theirs[(s["doc"]["category"], int(s["doc"]["example_id"]))] = lls
+    same = 0
+    max_gap = 0.0
+    diffs: list[str] = []
+    for row in ours:
+        key = (row["category"], row["example_id"])
+        lls = theirs[key]
+        mine = [row["score_0"], row["score_1"], row["score_2"]]
+        max_gap = max(max_gap, *(abs(a - b) for a, b in zip(mine, lls, strict=True)))
+        lm_pred = max(range(3), key=lambda j: (lls[j], -j))
+        if lm_pred == row["pred_index"]:
+            same += 1
+        else:
+            srt = sorted(lls, reverse=True)
+            diffs.append(
+                f"  {key[0]}/{key[1]}: ours={row['pred_index']} lm-eval={lm_pred} "
+                f"ours={[round(x, 4) for x in mine]} lm-eval={[round(x, 4) for x in lls]} "
+                f"lm-eval top-2 gap={srt[0] - srt[1]:.2e}"
+            )
+    n = len(ours)
+    if len(theirs) != n:
+        raise SystemExit(f"lm-eval scored {len(theirs)} items, we scored {n}")
+    return [
+        f"identical predictions: {same}/{n} ({100 * same / n:.2f} %)",
+        f"max |log-likelihood difference| over all options: {max_gap:.2e}",
+        f"differing items: {len(diffs)}",
+        *diffs,
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
@@ -80,9 +123,23 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--lm-eval-python", default="python", help="python that can import lm_eval")
     ap.add_argument("--lm-eval-batch-size", default="16")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each system (best kept)")
     ap.add_argument("--bf16", action="store_true", help="also run ours in bfloat16, compare")
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    ap.add_argument(
+        "--compare-only",
+        type=Path,
+        default=None,
+        help="only compare a kept work folder (ours.parquet, lm_eval_out/)",
+    )
     args = ap.parse_args()
+    if args.compare_only is not None:
+        print(
+            "\n".join(
+                compare(args.compare_only / "ours.parquet", args.compare_only / "lm_eval_out")
+            )
+        )
+        return
     if not args.bbq_dir:
         raise SystemExit("give --bbq-dir or set SPILLOVER_BBQ_DIR")
 
@@ -150,48 +207,35 @@ def main() -> None:
         print(f"items: {n} ({len(cats)} categories, {len(ctxs)} category x context strata)")
         print(f"model: {args.model}")
         print(f"load: {os.getloadavg()[0]:.2f} (1-min average before the runs)")
-        t_ours, rss_ours = run_timed(ours_cmd, env, work / "ours.log")
-        t_lm, rss_lm = run_timed(lm_cmd, lm_env, work / "lm_eval.log")
+        runs_ours: list[tuple[float, float]] = []
+        runs_lm: list[tuple[float, float]] = []
+        for rep in range(args.repeat):  # alternate, so both see the same machine load
+            if rep:
+                shutil.rmtree(work / "lm_eval_out", ignore_errors=True)
+            runs_ours.append(run_timed(ours_cmd, env, work / "ours.log"))
+            runs_lm.append(run_timed(lm_cmd, lm_env, work / "lm_eval.log"))
+            print(
+                f"run {rep + 1}: spillover {runs_ours[-1][0]:.1f} s, lm-eval {runs_lm[-1][0]:.1f} s "
+                f"(load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+        t_ours, rss_ours = min(runs_ours)
+        t_lm, rss_lm = min(runs_lm)
 
         ours = pq.read_table(ours_out).to_pylist()
-        sample_files = glob.glob(
-            str(work / "lm_eval_out" / "**" / "samples_*.jsonl"), recursive=True
-        )
-        if len(sample_files) != 1:
-            raise SystemExit(f"expected one lm-eval samples file, found {sample_files}")
-        theirs: dict[tuple[str, int], list[float]] = {}
-        for line in Path(sample_files[0]).read_text().splitlines():
-            s = json.loads(line)
-            lls = [float(r[0]) for r in s["filtered_resps"]]
-            theirs[(s["doc"]["category"], int(s["doc"]["example_id"]))] = lls
-
-        same = 0
-        max_gap = 0.0
-        diffs: list[str] = []
-        for row in ours:
-            key = (row["category"], row["example_id"])
-            lls = theirs[key]
-            mine = [row["score_0"], row["score_1"], row["score_2"]]
-            max_gap = max(max_gap, *(abs(a - b) for a, b in zip(mine, lls, strict=True)))
-            lm_pred = max(range(3), key=lambda j: (lls[j], -j))
-            if lm_pred == row["pred_index"]:
-                same += 1
-            else:
-                srt = sorted(lls, reverse=True)
-                diffs.append(
-                    f"  {key[0]}/{key[1]}: ours={row['pred_index']} lm-eval={lm_pred} "
-                    f"ours={[round(x, 4) for x in mine]} lm-eval={[round(x, 4) for x in lls]} "
-                    f"lm-eval top-2 gap={srt[0] - srt[1]:.2e}"
-                )
+        agreement = compare(ours_out, work / "lm_eval_out")
+        if args.repeat > 1:
+            print(f"best of {args.repeat} runs each:")
         print(f"{'system':<10} {'wall s':>8} {'items/s':>8} {'peak RSS MiB':>13}")
         print(f"{'spillover':<10} {t_ours:8.1f} {n / t_ours:8.2f} {rss_ours:13.0f}")
         print(f"{'lm-eval':<10} {t_lm:8.1f} {n / t_lm:8.2f} {rss_lm:13.0f}")
         print(f"speed-up (items/s ratio, whole process): {t_lm / t_ours:.2f}x")
-        print(f"identical predictions: {same}/{n} ({100 * same / n:.2f} %)")
-        print(f"max |log-likelihood difference| over all options: {max_gap:.2e}")
-        print(f"differing items: {len(diffs)}")
-        for d in diffs:
-            print(d)
+        m = re.search(
+            r"model load\s+([\d.]+)s,\s+scoring\s+([\d.]+)s", (work / "ours.log").read_text()
+        )
+        if m:
+            print(f"spillover inside its run: model load {m[1]} s, scoring {m[2]} s")
+        print("\n".join(agreement))
 
         if args.bf16:
             bf_out = work / "ours_bf16.parquet"

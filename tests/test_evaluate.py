@@ -215,7 +215,7 @@ def test_packed_scoring_equals_naive_per_option(tiny_dir: Path, attn: str) -> No
     reqs = _requests(ITEMS)
     reqs.append(ChoiceRequest("Who? A:  ", ("x", " !!", "(the woman)")))  # trailing spaces
     # a small budget forces several batches, padding and length bucketing
-    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=150)
+    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=150, max_row_tokens=60)
     got = scorer.score(reqs)
     assert scorer.stats.batches > 2
     encoded = scorer.encode(reqs)
@@ -665,3 +665,16 @@ def test_full_bbq_prompts_render_and_tokenise(tiny: Any) -> None:
     assert len({it.category for it in picked}) == 11
     preds = evaluate_model(tiny, picked, EvalConfig(permutations="cyclic"))
     assert len(preds) == 3 * len(picked)
+
+
+def test_cli_items_file_and_limit(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text("category,example_id\ndisability,3\nAge,1\nAge,2\n")
+    out = tmp_path / "items.parquet"
+    res = _invoke(
+        ["--model", str(tiny_dir), "--bbq-dir", str(mini_bbq), "--allow-unverified",
+         "--items", str(items), "--limit", "2", "--out", str(out)]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    df = read_predictions(out)
+    assert list(zip(df.category, df.example_id, strict=True)) == [("Age", 1), ("Age", 2)]

@@ -183,7 +183,7 @@ def _run(
     limit: int | None,
 ) -> None:
     from .data import load_bbq, read_item_list, select_items
-    from .evaluate import EvalConfig, evaluate_model, summarize_predictions
+    from .evaluate import EvalConfig, evaluate_model, read_metadata, summarize_predictions
     from .models import load_model, resolve_model
     from .prompts import render
 
@@ -213,6 +213,8 @@ def _run(
     resolve_model(model)  # a missing folder fails before BBQ is read
 
     cats = _split(categories)
+    if cats is None and keys is not None:  # read only the listed items' categories
+        cats = sorted({c for c, _ in keys})
     data = load_bbq(
         bbq_dir, cache_dir=cache_dir, categories=cats, allow_unverified=allow_unverified
     )
@@ -280,11 +282,21 @@ def _run(
     for row in summarize_predictions(preds):
         table.add_row(*(_fmt(row[c]) for c in (*cols, *extra)))
     _out.print(table)
+    stats = read_metadata(out).get("scorer_stats", {})
+    if stats.get("boundary_merges") or stats.get("split_requests"):
+        _err.print(
+            f"[yellow]note:[/] {stats.get('boundary_merges', 0)} answer(s) had a token merging "
+            f"across the prompt boundary; {stats.get('split_requests', 0)} item(s) were scored "
+            "per answer because their answers did not share the prompt tokens",
+            highlight=False,
+            soft_wrap=True,
+        )
     _out.print(
         f"wrote {len(preds)} predictions to {out} "
         f"(model load {t_load:.1f}s, scoring {t_score:.1f}s, "
         f"{len(preds) / max(t_score, 1e-9):.1f} rows/s)",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -224,6 +224,27 @@ class _Tree:
         return tokens, pos, end, new
 
 
+def _alone_size(opts: Sequence[EncodedOption]) -> int:
+    """Upper bound on the nodes one request needs in an empty tree."""
+    return _cost(None, opts)
+
+
+def _cost(tree: _Tree | None, opts: Sequence[EncodedOption]) -> int:
+    """Upper bound on the nodes inserting a request's options into ``tree`` adds."""
+    if not opts:
+        return 0
+    first = opts[0]
+    if all(o.context == first.context for o in opts):
+        head = [*first.context, *first.continuation[:-1]]
+        n = tree.new_tokens(head) if tree is not None else len(head)
+        return n + sum(len(o.continuation) - 1 for o in opts[1:])
+    total = 0
+    for o in opts:
+        seq = [*o.context, *o.continuation[:-1]]
+        total += tree.new_tokens(seq) if tree is not None else len(seq)
+    return total
+
+
 class HFChoiceScorer:
     """Packed-sequence scorer for a transformers causal LM (optionally PEFT-wrapped).
 
@@ -235,9 +256,9 @@ class HFChoiceScorer:
         add_special_tokens: Passed to the tokenizer; None uses the tokenizer's
             default, except for texts that already start with its BOS token
             (as lm-evaluation-harness does).
-        max_row_tokens: Largest packed row (token-tree nodes).
-        group_tokens: Requests whose contexts share this many first tokens may
-            share a row (and so their common prefix).
+        max_row_tokens: Row width: several requests are packed into one row
+            (a forest of token trees, so no padding inside it) up to this many
+            tokens; a request longer than that gets a row of its own size.
     """
 
     def __init__(
@@ -248,8 +269,7 @@ class HFChoiceScorer:
         batch_tokens: int = 4096,
         boundary: str = "lm-eval",
         add_special_tokens: bool | None = None,
-        max_row_tokens: int = 512,
-        group_tokens: int = 8,
+        max_row_tokens: int = 256,
     ) -> None:
         if batch_tokens < 1:
             raise ConfigError(f"`batch_tokens`={batch_tokens}; expected a positive integer")
@@ -261,7 +281,6 @@ class HFChoiceScorer:
         self.boundary = boundary
         self.add_special_tokens = add_special_tokens
         self.max_row_tokens = max_row_tokens
-        self.group_tokens = group_tokens
         self.stats = ScorerStats()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config = base.config
@@ -367,17 +386,14 @@ class HFChoiceScorer:
     ) -> list[ChoiceScores]:
         """Score already tokenised requests.
 
-        Requests whose prompts begin alike are packed into one token tree per
-        row (at most ``max_row_tokens`` nodes), so shared prefixes (one prompt
-        for three options, identical prompts under answer permutations, one
-        BBQ context under two questions) are computed once.
+        Requests are packed into rows of about ``max_row_tokens`` tokens, each
+        row a token trie: shared prefixes (one prompt for three options,
+        identical prompts under answer permutations, one BBQ context under two
+        questions) are computed once, and rows need almost no padding.
         """
         import torch
 
-        cap = max(1, min(self.max_row_tokens, self.batch_tokens))
-        trees: list[_Tree] = []
-        open_trees: dict[tuple[int, ...], _Tree] = {}
-        for r, opts in enumerate(encoded):
+        for opts in encoded:
             for opt in opts:
                 if opt.merged:
                     self.stats.boundary_merges += 1
@@ -385,21 +401,30 @@ class HFChoiceScorer:
                     raise ConfigError("a continuation tokenises to nothing; cannot score it")
             if len({o.context for o in opts}) > 1:
                 self.stats.split_requests += 1
-            key = tuple(opts[0].context[: self.group_tokens]) if opts else ()
-            tree = open_trees.get(key)
-            if (
-                tree is not None
-                and len(tree)
-                + sum(tree.new_tokens([*o.context, *o.continuation[:-1]]) for o in opts)
-                > cap
-                and len(tree)
-            ):
-                tree = None
-            if tree is None:
-                tree = open_trees[key] = _Tree()
-                trees.append(tree)
+        alone = [_alone_size(opts) for opts in encoded]
+        cap = max(min(self.max_row_tokens, self.batch_tokens), max(alone, default=1))
+        # prompts in token order, so that requests sharing a prefix are neighbours;
+        # a request goes into the last row when it fits there (sharing what it
+        # can), else into the first row with room (first fit), else a new row
+        order = sorted(
+            range(len(encoded)), key=lambda r: encoded[r][0].context if encoded[r] else ()
+        )
+        trees: list[_Tree] = []
+        for r in order:
+            opts = encoded[r]
+            target: _Tree | None = None
+            if trees and len(trees[-1]) + _cost(trees[-1], opts) <= cap:
+                target = trees[-1]
+            else:
+                for tree in trees:
+                    if len(tree) + alone[r] <= cap:
+                        target = tree
+                        break
+            if target is None:
+                target = _Tree()
+                trees.append(target)
             for j, o in enumerate(opts):
-                tree.add_option(r, j, o.context, o.continuation)
+                target.add_option(r, j, o.context, o.continuation)
         self.stats.requests += len(encoded)
 
         logprobs: list[list[float]] = [[0.0] * len(opts) for opts in encoded]
