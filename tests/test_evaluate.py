@@ -654,13 +654,10 @@ def test_smollm2_forward_and_lm_eval_boundary() -> None:
 
 
 @pytest.mark.fulldata
-def test_full_bbq_prompts_render_and_tokenise(tiny: Any) -> None:
-    bbq_dir = os.environ.get("SPILLOVER_BBQ_DIR")
-    if not bbq_dir:
-        pytest.skip("SPILLOVER_BBQ_DIR is not set")
-    from spillover.data import load_bbq, select_items
+def test_full_bbq_prompts_render_and_tokenise(tiny: Any, full_bbq: Any) -> None:
+    from spillover.data import select_items
 
-    data = load_bbq(bbq_dir)
+    data = full_bbq
     picked = select_items(data.items, per_stratum=2, seed=0)
     assert len({it.category for it in picked}) == 11
     preds = evaluate_model(tiny, picked, EvalConfig(permutations="cyclic"))
@@ -678,3 +675,35 @@ def test_cli_items_file_and_limit(tiny_dir: Path, mini_bbq: Path, tmp_path: Path
     assert res.exit_code == 0, res.output
     df = read_predictions(out)
     assert list(zip(df.category, df.example_id, strict=True)) == [("Age", 1), ("Age", 2)]
+
+
+def test_two_process_evaluation_merges_to_the_single_process_file(
+    tiny_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """`torchrun`/`accelerate launch` with 2 CPU processes: same rows as one process."""
+    import shutil
+
+    import pandas as pd
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    args = [
+        "-m", "spillover", "eval", "--model", str(tiny_dir), "--bbq-dir", str(mini_dir),
+        "--allow-unverified", "--per-stratum", "3", "--chunk-items", "5", "--device", "cpu",
+    ]  # fmt: skip
+    single, merged = tmp_path / "single.parquet", tmp_path / "merged.parquet"
+    subprocess.run([sys.executable, *args, "--out", str(single)], check=True, capture_output=True)
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", *args, "--out", str(merged)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merged the predictions of 2 processes" in proc.stdout
+    assert not list(tmp_path.glob("merged.parquet.part*"))
+    a, b = read_predictions(single), read_predictions(merged)
+    score_cols = ["score_0", "score_1", "score_2"]
+    pd.testing.assert_frame_equal(a.drop(columns=score_cols), b.drop(columns=score_cols))
+    assert (a[score_cols] - b[score_cols]).abs().to_numpy().max() < 1e-4
+    meta = read_metadata(merged)
+    assert meta["processes"] == 2 and meta["n_items"] == len(a)
+    assert meta["items_sha256"] == read_metadata(single)["items_sha256"]

@@ -7,6 +7,7 @@ exit code 1); anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -235,6 +236,15 @@ def _run(
     if not selected:
         raise ConfigError("the selection is empty; check --categories, --contexts and --items")
 
+    import torch
+    from accelerate import PartialState
+
+    # one process unless started by `accelerate launch` / torchrun; on machines
+    # without CUDA the processes talk over gloo (accelerate's MULTI_CPU)
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
+    if device is None and state.num_processes > 1:
+        device = "cpu" if on_cpu else str(state.device)
     t0 = time.perf_counter()
     loaded = load_model(model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir)
     render(selected[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
@@ -268,6 +278,20 @@ def _run(
         progress.update(task, completed=done, total=total)
 
     t1 = time.perf_counter()
+    if state.num_processes > 1:
+        from .evaluate import evaluate_distributed, read_predictions
+
+        with progress if state.is_main_process else contextlib.nullcontext():
+            evaluate_distributed(
+                loaded, selected, cfg, out=out, progress=on_progress, provenance=provenance
+            )
+        if not state.is_main_process:
+            return
+        _out.print(
+            f"merged the predictions of {state.num_processes} processes into {out} "
+            f"({len(read_predictions(out))} rows, {time.perf_counter() - t1:.1f}s)"
+        )
+        return
     with progress:
         preds = evaluate_model(
             loaded, selected, cfg, out=out, progress=on_progress, provenance=provenance

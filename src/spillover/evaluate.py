@@ -597,6 +597,112 @@ def evaluate_model(
     return _table_predictions(full)
 
 
+def part_path(out: str | Path, index: int, count: int) -> Path:
+    """File one process of a data-parallel evaluation writes its share to."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.part{index:03d}-of-{count:03d}.parquet")
+
+
+def merge_prediction_files(parts: Sequence[Path], out: str | Path) -> Path:
+    """Merge the per-process files of a data-parallel evaluation into one.
+
+    The parts hold consecutive blocks of the same sorted item list, so
+    concatenating them in process order gives the single-process row order.
+    Metadata is taken from the first part with row counts, item digest and
+    scorer statistics recomputed over all parts. The parts are removed
+    after the merged file is written (atomically).
+
+    Raises:
+        DataError: a part is missing or was made with another configuration.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables, metas = [], []
+    for p in parts:
+        if not p.is_file():
+            raise DataError(f"{p}: part of a data-parallel evaluation is missing")
+        tables.append(pq.read_table(p))
+        metas.append(read_metadata(p))
+    first = metas[0]
+    for p, m in zip(parts[1:], metas[1:], strict=True):
+        if m.get("config") != first.get("config") or m.get("model") != first.get("model"):
+            raise DataError(f"{p}: made with another configuration or model than {parts[0]}")
+    full = pa.concat_tables(tables)
+    stats: dict[str, int] = {}
+    for m in metas:
+        for k, v in (m.get("scorer_stats") or {}).items():
+            stats[k] = stats.get(k, 0) + int(v)
+    # unique keys in row order (rows of one item are adjacent): what items_digest hashes
+    keys = list(
+        dict.fromkeys(
+            zip(full.column("category").to_pylist(), full.column("example_id").to_pylist(), strict=True)
+        )
+    )
+    meta = {
+        **first,
+        "n_items": sum(int(m.get("n_items", 0)) for m in metas),
+        "n_rows": full.num_rows,
+        "items_sha256": canonical_keys_digest(keys),
+        "scorer_stats": stats,
+        "processes": len(parts),
+    }
+    _write_table(full, Path(out), meta)
+    for p in parts:
+        p.unlink()
+    return Path(out)
+
+
+def canonical_keys_digest(keys: Iterable[tuple[str, int]]) -> str:
+    """SHA-256 of ordered ``(category, example_id)`` keys, as :func:`items_digest` computes it."""
+    text = "\n".join(f"{c}\t{e}" for c, e in keys)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def evaluate_distributed(
+    loaded_model: LoadedModel,
+    items: Sequence[BBQItem],
+    cfg: EvalConfig,
+    *,
+    out: str | Path,
+    progress: ProgressFn | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Data-parallel evaluation across the processes of ``accelerate launch``.
+
+    Each process scores a consecutive block of the sorted items (accelerate's
+    ``split_between_processes``) into its own resumable part file; after a
+    barrier, the main process merges the parts into ``out``, with the same
+    rows and row order as a single-process run. With one process this is
+    :func:`evaluate_model`.
+
+    Returns:
+        ``out``.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=loaded_model.device == "cpu")
+    ordered = sort_items(items)
+    if state.num_processes == 1:
+        evaluate_model(loaded_model, ordered, cfg, out=out, progress=progress, provenance=provenance)
+        return Path(out)
+    parts = [part_path(out, i, state.num_processes) for i in range(state.num_processes)]
+    with state.split_between_processes(ordered) as share:
+        evaluate_model(
+            loaded_model,
+            list(share),
+            cfg,
+            out=parts[state.process_index],
+            progress=progress if state.is_main_process else None,
+            provenance=provenance,
+        )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_prediction_files(parts, out)
+    state.wait_for_everyone()
+    return Path(out)
+
+
 def _scorer_stats(scorer: ChoiceScorer) -> dict[str, int]:
     stats = getattr(scorer, "stats", None)
     if stats is None or not hasattr(stats, "as_dict"):
