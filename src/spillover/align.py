@@ -350,6 +350,8 @@ class AdapterRef:
     """Folder of the merged model when ``merge`` was set."""
     seconds: float = 0.0
     """Wall time of training (without loading and saving)."""
+    cpu_seconds: float = 0.0
+    """CPU time (user + system, all threads) of training; steadier than wall time on a busy machine."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -679,7 +681,88 @@ def install_pair_packing(model: Any) -> bool:
 
     backbone.forward = forward
     backbone._spillover_packing = True
+    _install_compact_head(inner, backbone)
     return True
+
+
+def _install_compact_head(inner: Any, backbone: Any) -> None:
+    """Score only completion positions in TRL's fused LM head while packing is active.
+
+    TRL's fused head projects only labelled positions on Triton devices but every
+    position elsewhere (CPU included). Within :func:`pair_packing`, this wrapper
+    runs the backbone, then TRL's own ``ChunkedLogProbFunction`` on the labelled
+    positions alone and scatters the results back, which is the computation TRL
+    does on GPUs. Models with logit scaling or soft-capping keep TRL's path.
+    """
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:  # pragma: no cover - other TRL layouts: keep TRL's head
+        return
+    text_config = inner.config.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier"):
+        if getattr(text_config, attr, None) not in (None, 1.0):
+            return
+    if getattr(text_config, "lm_head_multiplier", None) is not None:
+        return
+    if getattr(text_config, "logits_scaling", None) is not None:
+        return
+    fused = inner.forward
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        labels = kwargs.get("labels")
+        if (
+            not _PACKING.get()
+            or args
+            or not kwargs.get("fused_lm_head")
+            or labels is None
+            or kwargs.get("shift_labels") is not None
+            or kwargs.get("output_router_logits")
+            or getattr(text_config, "output_router_logits", False)
+        ):
+            return fused(*args, **kwargs)
+        call = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("fused_lm_head", "labels", "num_items_in_batch")
+        }
+        call["use_cache"] = False
+        hidden = backbone(**call).last_hidden_state[:, :-1]
+        shifted = labels[:, 1:]
+        lm_head = inner.get_output_embeddings()
+        hidden = hidden.to(lm_head.weight.device)
+        shifted = shifted.to(lm_head.weight.device)
+        mask = shifted != -100
+        per_token = ChunkedLogProbFunction.apply(
+            hidden[mask],
+            lm_head.weight,
+            lm_head.bias,
+            shifted[mask],
+            1.0,
+            32768,
+            None,
+            1.0,
+            outputs,
+        )
+        log_probs, entropy, _, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+            for x in per_token
+        )
+        n_items = kwargs.get("num_items_in_batch")
+        denom = mask.sum().clamp(min=1) if n_items is None else n_items
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom,
+            log_probs=log_probs,
+            entropy=entropy,
+            log_sum_sq_probs=None,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=None,
+        )
+
+    inner.forward = forward
 
 
 # --------------------------------------------------------------------------- data
@@ -1032,9 +1115,10 @@ def train_adapter(
         trainer = build_trainer(
             model, tok, df, cfg, tmp / "_trainer", device=device, progress=progress
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train()
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         history = [dict(h) for h in trainer.state.log_history]
         trained = trainer.model
         trained.save_pretrained(str(tmp), selected_adapters=["default"])
@@ -1091,6 +1175,7 @@ def train_adapter(
         log_history=tuple(history),
         merged=merged_dir,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
     )
 
 
