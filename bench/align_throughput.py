@@ -211,7 +211,9 @@ def run_worker(argv: list[str]) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise SystemExit(f"worker {argv[:2]} failed:\n{proc.stderr[-4000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    res = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"# {json.dumps(res)}", file=sys.stderr, flush=True)  # raw result, as soon as it is in
+    return res
 
 
 def main() -> None:

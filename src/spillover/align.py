@@ -832,13 +832,20 @@ def to_trl_dataset(df: Any, method: str) -> Any:
     return Dataset.from_dict(rows)
 
 
-def longest_pair_tokens(df: Any, tokenizer: Any) -> int:
-    """Tokens of the longest prompt + completion (+ BOS/EOS), i.e. a ``max_length`` that truncates nothing."""
+def longest_pair_tokens(rows: Any, tokenizer: Any) -> int:
+    """Tokens of the longest prompt + completion (+ BOS/EOS): a ``max_length`` that truncates nothing.
+
+    ``rows`` has ``prompt`` and either ``chosen``/``rejected`` or ``completion`` columns
+    (a DataFrame or a ``datasets.Dataset``).
+    """
+    names = list(rows.column_names if hasattr(rows, "column_names") else rows.columns)
+    cols = [c for c in ("chosen", "rejected", "completion") if c in names]
+    completions = [list(rows[c]) for c in cols]
     longest = 0
-    for prompt, chosen, rejected in zip(df["prompt"], df["chosen"], df["rejected"], strict=True):
-        for completion in (chosen, rejected):
-            n = len(tokenizer(str(prompt) + str(completion))["input_ids"])
-            longest = max(longest, n)
+    for i, prompt in enumerate(list(rows["prompt"])):
+        for values in completions:
+            text = str(prompt) + str(values[i])
+            longest = max(longest, len(tokenizer(text)["input_ids"]))
     return longest + 2
 
 
@@ -1026,7 +1033,8 @@ def build_trainer(
     from peft import PeftModel
 
     _, trainer_cls = trainer_classes(cfg.method)
-    longest = longest_pair_tokens(pairs, tokenizer)
+    dataset = used_rows(to_trl_dataset(pairs, cfg.method), cfg)
+    longest = longest_pair_tokens(dataset, tokenizer)
     max_length = cfg.max_length if cfg.max_length is not None else longest
     if max_length < longest:
         logger.warning("max_length=%d truncates the longest pairs (%d tokens)", max_length, longest)
@@ -1036,7 +1044,7 @@ def build_trainer(
     kwargs: dict[str, Any] = {
         "model": model,
         "args": args,
-        "train_dataset": used_rows(to_trl_dataset(pairs, cfg.method), cfg),
+        "train_dataset": dataset,
         "processing_class": tokenizer,
     }
     if not isinstance(model, PeftModel):
