@@ -422,16 +422,23 @@ def trainer_classes(method: str) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def _no_dataset_progress_bars() -> Any:
-    """Silence ``datasets`` progress bars (the library does not print)."""
+    """Silence ``datasets`` and TRL progress bars (the library does not print)."""
     from datasets.utils import logging as ds_logging
 
     was_enabled = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
+    # TRL's reference precompute shows a tqdm bar unless TQDM_DISABLE is set
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 @contextlib.contextmanager
