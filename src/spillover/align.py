@@ -741,7 +741,7 @@ def _install_compact_head(inner: Any, backbone: Any) -> None:
         hidden = hidden.to(lm_head.weight.device)
         shifted = shifted.to(lm_head.weight.device)
         mask = shifted != -100
-        per_token = ChunkedLogProbFunction.apply(
+        per_token = ChunkedLogProbFunction.apply(  # type: ignore[no-untyped-call]
             hidden[mask],
             lm_head.weight,
             lm_head.bias,
@@ -759,7 +759,7 @@ def _install_compact_head(inner: Any, backbone: Any) -> None:
         n_items = kwargs.get("num_items_in_batch")
         denom = mask.sum().clamp(min=1) if n_items is None else n_items
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / denom,
+            loss=-log_probs.sum() / denom,  # type: ignore[union-attr]
             log_probs=log_probs,
             entropy=entropy,
             log_sum_sq_probs=None,
