@@ -350,6 +350,8 @@ class AdapterRef:
     """Folder of the merged model when ``merge`` was set."""
     seconds: float = 0.0
     """Wall time of training (without loading and saving)."""
+    cpu_seconds: float = 0.0
+    """CPU time (user + system, all threads) of training; steadier than wall time on a busy machine."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -420,16 +422,23 @@ def trainer_classes(method: str) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def _no_dataset_progress_bars() -> Any:
-    """Silence ``datasets`` progress bars (the library does not print)."""
+    """Silence ``datasets`` and TRL progress bars (the library does not print)."""
     from datasets.utils import logging as ds_logging
 
     was_enabled = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
+    # TRL's reference precompute shows a tqdm bar unless TQDM_DISABLE is set
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
 @contextlib.contextmanager
@@ -679,7 +688,88 @@ def install_pair_packing(model: Any) -> bool:
 
     backbone.forward = forward
     backbone._spillover_packing = True
+    _install_compact_head(inner, backbone)
     return True
+
+
+def _install_compact_head(inner: Any, backbone: Any) -> None:
+    """Score only completion positions in TRL's fused LM head while packing is active.
+
+    TRL's fused head projects only labelled positions on Triton devices but every
+    position elsewhere (CPU included). Within :func:`pair_packing`, this wrapper
+    runs the backbone, then TRL's own ``ChunkedLogProbFunction`` on the labelled
+    positions alone and scatters the results back, which is the computation TRL
+    does on GPUs. Models with logit scaling or soft-capping keep TRL's path.
+    """
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:  # pragma: no cover - other TRL layouts: keep TRL's head
+        return
+    text_config = inner.config.get_text_config()
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier"):
+        if getattr(text_config, attr, None) not in (None, 1.0):
+            return
+    if getattr(text_config, "lm_head_multiplier", None) is not None:
+        return
+    if getattr(text_config, "logits_scaling", None) is not None:
+        return
+    fused = inner.forward
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        labels = kwargs.get("labels")
+        if (
+            not _PACKING.get()
+            or args
+            or not kwargs.get("fused_lm_head")
+            or labels is None
+            or kwargs.get("shift_labels") is not None
+            or kwargs.get("output_router_logits")
+            or getattr(text_config, "output_router_logits", False)
+        ):
+            return fused(*args, **kwargs)
+        call = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("fused_lm_head", "labels", "num_items_in_batch")
+        }
+        call["use_cache"] = False
+        hidden = backbone(**call).last_hidden_state[:, :-1]
+        shifted = labels[:, 1:]
+        lm_head = inner.get_output_embeddings()
+        hidden = hidden.to(lm_head.weight.device)
+        shifted = shifted.to(lm_head.weight.device)
+        mask = shifted != -100
+        per_token = ChunkedLogProbFunction.apply(  # type: ignore[no-untyped-call]
+            hidden[mask],
+            lm_head.weight,
+            lm_head.bias,
+            shifted[mask],
+            1.0,
+            32768,
+            None,
+            1.0,
+            outputs,
+        )
+        log_probs, entropy, _, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+            for x in per_token
+        )
+        n_items = kwargs.get("num_items_in_batch")
+        denom = mask.sum().clamp(min=1) if n_items is None else n_items
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / denom,  # type: ignore[union-attr]
+            log_probs=log_probs,
+            entropy=entropy,
+            log_sum_sq_probs=None,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=None,
+        )
+
+    inner.forward = forward
 
 
 # --------------------------------------------------------------------------- data
@@ -749,13 +839,20 @@ def to_trl_dataset(df: Any, method: str) -> Any:
     return Dataset.from_dict(rows)
 
 
-def longest_pair_tokens(df: Any, tokenizer: Any) -> int:
-    """Tokens of the longest prompt + completion (+ BOS/EOS), i.e. a ``max_length`` that truncates nothing."""
+def longest_pair_tokens(rows: Any, tokenizer: Any) -> int:
+    """Tokens of the longest prompt + completion (+ BOS/EOS): a ``max_length`` that truncates nothing.
+
+    ``rows`` has ``prompt`` and either ``chosen``/``rejected`` or ``completion`` columns
+    (a DataFrame or a ``datasets.Dataset``).
+    """
+    names = list(rows.column_names if hasattr(rows, "column_names") else rows.columns)
+    cols = [c for c in ("chosen", "rejected", "completion") if c in names]
+    completions = [list(rows[c]) for c in cols]
     longest = 0
-    for prompt, chosen, rejected in zip(df["prompt"], df["chosen"], df["rejected"], strict=True):
-        for completion in (chosen, rejected):
-            n = len(tokenizer(str(prompt) + str(completion))["input_ids"])
-            longest = max(longest, n)
+    for i, prompt in enumerate(list(rows["prompt"])):
+        for values in completions:
+            text = str(prompt) + str(values[i])
+            longest = max(longest, len(tokenizer(text)["input_ids"]))
     return longest + 2
 
 
@@ -943,7 +1040,8 @@ def build_trainer(
     from peft import PeftModel
 
     _, trainer_cls = trainer_classes(cfg.method)
-    longest = longest_pair_tokens(pairs, tokenizer)
+    dataset = used_rows(to_trl_dataset(pairs, cfg.method), cfg)
+    longest = longest_pair_tokens(dataset, tokenizer)
     max_length = cfg.max_length if cfg.max_length is not None else longest
     if max_length < longest:
         logger.warning("max_length=%d truncates the longest pairs (%d tokens)", max_length, longest)
@@ -953,7 +1051,7 @@ def build_trainer(
     kwargs: dict[str, Any] = {
         "model": model,
         "args": args,
-        "train_dataset": used_rows(to_trl_dataset(pairs, cfg.method), cfg),
+        "train_dataset": dataset,
         "processing_class": tokenizer,
     }
     if not isinstance(model, PeftModel):
@@ -1032,9 +1130,10 @@ def train_adapter(
         trainer = build_trainer(
             model, tok, df, cfg, tmp / "_trainer", device=device, progress=progress
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train()
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         history = [dict(h) for h in trainer.state.log_history]
         trained = trainer.model
         trained.save_pretrained(str(tmp), selected_adapters=["default"])
@@ -1091,6 +1190,7 @@ def train_adapter(
         log_history=tuple(history),
         merged=merged_dir,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
     )
 
 
