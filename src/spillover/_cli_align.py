@@ -7,14 +7,12 @@ stages that prints; the library reports through logging and callbacks.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,26 +23,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .errors import ConfigError, SpilloverError
-
-console = Console()
-err_console = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line_errors(func: F) -> F:
-    """Show :class:`SpilloverError` as one line on stderr and exit 1 (other errors keep tracebacks)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except SpilloverError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
-
-    return wrapper  # type: ignore[return-value]
+from ._cli_common import console, err_console, handle_errors
+from .errors import ConfigError
 
 
 def _warn(message: str) -> None:
@@ -54,7 +34,7 @@ def _warn(message: str) -> None:
 # --------------------------------------------------------------------------- prefs
 
 
-@_one_line_errors
+@handle_errors
 def prefs_command(
     target: Annotated[
         list[str],
@@ -206,7 +186,7 @@ def _training_progress(
             progress.stop()
 
 
-@_one_line_errors
+@handle_errors
 def align_command(
     model: Annotated[str, typer.Option(help="Model alias, hub id or folder.", show_default=False)],
     pairs: Annotated[

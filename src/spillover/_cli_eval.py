@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,10 +23,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ._cli_common import console, err_console, fail
 from .errors import ConfigError, ModelError, SpilloverError
 
-_out = Console()
-_err = Console(stderr=True)
+_out = console
+_err = err_console
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -156,8 +156,7 @@ def eval_command(
             limit=limit,
         )
     except SpilloverError as exc:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc)) from None
 
 
 def _run(

@@ -55,25 +55,33 @@ def run_command(
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Validate, print the planned stages, item counts and compute; do nothing."),
+        typer.Option(
+            "--dry-run",
+            help="Validate, print the planned stages, item counts and compute; do nothing.",
+        ),
     ] = False,
     report_to: Annotated[
         str | None,
         typer.Option(
-            "--report-to", help="Training logs to tensorboard, wandb or none (overrides align.report_to).",
+            "--report-to",
+            help="Training logs to tensorboard, wandb or none (overrides align.report_to).",
             show_default=False,
         ),
     ] = None,
     bbq_dir: Annotated[
         Path | None,
-        typer.Option("--bbq-dir", help="BBQ folder (overrides bbq.dir).", envvar="SPILLOVER_BBQ_DIR",
-                     show_default=False),
+        typer.Option(
+            "--bbq-dir",
+            help="BBQ folder (overrides bbq.dir).",
+            envvar="SPILLOVER_BBQ_DIR",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Run the study: baseline eval -> prefs -> align -> aligned eval -> compare -> report."""
     import dataclasses
 
-    from .runs import RunConfig, plan_run, run_study, summary_rows
+    from .runs import RunConfig, plan_run, run_study
 
     cfg = RunConfig.load(config) if config is not None else RunConfig.default()
     if report_to is not None:
@@ -115,8 +123,12 @@ def run_command(
             progress.update(tasks[stage], completed=info["done"], total=info["total"], info=extra)
         elif status == "done" and stage in tasks:
             task = progress.tasks[tasks[stage]]
-            progress.update(tasks[stage], total=task.total or 1, completed=task.total or 1,
-                            info=f"{info.get('seconds', 0):.1f} s")
+            progress.update(
+                tasks[stage],
+                total=task.total or 1,
+                completed=task.total or 1,
+                info=f"{info.get('seconds', 0):.1f} s",
+            )
 
     with progress:
         dirs = run_study(cfg, run_dir, force=force or (), on_event=on_event)
@@ -140,7 +152,9 @@ def _print_summary(run_dir: Path) -> None:
         warn(str(w))
     table = Table(title=f"Significant changes after correction: {run_dir.name or run_dir}")
     for col in ("category", "context", "n", "Δ accuracy", "p adj.", "change"):
-        table.add_column(col, justify="left" if col in ("category", "context", "change") else "right")
+        table.add_column(
+            col, justify="left" if col in ("category", "context", "change") else "right"
+        )
     for s in rows:
         flags = s.get("flags") or []
         change = "[red]degraded[/]" if "significant_degradation" in flags else "[blue]improved[/]"
@@ -159,5 +173,7 @@ def _print_summary(run_dir: Path) -> None:
     else:
         console.print(f"{run_dir}: no stratum changed significantly after correction")
     for flag in comp.get("flags") or []:
-        console.print(f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation', '')}",
-                      highlight=False)
+        console.print(
+            f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation', '')}",
+            highlight=False,
+        )

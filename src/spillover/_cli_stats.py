@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ._cli_common import fail
 from .errors import SpilloverError
 
 if TYPE_CHECKING:
@@ -42,9 +43,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except SpilloverError as exc:
-        message = " ".join(str(exc).split())
-        Console(stderr=True).print(Text(f"error: {message}", style="red"), soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(" ".join(str(exc).split())) from None
 
 
 def _warn(lines: list[str]) -> None:

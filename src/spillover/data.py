@@ -708,7 +708,9 @@ def _load_from(
             "SHA-256 digests (accepted with --allow-unverified); results are not comparable "
             "with published BBQ numbers"
         )
-        logger.warning(messages[0])
+        # surfaced by every consumer through BBQData.warnings (printed by the CLI,
+        # recorded in outputs), so it is only logged at INFO here
+        logger.info(messages[0])
     return BBQData(tuple(items), source, root, tuple(checks), tuple(messages))
 
 

@@ -636,7 +636,11 @@ def merge_prediction_files(parts: Sequence[Path], out: str | Path) -> Path:
     # unique keys in row order (rows of one item are adjacent): what items_digest hashes
     keys = list(
         dict.fromkeys(
-            zip(full.column("category").to_pylist(), full.column("example_id").to_pylist(), strict=True)
+            zip(
+                full.column("category").to_pylist(),
+                full.column("example_id").to_pylist(),
+                strict=True,
+            )
         )
     )
     meta = {
@@ -684,7 +688,9 @@ def evaluate_distributed(
     state = PartialState(cpu=loaded_model.device == "cpu")
     ordered = sort_items(items)
     if state.num_processes == 1:
-        evaluate_model(loaded_model, ordered, cfg, out=out, progress=progress, provenance=provenance)
+        evaluate_model(
+            loaded_model, ordered, cfg, out=out, progress=progress, provenance=provenance
+        )
         return Path(out)
     parts = [part_path(out, i, state.num_processes) for i in range(state.num_processes)]
     with state.split_between_processes(ordered) as share:

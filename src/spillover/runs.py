@@ -45,7 +45,15 @@ from . import __version__
 from ._config_yaml import YamlDoc, build_dataclass, check_keys, load_yaml
 from ._io import atomic_write_json, atomic_write_text
 from ._rundir import canonical_hash, is_done, mark_done, write_manifest
-from .data import CONTEXTS, BBQData, BBQItem, load_bbq, read_item_list, resolve_categories, select_items
+from .data import (
+    CONTEXTS,
+    BBQData,
+    BBQItem,
+    load_bbq,
+    read_item_list,
+    resolve_categories,
+    select_items,
+)
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -165,7 +173,16 @@ class ReportSection:
 
 
 # Keys of AlignConfig that the run sets itself (not allowed in the `align` section).
-_ALIGN_RESERVED = ("model", "output_dir", "method", "seed", "device", "adapter", "overwrite", "dtype")
+_ALIGN_RESERVED = (
+    "model",
+    "output_dir",
+    "method",
+    "seed",
+    "device",
+    "adapter",
+    "overwrite",
+    "dtype",
+)
 _TOP_KEYS = (
     "name", "model", "target", "method", "seed", "device", "dtype",
     "bbq", "eval", "prefs", "align", "compare", "report",
@@ -264,7 +281,9 @@ class RunConfig:
                 raise ConfigError(f"{where('target', str(i))}: `target`: {exc}") from None
         seeds_raw = data.get("seed", [0])
         seeds_list = seeds_raw if isinstance(seeds_raw, list) else [seeds_raw]
-        if not seeds_list or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_list):
+        if not seeds_list or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds_list
+        ):
             raise ConfigError(f"{where('seed')}: `seed` must be an integer or a list of integers")
         name = data.get("name", cls.name)
         if not isinstance(name, str) or not name.strip():
@@ -286,7 +305,9 @@ class RunConfig:
         prefs = build_dataclass(PrefsSection, data.get("prefs"), doc=doc, section=["prefs"])
         cmp_ = build_dataclass(CompareSection, data.get("compare"), doc=doc, section=["compare"])
         _check_choice(cmp_.test, ("exact", "midp", "chi2", "chi2-cc", "auto"), "compare.test", doc)
-        _check_choice(cmp_.correction, ("holm", "bh", "bonferroni", "none"), "compare.correction", doc)
+        _check_choice(
+            cmp_.correction, ("holm", "bh", "bonferroni", "none"), "compare.correction", doc
+        )
         _check_choice(cmp_.cluster, ("item", "template"), "compare.cluster", doc)
         _check_choice(prefs.strategy, ("stereotype", "all-wrong"), "prefs.strategy", doc)
         _check_compare(cmp_, doc)
@@ -327,7 +348,9 @@ class RunConfig:
         """Every model x target x method x seed combination."""
         return [
             SubRun(m, t, meth, s)
-            for m, t, meth, s in itertools.product(self.models, self.targets, self.methods, self.seeds)
+            for m, t, meth, s in itertools.product(
+                self.models, self.targets, self.methods, self.seeds
+            )
         ]
 
     @property
@@ -405,7 +428,9 @@ class SubRun:
     @property
     def slug(self) -> str:
         """Folder name of this sub-run inside a sweep."""
-        model = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(self.model).name if "/" in self.model else self.model)
+        model = re.sub(
+            r"[^A-Za-z0-9.-]+", "-", Path(self.model).name if "/" in self.model else self.model
+        )
         target = "+".join(self.target)
         return f"{model}__{target}__{self.method}__s{self.seed}"
 
@@ -448,17 +473,24 @@ _PARAMS = {
 }
 
 
-def _estimate(model: str, items: Sequence[BBQItem], n_pairs: int, steps: int, batch: int) -> dict[str, Any]:
+def _estimate(
+    model: str, items: Sequence[BBQItem], n_pairs: int, steps: int, batch: int
+) -> dict[str, Any]:
     # ~4 characters per token is a rough English average; prompts are shared by their answers
     eval_tokens = sum(
-        (len(it.context) + len(it.question) + 12 + sum(len(a) + 1 for a in it.answers)) / 4 for it in items
+        (len(it.context) + len(it.question) + 12 + sum(len(a) + 1 for a in it.answers)) / 4
+        for it in items
     )
     pair_tokens = (
-        sum(len(it.context) + len(it.question) + 40 for it in items[: max(1, len(items))]) / max(1, len(items)) / 4
+        sum(len(it.context) + len(it.question) + 40 for it in items[: max(1, len(items))])
+        / max(1, len(items))
+        / 4
     )
     params = _PARAMS.get(model)
     if params is None:
-        return {"summary": f"~{eval_tokens * 2 / 1e6:.2f} M tokens scored (parameter count unknown)"}
+        return {
+            "summary": f"~{eval_tokens * 2 / 1e6:.2f} M tokens scored (parameter count unknown)"
+        }
     eval_flops = 2 * params * eval_tokens * 2  # two evaluations
     # policy forward + backward (~3x forward) on chosen and rejected, plus a reference forward
     train_flops = steps * batch * 2 * pair_tokens * params * 2 * 4
@@ -514,7 +546,9 @@ def _file_digest(path: Path) -> str:
 def _dir_digest(path: Path) -> str:
     from ._rundir import files_digest
 
-    return canonical_hash({str(Path(k).relative_to(path)): v for k, v in files_digest([path]).items()})
+    return canonical_hash(
+        {str(Path(k).relative_to(path)): v for k, v in files_digest([path]).items()}
+    )
 
 
 def load_items(cfg: RunConfig, seed: int, data: BBQData) -> list[BBQItem]:
@@ -559,14 +593,20 @@ def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
     for model in cfg.models:
         acfg = AlignConfig.from_preset(model, "unused", method=cfg.methods[0], **dict(cfg.align))
         steps = acfg.max_steps or int(
-            (acfg.epochs or 1) * max(train.values() or [0]) / max(1, acfg.batch_size * acfg.grad_accum)
+            (acfg.epochs or 1)
+            * max(train.values() or [0])
+            / max(1, acfg.batch_size * acfg.grad_accum)
         )
-        estimate[model] = _estimate(model, items, max(train.values() or [0]), steps, acfg.batch_size * acfg.grad_accum)
+        estimate[model] = _estimate(
+            model, items, max(train.values() or [0]), steps, acfg.batch_size * acfg.grad_accum
+        )
     return Plan(tuple(cfg.sub_runs()), len(items), train, held, estimate)
 
 
 def _load_data(cfg: RunConfig) -> BBQData:
-    return load_bbq(cfg.bbq.dir, cache_dir=cfg.bbq.cache_dir, allow_unverified=cfg.bbq.allow_unverified)
+    return load_bbq(
+        cfg.bbq.dir, cache_dir=cfg.bbq.cache_dir, allow_unverified=cfg.bbq.allow_unverified
+    )
 
 
 def run_study(
@@ -623,7 +663,12 @@ def _write_config(run_dir: Path, cfg: RunConfig, sub: SubRun | None = None) -> N
     data = cfg.to_dict()
     if sub is not None:
         data.update(
-            {"model": [sub.model], "target": ["+".join(sub.target)], "method": [sub.method], "seed": [sub.seed]}
+            {
+                "model": [sub.model],
+                "target": ["+".join(sub.target)],
+                "method": [sub.method],
+                "seed": [sub.seed],
+            }
         )
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
@@ -694,7 +739,11 @@ def _stage_key(ctx: _Context, name: str) -> tuple[str, None]:
     bbq = _bbq_digest(ctx.data)
     base = {"spillover": __version__, "bbq": bbq, "model": sub.model, "dtype": cfg.dtype}
     if name == "eval-base":
-        parts: dict[str, Any] = {**base, "eval": dataclasses.asdict(cfg.eval), "items": _item_keys_digest(ctx.items)}
+        parts: dict[str, Any] = {
+            **base,
+            "eval": dataclasses.asdict(cfg.eval),
+            "items": _item_keys_digest(ctx.items),
+        }
     elif name == "prefs":
         parts = {
             **base,
@@ -746,8 +795,13 @@ def _eval_progress(ctx: _Context, stage: str) -> Callable[[int, int], None]:
 def _load(ctx: _Context, adapter: Path | None) -> Any:
     from .models import load_model
 
-    return load_model(ctx.sub.model, adapter=adapter, device=ctx.cfg.device, dtype=ctx.cfg.dtype,
-                      cache_dir=ctx.cfg.bbq.cache_dir)
+    return load_model(
+        ctx.sub.model,
+        adapter=adapter,
+        device=ctx.cfg.device,
+        dtype=ctx.cfg.dtype,
+        cache_dir=ctx.cfg.bbq.cache_dir,
+    )
 
 
 def _eval_config(ctx: _Context) -> Any:
@@ -839,7 +893,13 @@ def _stage_eval_aligned(ctx: _Context) -> tuple[str, list[Path]]:
 
 def _stage_compare(ctx: _Context) -> tuple[str, list[Path]]:
     from .prefs import heldout_templates
-    from .stats import CompareConfig, compare_runs, join_with_bbq, load_and_compare, read_predictions
+    from .stats import (
+        CompareConfig,
+        compare_runs,
+        join_with_bbq,
+        load_and_compare,
+        read_predictions,
+    )
 
     c = ctx.cfg.compare
     ccfg = CompareConfig(
@@ -866,7 +926,9 @@ def _stage_compare(ctx: _Context) -> tuple[str, list[Path]]:
     aligned = join_with_bbq(read_predictions(aligned_path), ctx.data)
 
     def on_heldout(df: Any) -> Any:
-        mask = df.apply(lambda r: int(r["question_index"]) in held.get(r["category"], set()), axis=1)
+        mask = df.apply(
+            lambda r: int(r["question_index"]) in held.get(r["category"], set()), axis=1
+        )
         return df[mask.astype(bool)]
 
     hb, ha = on_heldout(base), on_heldout(aligned)
@@ -893,7 +955,10 @@ def _stage_report(ctx: _Context) -> tuple[str, list[Path]]:
     path = write_report(
         ctx.run_dir,
         ReportConfig(
-            alpha=ctx.cfg.compare.alpha, formats=r.formats, figure_formats=r.figure_formats, title=r.title
+            alpha=ctx.cfg.compare.alpha,
+            formats=r.formats,
+            figure_formats=r.figure_formats,
+            title=r.title,
         ),
     )
     outs = [path]
@@ -916,7 +981,12 @@ def _write_run_manifest(ctx: _Context) -> None:
                 "method": ctx.sub.method,
                 "seed": ctx.sub.seed,
             },
-            "seeds": {"sample": ctx.sub.seed, "split": ctx.sub.seed, "train": ctx.sub.seed, "bootstrap": ctx.sub.seed},
+            "seeds": {
+                "sample": ctx.sub.seed,
+                "split": ctx.sub.seed,
+                "train": ctx.sub.seed,
+                "bootstrap": ctx.sub.seed,
+            },
             "bbq": data.provenance(),
             "models": [{"role": role, **info} for role, info in ctx.models.items()]
             or [{"role": "base", "model": ctx.sub.model}],
