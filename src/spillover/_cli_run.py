@@ -174,6 +174,6 @@ def _print_summary(run_dir: Path) -> None:
         console.print(f"{run_dir}: no stratum changed significantly after correction")
     for flag in comp.get("flags") or []:
         console.print(
-            f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation', '')}",
+            f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation') or flag.get('message', '')}",
             highlight=False,
         )

@@ -176,6 +176,7 @@ class SimpsonFlag:
         """JSON-ready view."""
         out = dataclasses.asdict(self)
         out["strata"] = [dict(s) for s in self.strata]
+        out["explanation"] = self.message  # the key report readers look for
         return _json_safe(out)  # type: ignore[no-any-return]
 
 

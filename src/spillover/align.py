@@ -938,6 +938,16 @@ def lora_config(cfg: AlignConfig) -> Any:
     )
 
 
+def _checkpointing_key() -> str:
+    """``activation_checkpointing`` where transformers renamed ``gradient_checkpointing``."""
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dc.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def trl_config(
     cfg: AlignConfig, output_dir: str | os.PathLike[str], *, device: str, max_length: int | None
 ) -> Any:
@@ -957,7 +967,7 @@ def trl_config(
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "max_length": max_length,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        _checkpointing_key(): cfg.gradient_checkpointing,
         "bf16": cfg.bf16,
         "fp16": False,
         "use_cpu": device == "cpu",
