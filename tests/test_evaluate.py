@@ -319,7 +319,7 @@ class DisplayedFirst:
 
 @pytest.mark.parametrize("mode", ["none", "cyclic", "all"])
 def test_permutations_map_back_to_original_indices(tiny: Any, mode: str) -> None:
-    cfg = EvalConfig(permutations=mode)
+    cfg = EvalConfig(precision="model", permutations=mode)
     preds = evaluate_model(tiny, ITEMS[:4], cfg, scorer=DisplayedFirst())
     orders = permutations(mode)
     assert len(preds) == 4 * len(orders)
@@ -357,7 +357,7 @@ def test_length_norms() -> None:
 
 def test_evaluate_writes_sorted_file_with_metadata(tiny: Any, tmp_path: Path) -> None:
     out = tmp_path / "preds.parquet"
-    cfg = EvalConfig(permutations="cyclic", chunk_items=5, batch_tokens=256)
+    cfg = EvalConfig(precision="model", permutations="cyclic", chunk_items=5, batch_tokens=256)
     shuffled = list(reversed(ITEMS))
     preds = evaluate_model(tiny, shuffled, cfg, out=out, provenance={"bbq": {"warnings": ["w"]}})
     assert out.is_file() and not shard_dir(out).exists()
@@ -380,7 +380,9 @@ def test_evaluate_writes_sorted_file_with_metadata(tiny: Any, tmp_path: Path) ->
     assert meta["bbq"]["warnings"] == ["w"]
     assert meta["n_rows"] == len(df)
     # same items in any order, other chunking: same predictions
-    again = evaluate_model(tiny, ITEMS, EvalConfig(permutations="cyclic", chunk_items=100))
+    again = evaluate_model(
+        tiny, ITEMS, EvalConfig(precision="model", permutations="cyclic", chunk_items=100)
+    )
     for a, b in zip(preds, again, strict=True):
         assert (a.category, a.example_id, a.permutation, a.pred_index) == (
             b.category,
@@ -397,7 +399,7 @@ def test_resume_refuses_a_different_config(tiny: Any, tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"format": 1, "config": {"x": 1}}))
     with pytest.raises(ConfigError, match="different configuration"):
-        evaluate_model(tiny, ITEMS[:2], EvalConfig(), out=out)
+        evaluate_model(tiny, ITEMS[:2], EvalConfig(precision="model"), out=out)
 
 
 def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path: Path) -> None:
@@ -424,7 +426,7 @@ def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path:
         (merged_dir / f).write_bytes((tiny_dir / f).read_bytes())
 
     # per-token means: summed log-probs of a random model mostly reward short answers
-    cfg = EvalConfig(permutations="cyclic", length_norm="token")
+    cfg = EvalConfig(precision="model", permutations="cyclic", length_norm="token")
     plain = evaluate_model(load_model(str(tiny_dir), device="cpu"), ITEMS, cfg)
     adapted_lm = load_model(str(tiny_dir), adapter=adapter_dir, device="cpu")
     assert type(adapted_lm.model).__name__.startswith("PeftModel")
@@ -444,7 +446,9 @@ def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path:
 def test_letters_chat_scores_the_letter(tiny: Any) -> None:
     # 'whole': the letter alone is the assistant's first token
     preds = evaluate_model(
-        tiny, ITEMS[:3], EvalConfig(prompt_format="letters-chat", boundary="whole")
+        tiny,
+        ITEMS[:3],
+        EvalConfig(precision="model", prompt_format="letters-chat", boundary="whole"),
     )
     assert all((p.n_tokens_0, p.n_tokens_1, p.n_tokens_2) == (1, 1, 1) for p in preds)
     # 'lm-eval': the template's trailing newline moves into every continuation
@@ -644,7 +648,7 @@ def test_smollm2_forward_and_lm_eval_boundary() -> None:
         (opt,) = scorer.encode([ChoiceRequest(context, (continuation,))])[0]
         ctx, cont = _lm_eval_split(lm.tokenizer, context, continuation)
         assert (list(opt.context), list(opt.continuation)) == (ctx, cont)
-    preds = evaluate_model(lm, ITEMS[:2], EvalConfig())
+    preds = evaluate_model(lm, ITEMS[:2], EvalConfig(precision="model"))
     assert all(p.score_0 < 0 and p.score_1 < 0 and p.score_2 < 0 for p in preds)
     got = scorer.score(_requests(ITEMS[:2]))
     enc = scorer.encode(_requests(ITEMS[:2]))
@@ -660,7 +664,7 @@ def test_full_bbq_prompts_render_and_tokenise(tiny: Any, full_bbq: Any) -> None:
     data = full_bbq
     picked = select_items(data.items, per_stratum=2, seed=0)
     assert len({it.category for it in picked}) == 11
-    preds = evaluate_model(tiny, picked, EvalConfig(permutations="cyclic"))
+    preds = evaluate_model(tiny, picked, EvalConfig(precision="model", permutations="cyclic"))
     assert len(preds) == 3 * len(picked)
 
 
@@ -689,6 +693,7 @@ def test_two_process_evaluation_merges_to_the_single_process_file(
     args = [
         "-m", "spillover", "eval", "--model", str(tiny_dir), "--bbq-dir", str(mini_dir),
         "--allow-unverified", "--per-stratum", "3", "--chunk-items", "5", "--device", "cpu",
+        "--precision", "model",
     ]  # fmt: skip
     single, merged = tmp_path / "single.parquet", tmp_path / "merged.parquet"
     subprocess.run([sys.executable, *args, "--out", str(single)], check=True, capture_output=True)
@@ -707,3 +712,38 @@ def test_two_process_evaluation_merges_to_the_single_process_file(
     meta = read_metadata(merged)
     assert meta["processes"] == 2 and meta["n_items"] == len(a)
     assert meta["items_sha256"] == read_metadata(single)["items_sha256"]
+
+
+def test_bf16_verified_predictions_equal_full_precision(tiny: Any) -> None:
+    """bf16 autocast with full-precision rescoring of close calls: same predictions as fp32."""
+    items = ITEMS * 1
+    exact = evaluate_model(tiny, items, EvalConfig(precision="model", permutations="cyclic"))
+    scorer = HFChoiceScorer(tiny.model, tiny.tokenizer)
+    fast = evaluate_model(
+        tiny,
+        items,
+        EvalConfig(precision="bf16-verified", permutations="cyclic", verify_margin=0.5),
+        scorer=scorer,
+    )
+    assert [p.pred_index for p in fast] == [p.pred_index for p in exact]
+    # bf16 really ran: scores differ from fp32 somewhere, and close calls were rescored
+    diffs = [abs(a.score_0 - b.score_0) for a, b in zip(fast, exact, strict=True)]
+    assert max(diffs) > 0
+    # an unbounded margin rescores every request: full-precision scores throughout
+    every = HFChoiceScorer(tiny.model, tiny.tokenizer)
+    again = evaluate_model(
+        tiny,
+        items,
+        EvalConfig(precision="bf16-verified", permutations="cyclic", verify_margin=1e9),
+        scorer=every,
+    )
+    assert every.stats.verified_requests == len(exact)
+    assert max(abs(a.score_1 - b.score_1) for a, b in zip(again, exact, strict=True)) < 1e-4
+    # a zero margin rescores nothing
+    none = HFChoiceScorer(tiny.model, tiny.tokenizer)
+    evaluate_model(
+        tiny, items, EvalConfig(precision="bf16-verified", verify_margin=0.0), scorer=none
+    )
+    assert none.stats.verified_requests == 0
+    with pytest.raises(ConfigError, match="`precision`='fp8'"):
+        EvalConfig(precision="fp8").validate()

@@ -108,6 +108,15 @@ def eval_command(
             "char (per character, lm-eval acc_norm) or byte (per UTF-8 byte).",
         ),
     ] = "none",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto (bf16-verified for float32 weights where bf16 is fast, else model), "
+            "model (the weights' dtype), or bf16-verified (bf16 autocast; close calls rescored "
+            "in full precision, so predictions match full precision).",
+        ),
+    ] = "auto",
     batch_tokens: Annotated[
         int, typer.Option("--batch-tokens", help="Token budget of one forward pass.", min=64)
     ] = 4096,
@@ -149,6 +158,7 @@ def eval_command(
             prompt_format=prompt_format,
             permutations=permutations,
             length_norm=length_norm,
+            precision=precision,
             batch_tokens=batch_tokens,
             chunk_items=chunk_items,
             device=device,
@@ -176,6 +186,7 @@ def _run(
     prompt_format: str,
     permutations: str,
     length_norm: str,
+    precision: str,
     batch_tokens: int,
     chunk_items: int,
     device: str | None,
@@ -206,6 +217,7 @@ def _run(
         permutations=permutations,
         batch_tokens=batch_tokens,
         length_norm=length_norm,
+        precision=precision,
         chunk_items=chunk_items,
         seed=seed,
     ).validate()

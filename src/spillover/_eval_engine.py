@@ -78,6 +78,8 @@ class ScorerStats:
     """Token positions run through the model, padding included."""
     batches: int = 0
     """Forward passes."""
+    verified_requests: int = 0
+    """Requests rescored in full precision after a bf16 pass (``precision="bf16-verified"``)."""
 
     def as_dict(self) -> dict[str, int]:
         """Plain dict view."""
@@ -86,6 +88,7 @@ class ScorerStats:
             "boundary_merges": self.boundary_merges,
             "split_requests": self.split_requests,
             "forward_tokens": self.forward_tokens,
+            "verified_requests": self.verified_requests,
             "batches": self.batches,
         }
 
@@ -281,6 +284,8 @@ class HFChoiceScorer:
         self.boundary = boundary
         self.add_special_tokens = add_special_tokens
         self.max_row_tokens = max_row_tokens
+        self.autocast_bf16 = False
+        """Run the decoder under bfloat16 autocast (AMX / tensor cores); the LM head stays fp32."""
         self.stats = ScorerStats()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config = base.config
@@ -483,13 +488,17 @@ class HFChoiceScorer:
         mask = torch.zeros((n, 1, width, width), dtype=self._dtype)
         mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self._dtype).min)
         dev = self._device
-        out = self._decoder(
-            input_ids=ids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=pos.to(dev),
-            use_cache=False,
-        )
+        with torch.autocast(
+            device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+        ):
+            out = self._decoder(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                use_cache=False,
+            )
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        hidden = hidden.to(self._head.weight.dtype)
         # the LM head runs once per distinct scored position
         uniq = sorted(set(flat_idx))
         where = {f: i for i, f in enumerate(uniq)}

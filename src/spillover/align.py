@@ -945,7 +945,11 @@ def _checkpointing_key() -> str:
     from transformers import TrainingArguments
 
     names = {f.name for f in dc.fields(TrainingArguments)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
 
 
 def trl_config(

@@ -120,6 +120,8 @@ class EvalSection:
     """Prediction rule: ``none`` (summed log-prob), ``token``, ``char`` or ``byte``."""
     chunk_items: int = 256
     """Items per shard (the unit an interrupted evaluation resumes from)."""
+    precision: str = "auto"
+    """``auto``, ``model`` or ``bf16-verified`` (see ``spillover eval --help``)."""
 
     def __post_init__(self) -> None:
         if self.chunk_items < 1:
@@ -380,6 +382,7 @@ def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
 
     _check_choice(evs.prompt_format, PROMPT_FORMATS, "eval.prompt_format", doc)
     _check_choice(evs.permutations, PERMUTATION_MODES, "eval.permutations", doc)
+    _check_choice(evs.precision, ("auto", "model", "bf16-verified"), "eval.precision", doc)
     for i, c in enumerate(evs.contexts):
         if c not in CONTEXTS:
             where = doc.where(["eval", "contexts", str(i)]) if doc is not None else "config"
@@ -685,7 +688,7 @@ def _run_one(ctx: _Context) -> None:
     forcing = False
     for name, fn in steps:
         forcing = forcing or name in ctx.force
-        key, outputs_fn = _stage_key(ctx, name)
+        key = _stage_key(ctx, name)
         stage_dir = _stage_dir(ctx.run_dir, name)
         done = None if forcing else is_done(ctx.run_dir, stage_dir, key)
         if done is None and not forcing and name == "eval-base" and ctx.cfg.is_sweep:
@@ -734,7 +737,7 @@ def _stage_dir(run_dir: Path, name: str) -> Path:
     }[name]
 
 
-def _stage_key(ctx: _Context, name: str) -> tuple[str, None]:
+def _stage_key(ctx: _Context, name: str) -> str:
     cfg, sub, rd = ctx.cfg, ctx.sub, ctx.run_dir
     bbq = _bbq_digest(ctx.data)
     base = {"spillover": __version__, "bbq": bbq, "model": sub.model, "dtype": cfg.dtype}
@@ -782,7 +785,7 @@ def _stage_key(ctx: _Context, name: str) -> tuple[str, None]:
             "comparison": _file_digest(rd / "stats" / "comparison.json"),
             "log": _file_digest(rd / "align" / "log_history.json"),
         }
-    return canonical_hash(parts), None
+    return canonical_hash(parts)
 
 
 def _eval_progress(ctx: _Context, stage: str) -> Callable[[int, int], None]:
@@ -814,6 +817,7 @@ def _eval_config(ctx: _Context) -> Any:
         batch_tokens=ev.batch_tokens,
         length_norm=ev.length_norm,
         chunk_items=ev.chunk_items,
+        precision=ev.precision,
         seed=ctx.sub.seed,
     )
 
