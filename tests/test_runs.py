@@ -43,29 +43,68 @@ def test_shipped_configs_validate() -> None:
     assert paper.eval.per_stratum is None and paper.compare.correction == "holm"
     assert len(paper.sub_runs()) == 3
     beyond = RunConfig.load(CONFIGS / "beyond.yaml")
-    assert (("Gender_identity", "Race_ethnicity") in beyond.targets) and len(beyond.sub_runs()) == 27
+    assert (("Gender_identity", "Race_ethnicity") in beyond.targets) and len(
+        beyond.sub_runs()
+    ) == 27
     assert beyond.eval.permutations == "cyclic" and beyond.compare.cluster == "template"
 
 
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
-        ("model: smollm2-135m\nevl:\n  per_stratum: 3\n", r"study\.yaml:2: unknown key `evl` \(did you mean `eval`\?\)"),
-        ("eval:\n  per_stratum: 3\n  prompt_fromat: lm-eval\n", r"study\.yaml:3: unknown key `eval\.prompt_fromat` \(did you mean `prompt_format`\?\)"),
-        ("eval:\n  per_stratum: many\n", r"study\.yaml:2: `eval\.per_stratum`: Input should be a valid integer.*'many'"),
+        (
+            "model: smollm2-135m\nevl:\n  per_stratum: 3\n",
+            r"study\.yaml:2: unknown key `evl` \(did you mean `eval`\?\)",
+        ),
+        (
+            "eval:\n  per_stratum: 3\n  prompt_fromat: lm-eval\n",
+            r"study\.yaml:3: unknown key `eval\.prompt_fromat` \(did you mean `prompt_format`\?\)",
+        ),
+        (
+            "eval:\n  per_stratum: many\n",
+            r"study\.yaml:2: `eval\.per_stratum`: Input should be a valid integer.*'many'",
+        ),
         ("model: mistral-8b\n", r"study\.yaml:1: unknown model preset `mistral-8b`"),
-        ("target: [gender, religon]\n", r"study\.yaml:1: `target`: unknown BBQ category 'religon' \(did you mean 'Religion'\?\)"),
+        (
+            "target: [gender, religon]\n",
+            r"study\.yaml:1: `target`: unknown BBQ category 'religon' \(did you mean 'Religion'\?\)",
+        ),
         ("method: dpoo\n", r"study\.yaml:1: unknown method `dpoo` \(did you mean `dpo`\?\)"),
-        ("align:\n  lora_rank: 8\n", r"study\.yaml:2: unknown key `align\.lora_rank` \(did you mean `lora_r`\?\)"),
-        ("align:\n  method: ipo\n", r"study\.yaml:2: `align\.method` is set by the run \(use the top-level `method` key\)"),
+        (
+            "align:\n  lora_rank: 8\n",
+            r"study\.yaml:2: unknown key `align\.lora_rank` \(did you mean `lora_r`\?\)",
+        ),
+        (
+            "align:\n  method: ipo\n",
+            r"study\.yaml:2: `align\.method` is set by the run \(use the top-level `method` key\)",
+        ),
         ("compare:\n  correction: fdr\n", r"study\.yaml:2: `compare\.correction`='fdr'"),
-        ("eval:\n  per_stratum: 3\n  items: x.csv\n", r"study\.yaml:1: `eval`: give either `per_stratum` or `items`"),
+        (
+            "eval:\n  per_stratum: 3\n  items: x.csv\n",
+            r"study\.yaml:1: `eval`: give either `per_stratum` or `items`",
+        ),
         ("seed: [0, x]\n", r"study\.yaml:1: `seed` must be an integer"),
-        ("compare:\n  bootstrap: 50\n", r"study\.yaml:1: `compare`: `bootstrap`=50; expected 0 \(off\) or at least 100"),
+        (
+            "compare:\n  bootstrap: 50\n",
+            r"study\.yaml:1: `compare`: `bootstrap`=50; expected 0 \(off\) or at least 100",
+        ),
         ("model: [a\n", r"study\.yaml:2: invalid YAML"),
     ],
-    ids=["top", "nested", "type", "preset", "attribute", "method", "align-key", "align-reserved",
-         "choice", "cross-field", "seed", "bootstrap", "yaml"],
+    ids=[
+        "top",
+        "nested",
+        "type",
+        "preset",
+        "attribute",
+        "method",
+        "align-key",
+        "align-reserved",
+        "choice",
+        "cross-field",
+        "seed",
+        "bootstrap",
+        "yaml",
+    ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
@@ -104,11 +143,23 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_paper_dry_run(full_bbq_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "paper"
     result = runner.invoke(
-        app, ["run", str(CONFIGS / "paper.yaml"), "--dry-run", "--bbq-dir", str(full_bbq_dir), "--out", str(out)]
+        app,
+        [
+            "run",
+            str(CONFIGS / "paper.yaml"),
+            "--dry-run",
+            "--bbq-dir",
+            str(full_bbq_dir),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "3 sub-run(s)" in text and "eval-base -> prefs -> align -> eval-aligned -> compare -> report" in text
+    assert (
+        "3 sub-run(s)" in text
+        and "eval-base -> prefs -> align -> eval-aligned -> compare -> report" in text
+    )
     # nine categories, every item: 58,492 minus Race_x_SES and Race_x_gender
     assert "eval 31372 items x 2 models" in text
     assert "compute mistral-7b:" in text and "TFLOP" in text
@@ -141,7 +192,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-model"))
 
 
-def test_tiny_run_end_to_end_and_resume(tiny_model_dir: Path, mini_dir: Path, tmp_path: Path) -> None:
+def test_tiny_run_end_to_end_and_resume(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
     cfg = RunConfig.from_mapping(tiny_study(str(tiny_model_dir), mini_dir))
     events: list[tuple[str, str]] = []
     out = tmp_path / "run"
