@@ -141,13 +141,14 @@ def run_command(
 def _print_summary(run_dir: Path) -> None:
     import json
 
-    from .runs import summary_rows
+    from ._rundir import COMPARISON_FILE
+    from .runs import significant_strata
 
-    rows = summary_rows(run_dir)
-    comp_path = run_dir / "stats" / "comparison.json"
+    comp_path = run_dir / COMPARISON_FILE
     if not comp_path.is_file():
         return
     comp = json.loads(comp_path.read_text(encoding="utf-8"))
+    rows = significant_strata(comp)
     for w in comp.get("warnings") or []:
         warn(str(w))
     table = Table(title=f"Significant changes after correction: {run_dir.name or run_dir}")

@@ -64,6 +64,11 @@ class YamlDoc:
         return f"{self.path}:{line}"
 
 
+def locate(doc: YamlDoc | None, keys: Sequence[str]) -> str:
+    """``file:line`` of ``keys`` in ``doc``, or ``config`` for a config not read from a file."""
+    return doc.where(keys) if doc is not None else "config"
+
+
 def near_match(key: str, options: Sequence[str]) -> str:
     """`` (did you mean `x`?)`` or an empty string."""
     near = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
@@ -81,7 +86,7 @@ def check_keys(
     for key in data:
         if key not in allowed:
             path = [*section, str(key)]
-            where = doc.where(path) if doc is not None else "config"
+            where = locate(doc, path)
             dotted = ".".join(path)
             raise ConfigError(
                 f"{where}: unknown key `{dotted}`{near_match(str(key), allowed)}; "
@@ -105,7 +110,7 @@ def build_dataclass(
 
     data = dict(data or {})
     if not isinstance(data, dict):
-        where = doc.where(section) if doc is not None else "config"
+        where = locate(doc, section)
         raise ConfigError(f"{where}: `{'.'.join(section)}` must be a mapping")
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     check_keys(data, names, doc=doc, section=section)
@@ -115,7 +120,7 @@ def build_dataclass(
         err = exc.errors()[0]
         loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith("function-")]
         path = [*section, *loc]
-        where = doc.where(path) if doc is not None else "config"
+        where = locate(doc, path)
         got = err.get("input")
         got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
         msg = err.get("msg", "invalid value")
@@ -123,7 +128,7 @@ def build_dataclass(
             msg = msg[len("Value error, ") :]
         raise ConfigError(f"{where}: `{'.'.join(path)}`: {msg}{got_s}") from None
     except (ValueError, TypeError) as exc:  # raised by __post_init__ checks
-        where = doc.where(section) if doc is not None else "config"
+        where = locate(doc, section)
         raise ConfigError(f"{where}: `{'.'.join(section)}`: {exc}") from None
 
 

@@ -25,6 +25,26 @@ from ._io import atomic_write_json, sha256_file
 
 RECORD = ".stage.json"
 
+# Run-directory layout (relative paths), shared by the stages that write it and the
+# report that reads it.
+MANIFEST_FILE = "manifest.json"
+"""Path of the run manifest inside a run directory."""
+COMPARISON_FILE = "stats/comparison.json"
+"""Path of the comparison (stats stage output) inside a run directory."""
+HELDOUT_FILE = "stats/heldout_target.json"
+"""Comparison restricted to the target's held-out templates."""
+LOG_HISTORY_FILE = "align/log_history.json"
+"""Path of the trainer log history inside a run directory."""
+ADAPTER_DIR = "align/adapter"
+"""Folder of the trained LoRA adapter."""
+PAIRS_DIR = "prefs"
+"""Folder of the preference pairs (train.parquet, heldout.parquet, split.json)."""
+PREDICTION_FILES: Mapping[str, str] = {
+    "base": "eval/base/predictions.parquet",
+    "aligned": "eval/aligned/predictions.parquet",
+}
+"""Per-item predictions of each model inside a run directory."""
+
 LIBRARIES = (
     "spillover",
     "torch",
@@ -48,18 +68,6 @@ def canonical_hash(obj: Any) -> str:
     """SHA-256 of ``obj`` as canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def files_digest(paths: Iterable[Path]) -> dict[str, str]:
-    """``{relative-or-absolute path: sha256}`` of files (folders: every file inside)."""
-    out: dict[str, str] = {}
-    for p in paths:
-        if p.is_dir():
-            for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
-                out[str(f)] = sha256_file(f)
-        elif p.is_file():
-            out[str(p)] = sha256_file(p)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +191,6 @@ def write_manifest(run_dir: Path, fields: Mapping[str, Any]) -> Path:
         "environment": environment(),
         **fields,
     }
-    path = run_dir / "manifest.json"
+    path = run_dir / MANIFEST_FILE
     atomic_write_json(path, manifest)
     return path

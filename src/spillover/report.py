@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_write_bytes, atomic_write_text
+from ._rundir import COMPARISON_FILE, LOG_HISTORY_FILE, MANIFEST_FILE, PREDICTION_FILES
 from .data import CATEGORIES
 from .errors import ConfigError, DataError
 
@@ -43,17 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COMPARISON_FILE = "stats/comparison.json"
-"""Path of the comparison (stats stage output) inside a run directory. Required."""
-MANIFEST_FILE = "manifest.json"
-"""Path of the run manifest inside a run directory. Optional."""
-LOG_HISTORY_FILE = "align/log_history.json"
-"""Path of the trainer log history inside a run directory. Optional."""
-PREDICTION_FILES: Mapping[str, str] = {
-    "base": "eval/base/predictions.parquet",
-    "aligned": "eval/aligned/predictions.parquet",
-}
-"""Per-item predictions of each model inside a run directory. Optional."""
 FIGURES_DIR = "figures"
 """Folder (inside the run directory) that receives the figure files."""
 

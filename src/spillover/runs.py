@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import re
 import shutil
@@ -42,9 +41,20 @@ from typing import Any
 import yaml
 
 from . import __version__
-from ._config_yaml import YamlDoc, build_dataclass, check_keys, load_yaml
-from ._io import atomic_write_json, atomic_write_text
-from ._rundir import canonical_hash, is_done, mark_done, write_manifest
+from ._config_yaml import YamlDoc, build_dataclass, check_keys, load_yaml, locate, near_match
+from ._io import atomic_write_json, atomic_write_text, sha256_file
+from ._rundir import (
+    ADAPTER_DIR,
+    COMPARISON_FILE,
+    HELDOUT_FILE,
+    LOG_HISTORY_FILE,
+    PAIRS_DIR,
+    PREDICTION_FILES,
+    canonical_hash,
+    is_done,
+    mark_done,
+    write_manifest,
+)
 from .data import (
     CONTEXTS,
     BBQData,
@@ -239,7 +249,7 @@ class RunConfig:
         check_keys(data, _TOP_KEYS, doc=doc, section=())
 
         def where(*keys: str) -> str:
-            return doc.where(keys) if doc is not None else "config"
+            return locate(doc, keys)
 
         def str_list(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
             value = data.get(key)
@@ -266,8 +276,6 @@ class RunConfig:
             METHODS = methods
         for i, m in enumerate(methods):
             if m not in METHODS:
-                from ._config_yaml import near_match
-
                 raise ConfigError(
                     f"{where('method', str(i))}: unknown method `{m}`{near_match(m, list(METHODS))}; "
                     f"expected one of {', '.join(METHODS)}"
@@ -363,7 +371,7 @@ class RunConfig:
 
 def _check_choice(value: str, allowed: Sequence[str], key: str, doc: YamlDoc | None) -> None:
     if value not in allowed:
-        where = doc.where(key.split(".")) if doc is not None else "config"
+        where = locate(doc, key.split("."))
         raise ConfigError(f"{where}: `{key}`={value!r}; expected one of {', '.join(allowed)}")
 
 
@@ -373,7 +381,7 @@ def _check_compare(cmp_: CompareSection, doc: YamlDoc | None) -> None:
     try:
         CompareConfig(**dataclasses.asdict(cmp_))
     except ConfigError as exc:
-        where = doc.where(["compare"]) if doc is not None else "config"
+        where = locate(doc, ["compare"])
         raise ConfigError(f"{where}: `compare`: {exc}") from None
 
 
@@ -385,13 +393,13 @@ def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
     _check_choice(evs.precision, ("auto", "model", "bf16-verified"), "eval.precision", doc)
     for i, c in enumerate(evs.contexts):
         if c not in CONTEXTS:
-            where = doc.where(["eval", "contexts", str(i)]) if doc is not None else "config"
+            where = locate(doc, ["eval", "contexts", str(i)])
             raise ConfigError(f"{where}: `eval.contexts`={c!r}; expected ambig or disambig")
     if evs.categories is not None:
         try:
             resolve_categories(evs.categories)
         except ConfigError as exc:
-            where = doc.where(["eval", "categories"]) if doc is not None else "config"
+            where = locate(doc, ["eval", "categories"])
             raise ConfigError(f"{where}: `eval.categories`: {exc}") from None
 
 
@@ -401,7 +409,7 @@ def _check_align_overrides(align: Mapping[str, Any], doc: YamlDoc | None) -> Non
     names = [f.name for f in dataclasses.fields(AlignConfig) if f.name not in _ALIGN_RESERVED]
     for key in align:
         if key in _ALIGN_RESERVED:
-            where = doc.where(["align", key]) if doc is not None else "config"
+            where = locate(doc, ["align", key])
             raise ConfigError(
                 f"{where}: `align.{key}` is set by the run (use the top-level `{key}` key)"
                 if key in ("model", "method", "seed", "device", "dtype")
@@ -411,12 +419,8 @@ def _check_align_overrides(align: Mapping[str, Any], doc: YamlDoc | None) -> Non
     # type and range checks: build a throwaway config through AlignConfig's own validation
     try:
         AlignConfig.from_preset("smollm2-135m", "unused", **dict(align))
-    except ConfigError as exc:
-        where = doc.where(["align"]) if doc is not None else "config"
-        raise ConfigError(f"{where}: `align`: {exc}") from None
-    except TypeError as exc:
-        where = doc.where(["align"]) if doc is not None else "config"
-        raise ConfigError(f"{where}: `align`: {exc}") from None
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{locate(doc, ['align'])}: `align`: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,18 +480,15 @@ _PARAMS = {
 }
 
 
-def _estimate(
-    model: str, items: Sequence[BBQItem], n_pairs: int, steps: int, batch: int
-) -> dict[str, Any]:
+def _estimate(model: str, items: Sequence[BBQItem], steps: int, batch: int) -> dict[str, Any]:
     # ~4 characters per token is a rough English average; prompts are shared by their answers
     eval_tokens = sum(
         (len(it.context) + len(it.question) + 12 + sum(len(a) + 1 for a in it.answers)) / 4
         for it in items
     )
+    # a pair is a prompt plus two short answers (~40 characters)
     pair_tokens = (
-        sum(len(it.context) + len(it.question) + 40 for it in items[: max(1, len(items))])
-        / max(1, len(items))
-        / 4
+        sum(len(it.context) + len(it.question) + 40 for it in items) / max(1, len(items)) / 4
     )
     params = _PARAMS.get(model)
     if params is None:
@@ -540,20 +541,6 @@ def _bbq_digest(data: BBQData) -> str:
     return canonical_hash({f.name: f.sha256 for f in data.files})
 
 
-def _file_digest(path: Path) -> str:
-    from ._io import sha256_file
-
-    return sha256_file(path)
-
-
-def _dir_digest(path: Path) -> str:
-    from ._rundir import files_digest
-
-    return canonical_hash(
-        {str(Path(k).relative_to(path)): v for k, v in files_digest([path]).items()}
-    )
-
-
 def load_items(cfg: RunConfig, seed: int, data: BBQData) -> list[BBQItem]:
     """The evaluation items of a run: a seeded stratified sample, a list, or all."""
     ev = cfg.eval
@@ -600,9 +587,7 @@ def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
             * max(train.values() or [0])
             / max(1, acfg.batch_size * acfg.grad_accum)
         )
-        estimate[model] = _estimate(
-            model, items, max(train.values() or [0]), steps, acfg.batch_size * acfg.grad_accum
-        )
+        estimate[model] = _estimate(model, items, steps, acfg.batch_size * acfg.grad_accum)
     return Plan(tuple(cfg.sub_runs()), len(items), train, held, estimate)
 
 
@@ -712,14 +697,14 @@ def _run_one(ctx: _Context) -> None:
 
 def _reuse_base_eval(ctx: _Context, stage_dir: Path, key: str) -> Any:
     """In a sweep, copy base predictions another sub-run made with the same key."""
+    rel = PREDICTION_FILES["base"]
     for other in sorted(p for p in ctx.root.iterdir() if p.is_dir() and p != ctx.run_dir):
-        src_dir = other / "eval" / "base"
-        if is_done(other, src_dir, key) is None:
+        if is_done(other, (other / rel).parent, key) is None:
             continue
         stage_dir.mkdir(parents=True, exist_ok=True)
-        target = stage_dir / "predictions.parquet"
-        tmp = stage_dir / ".predictions.parquet.copy"
-        shutil.copyfile(src_dir / "predictions.parquet", tmp)
+        target = ctx.run_dir / rel
+        tmp = target.with_name(f".{target.name}.copy")
+        shutil.copyfile(other / rel, tmp)
         tmp.replace(target)
         logger.info("reusing base predictions of %s", other.name)
         return mark_done(ctx.run_dir, stage_dir, "eval-base", key, [target], 0.0)
@@ -728,11 +713,11 @@ def _reuse_base_eval(ctx: _Context, stage_dir: Path, key: str) -> Any:
 
 def _stage_dir(run_dir: Path, name: str) -> Path:
     return {
-        "eval-base": run_dir / "eval" / "base",
-        "prefs": run_dir / "prefs",
-        "align": run_dir / "align",
-        "eval-aligned": run_dir / "eval" / "aligned",
-        "compare": run_dir / "stats",
+        "eval-base": (run_dir / PREDICTION_FILES["base"]).parent,
+        "prefs": run_dir / PAIRS_DIR,
+        "align": (run_dir / ADAPTER_DIR).parent,
+        "eval-aligned": (run_dir / PREDICTION_FILES["aligned"]).parent,
+        "compare": (run_dir / COMPARISON_FILE).parent,
         "report": run_dir / "figures",
     }[name]
 
@@ -761,29 +746,29 @@ def _stage_key(ctx: _Context, name: str) -> str:
             "align": dict(cfg.align),
             "method": sub.method,
             "seed": sub.seed,
-            "pairs": _file_digest(rd / "prefs" / "train.parquet"),
+            "pairs": sha256_file(rd / PAIRS_DIR / "train.parquet"),
         }
     elif name == "eval-aligned":
         parts = {
             **base,
             "eval": dataclasses.asdict(cfg.eval),
             "items": _item_keys_digest(ctx.items),
-            "adapter": _file_digest(rd / "align" / "adapter" / "adapter_model.safetensors"),
+            "adapter": sha256_file(rd / ADAPTER_DIR / "adapter_model.safetensors"),
         }
     elif name == "compare":
         parts = {
             "compare": dataclasses.asdict(cfg.compare),
             "seed": sub.seed,
             "target": sub.target,
-            "base": _file_digest(rd / "eval" / "base" / "predictions.parquet"),
-            "aligned": _file_digest(rd / "eval" / "aligned" / "predictions.parquet"),
-            "split": _file_digest(rd / "prefs" / "split.json"),
+            "base": sha256_file(rd / PREDICTION_FILES["base"]),
+            "aligned": sha256_file(rd / PREDICTION_FILES["aligned"]),
+            "split": sha256_file(rd / PAIRS_DIR / "split.json"),
         }
     else:
         parts = {
             "report": dataclasses.asdict(cfg.report),
-            "comparison": _file_digest(rd / "stats" / "comparison.json"),
-            "log": _file_digest(rd / "align" / "log_history.json"),
+            "comparison": sha256_file(rd / COMPARISON_FILE),
+            "log": sha256_file(rd / LOG_HISTORY_FILE),
         }
     return canonical_hash(parts)
 
@@ -839,7 +824,7 @@ def _evaluate(ctx: _Context, stage: str, adapter: Path | None, out: Path) -> Non
 
 
 def _stage_eval_base(ctx: _Context) -> tuple[str, list[Path]]:
-    out = ctx.run_dir / "eval" / "base" / "predictions.parquet"
+    out = ctx.run_dir / PREDICTION_FILES["base"]
     _evaluate(ctx, "eval-base", None, out)
     return "eval-base", [out]
 
@@ -861,7 +846,7 @@ def _stage_prefs(ctx: _Context) -> tuple[str, list[Path]]:
         prompt_format=ctx.cfg.eval.prompt_format,
     )
     pairs = build_pairs(ctx.data.items, pcfg, tokenizer=tokenizer, provenance=ctx.data.provenance())
-    out = ctx.run_dir / "prefs"
+    out = ctx.run_dir / PAIRS_DIR
     write_pairs(pairs, out, overwrite=True)
     return "prefs", [out / "train.parquet", out / "heldout.parquet", out / "split.json"]
 
@@ -869,7 +854,7 @@ def _stage_prefs(ctx: _Context) -> tuple[str, list[Path]]:
 def _stage_align(ctx: _Context) -> tuple[str, list[Path]]:
     from .align import AlignConfig, train_adapter
 
-    adapter_dir = ctx.run_dir / "align" / "adapter"
+    adapter_dir = ctx.run_dir / ADAPTER_DIR
     acfg = AlignConfig.from_preset(
         ctx.sub.model,
         adapter_dir,
@@ -883,15 +868,15 @@ def _stage_align(ctx: _Context) -> tuple[str, list[Path]]:
     def progress(step: int, total: int, logs: Mapping[str, Any]) -> None:
         ctx.on_event("align", "progress", {"done": step, "total": total, **dict(logs)})
 
-    train_adapter(ctx.run_dir / "prefs", acfg, progress=progress)
-    log = ctx.run_dir / "align" / "log_history.json"
+    train_adapter(ctx.run_dir / PAIRS_DIR, acfg, progress=progress)
+    log = ctx.run_dir / LOG_HISTORY_FILE
     shutil.copyfile(adapter_dir / "log_history.json", log)
     return "align", [adapter_dir, log]
 
 
 def _stage_eval_aligned(ctx: _Context) -> tuple[str, list[Path]]:
-    out = ctx.run_dir / "eval" / "aligned" / "predictions.parquet"
-    _evaluate(ctx, "eval-aligned", ctx.run_dir / "align" / "adapter", out)
+    out = ctx.run_dir / PREDICTION_FILES["aligned"]
+    _evaluate(ctx, "eval-aligned", ctx.run_dir / ADAPTER_DIR, out)
     return "eval-aligned", [out]
 
 
@@ -917,23 +902,24 @@ def _stage_compare(ctx: _Context) -> tuple[str, list[Path]]:
         targets=ctx.sub.target,
     )
     rd = ctx.run_dir
-    base_path = rd / "eval" / "base" / "predictions.parquet"
-    aligned_path = rd / "eval" / "aligned" / "predictions.parquet"
+    base_path = rd / PREDICTION_FILES["base"]
+    aligned_path = rd / PREDICTION_FILES["aligned"]
     comparison = load_and_compare(base_path, aligned_path, ctx.data, ccfg)
-    stats_dir = rd / "stats"
-    atomic_write_json(stats_dir / "comparison.json", comparison.to_json())
-    atomic_write_text(stats_dir / "comparison.csv", comparison.to_csv())
-    outputs = [stats_dir / "comparison.json", stats_dir / "comparison.csv"]
+    comparison_json = rd / COMPARISON_FILE
+    comparison_csv = comparison_json.with_suffix(".csv")
+    atomic_write_json(comparison_json, comparison.to_json())
+    atomic_write_text(comparison_csv, comparison.to_csv())
+    outputs = [comparison_json, comparison_csv]
     # the honest number for "did alignment work": target items on templates never trained on
-    held = heldout_templates(rd / "prefs" / "split.json")
+    held = heldout_templates(rd / PAIRS_DIR / "split.json")
     base = join_with_bbq(read_predictions(base_path), ctx.data)
     aligned = join_with_bbq(read_predictions(aligned_path), ctx.data)
 
+    held_keys = {(cat, q) for cat, qs in held.items() for q in qs}
+
     def on_heldout(df: Any) -> Any:
-        mask = df.apply(
-            lambda r: int(r["question_index"]) in held.get(r["category"], set()), axis=1
-        )
-        return df[mask.astype(bool)]
+        keys = zip(df["category"], df["question_index"].astype(int), strict=True)
+        return df[[k in held_keys for k in keys]]
 
     hb, ha = on_heldout(base), on_heldout(aligned)
     summary: dict[str, Any] = {
@@ -946,8 +932,8 @@ def _stage_compare(ctx: _Context) -> tuple[str, list[Path]]:
         summary["comparison"] = sub_cmp.to_json()
     else:
         summary["note"] = "no evaluated target item lies on a held-out template (sample too small)"
-    atomic_write_json(stats_dir / "heldout_target.json", summary)
-    outputs.append(stats_dir / "heldout_target.json")
+    atomic_write_json(rd / HELDOUT_FILE, summary)
+    outputs.append(rd / HELDOUT_FILE)
     return "compare", outputs
 
 
@@ -1002,18 +988,10 @@ def _write_run_manifest(ctx: _Context) -> None:
     )
 
 
-def summary_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Significant spillovers of a finished run (for the CLI's closing table)."""
-    path = run_dir / "stats" / "comparison.json"
-    if not path.is_file():
-        return []
-    comp = json.loads(path.read_text(encoding="utf-8"))
-    rows = []
-    for s in comp.get("strata", []):
-        flags = s.get("flags") or []
-        if "significant_degradation" in flags or "significant_improvement" in flags:
-            rows.append(s)
-    return rows
+def significant_strata(comparison: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Strata of a comparison (``comparison.json`` content) flagged significant after correction."""
+    wanted = {"significant_degradation", "significant_improvement"}
+    return [dict(s) for s in comparison.get("strata", []) if wanted & set(s.get("flags") or [])]
 
 
 __all__ = [
@@ -1030,5 +1008,5 @@ __all__ = [
     "load_items",
     "plan_run",
     "run_study",
-    "summary_rows",
+    "significant_strata",
 ]
