@@ -16,6 +16,7 @@ that importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -131,6 +132,17 @@ def embedded_gguf_path() -> Path:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def embedded_digest(gguf: Path) -> str:
+    """SHA-256 of the embedded GGUF file, hashed once per process (keyed by size and mtime)."""
+    st = gguf.stat()
+    return _file_digest(str(gguf), st.st_size, st.st_mtime_ns)
+
+
 def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
     """Turn an alias, hub id or local folder into a :class:`ModelSpec`."""
     if not name or not name.strip():
@@ -139,7 +151,7 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
         )
     if name == EMBEDDED_ALIAS:
         gguf = embedded_gguf_path()
-        return ModelSpec(name, "embedded", str(gguf), EMBEDDED_MODEL_ID, sha256_file(gguf))
+        return ModelSpec(name, "embedded", str(gguf), EMBEDDED_MODEL_ID, embedded_digest(gguf))
     if name in MODEL_ALIASES:
         hub = MODEL_ALIASES[name]
         return ModelSpec(name, "hub", hub, hub, revision)
@@ -196,7 +208,7 @@ def prepare_embedded(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         The folder, loadable with ``from_pretrained``.
     """
     gguf = embedded_gguf_path()
-    digest = sha256_file(gguf)
+    digest = embedded_digest(gguf)
     target = embedded_cache_dir(cache_dir) / digest[:16]
     marker = target / "spillover_source.json"
     if marker.is_file():
