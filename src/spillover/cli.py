@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from . import __version__
+from ._cli_align import align_command, prefs_command
 from ._cli_common import (
     AllowUnverifiedOption,
     BBQDirOption,
@@ -24,6 +25,10 @@ from ._cli_common import (
     setup_logging,
     warn,
 )
+from ._cli_eval import eval_command
+from ._cli_report import report_command
+from ._cli_run import run_command
+from ._cli_stats import compare_command, metrics_command
 from ._io import atomic_write_json
 
 app = typer.Typer(
@@ -159,28 +164,15 @@ def data_info(
         console.print(f"summary written to {json_out}")
 
 
-def _register_stage_commands() -> None:
-    """Attach the stage commands that live in their own CLI modules."""
-    # Each module imports its heavy dependencies inside the command body.
-    for module, names in (
-        ("_cli_eval", (("eval", "eval_command"),)),
-        ("_cli_stats", (("metrics", "metrics_command"), ("compare", "compare_command"))),
-        ("_cli_align", (("prefs", "prefs_command"), ("align", "align_command"))),
-        ("_cli_report", (("report", "report_command"),)),
-        ("_cli_run", (("run", "run_command"),)),
-    ):
-        try:
-            mod = __import__(f"{__package__}.{module}", fromlist=["_"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
-            continue
-        for cmd, attr in names:
-            if hasattr(mod, attr):
-                app.command(cmd)(getattr(mod, attr))
-
-
-_register_stage_commands()
+# Stage commands live in their own CLI modules; each imports its heavy
+# dependencies inside the command body, so registering them stays cheap.
+app.command("run")(run_command)
+app.command("eval")(eval_command)
+app.command("metrics")(metrics_command)
+app.command("prefs")(prefs_command)
+app.command("align")(align_command)
+app.command("compare")(compare_command)
+app.command("report")(report_command)
 
 
 def main() -> None:
