@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(*, bos: bool = False, chat: bool = True) -> Any:
-    """A byte-level BPE tokenizer; ``bos`` makes it prepend ``<s>`` like Llama tokenizers."""
+def make_tokenizer(
+    *,
+    bos: bool = False,
+    chat: bool = True,
+    corpus: Sequence[str] = (TEXT,) * 20,
+    vocab_size: int = 400,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Any:
+    """A byte-level BPE tokenizer trained on ``corpus``; ``bos`` makes it prepend ``<s>``
+    like Llama tokenizers; ``chat`` attaches ``chat_template``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,12 +36,12 @@ def make_tokenizer(*, bos: bool = False, chat: bool = True) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.train_from_iterator(list(corpus), trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
@@ -45,17 +54,32 @@ def make_tokenizer(*, bos: bool = False, chat: bool = True) -> Any:
         unk_token="<unk>",
     )
     if chat:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = chat_template
     return fast
 
 
-def make_tiny(path: Path, *, bos: bool = False, chat: bool = True) -> Path:
-    """Save a 2-layer random LlamaForCausalLM and its tokenizer to ``path``."""
+def make_tiny(
+    path: Path,
+    *,
+    bos: bool = False,
+    chat: bool = True,
+    corpus: Sequence[str] = (TEXT,) * 20,
+    vocab_size: int = 400,
+    chat_template: str = CHAT_TEMPLATE,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Save a 2-layer random LlamaForCausalLM and its tokenizer to ``path``.
+
+    A larger ``initializer_range`` gives larger logits, so answers are not near-tied.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fast = make_tokenizer(bos=bos, chat=chat)
-    torch.manual_seed(0)
+    fast = make_tokenizer(
+        bos=bos, chat=chat, corpus=corpus, vocab_size=vocab_size, chat_template=chat_template
+    )
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=32,
@@ -64,6 +88,7 @@ def make_tiny(path: Path, *, bos: bool = False, chat: bool = True) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        initializer_range=initializer_range,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
