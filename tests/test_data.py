@@ -288,6 +288,38 @@ def test_cache_is_used_without_a_folder(
     assert data.source == "cache" and len(data) == 180
 
 
+def test_parsed_items_cached_by_content(mini_dir: Path, tmp_path: Path) -> None:
+    import marshal
+
+    cache = tmp_path / "cache"
+    first = load_bbq(mini_dir, cache_dir=cache, allow_unverified=True)
+    (cached,) = (cache / "bbq" / "parsed").glob("*.marshal")
+    again = load_bbq(mini_dir, cache_dir=cache, allow_unverified=True)
+    assert again.items == first.items and again.files == first.files
+
+    # the cache is what a second load reads: plant a changed question in it
+    fields, rows = marshal.loads(cached.read_bytes())
+    qpos = list(fields).index("question")
+    rows = [(*r[:qpos], "PLANTED", *r[qpos + 1 :]) for r in rows]
+    cached.write_bytes(marshal.dumps((fields, rows)))
+    assert {
+        it.question for it in load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).items
+    } == {"PLANTED"}
+
+    # a changed data file has another digest, so another cache entry: parsed afresh
+    root = copy_mini(mini_dir, tmp_path / "bbq")
+    age = root / "data" / "Age.jsonl"
+    age.write_text(age.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    fresh = load_bbq(root, cache_dir=cache, allow_unverified=True)
+    assert fresh.items == first.items
+    assert len(list((cache / "bbq" / "parsed").glob("*.marshal"))) == 2
+
+    # an unreadable entry is ignored and rewritten
+    cached.write_bytes(b"not marshal")
+    assert load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).items == first.items
+    assert marshal.loads(cached.read_bytes())[1][0][qpos] != "PLANTED"
+
+
 def test_env_folder_wins(mini_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPILLOVER_BBQ_DIR", str(mini_dir))
     data = load_bbq(allow_unverified=True)
