@@ -89,6 +89,15 @@ def test_shipped_configs_validate() -> None:
             r"study\.yaml:1: `compare`: `bootstrap`=50; expected 0 \(off\) or at least 100",
         ),
         ("model: [a\n", r"study\.yaml:2: invalid YAML"),
+        ("eval:\n  backend: vlm\n", r"study\.yaml:2: `eval\.backend`='vlm'.*'vllm'"),
+        (
+            "eval:\n  backend: vllm\n  precision: bf16-verified\n",
+            r"study\.yaml:3: `eval\.precision`='bf16-verified' needs `eval\.backend`: hf",
+        ),
+        (
+            "eval:\n  tensor_parallel_size: 2\n",
+            r"study\.yaml:2: `eval\.tensor_parallel_size`=2; expected 1, or >= 1 with",
+        ),
     ],
     ids=[
         "top",
@@ -104,6 +113,9 @@ def test_shipped_configs_validate() -> None:
         "seed",
         "bootstrap",
         "yaml",
+        "backend",
+        "backend-precision",
+        "tensor-parallel",
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, pattern: str) -> None:

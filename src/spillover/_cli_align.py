@@ -23,13 +23,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._cli_common import console, err_console, handle_errors
+from ._cli_common import console, err_console, handle_errors, warn
 from .errors import ConfigError
-
-
-def _warn(message: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
 
 # --------------------------------------------------------------------------- prefs
 
@@ -121,7 +116,7 @@ def prefs_command(
             )
     data = load_bbq(bbq_dir, categories=cfg.targets, allow_unverified=allow_unverified)
     for w in data.warnings:
-        _warn(w)
+        warn(w)
     pairs = build_pairs(data.items, cfg, tokenizer=tokenizer, provenance=data.provenance())
     write_pairs(pairs, out_path, overwrite=overwrite)
     table = Table(title=f"Preference pairs -> {out_path}", show_edge=False)

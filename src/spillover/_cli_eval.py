@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._cli_common import console, err_console, fail
+from ._cli_common import console, err_console, fail, warn
 from .errors import ConfigError, ModelError, SpilloverError
 
 _out = console
@@ -135,6 +135,17 @@ def eval_command(
         int | None,
         typer.Option("--limit", help="Score only the first N selected items.", min=1),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="hf (transformers, packed scoring) or vllm (CUDA; pip install 'spillover[vllm]').",
+        ),
+    ] = "hf",
+    tensor_parallel_size: Annotated[
+        int,
+        typer.Option("--tensor-parallel-size", help="GPUs per model (vllm backend).", min=1),
+    ] = 1,
 ) -> None:
     """Score BBQ items with a causal LM and write per-item predictions (Parquet).
 
@@ -164,6 +175,8 @@ def eval_command(
             device=device,
             dtype=dtype,
             limit=limit,
+            backend=backend,
+            tensor_parallel_size=tensor_parallel_size,
         )
     except SpilloverError as exc:
         raise fail(str(exc)) from None
@@ -192,9 +205,17 @@ def _run(
     device: str | None,
     dtype: str,
     limit: int | None,
+    backend: str = "hf",
+    tensor_parallel_size: int = 1,
 ) -> None:
     from .data import load_bbq, read_item_list, select_items
-    from .evaluate import EvalConfig, evaluate_model, read_metadata, summarize_predictions
+    from .evaluate import (
+        BACKENDS,
+        EvalConfig,
+        evaluate_model,
+        read_metadata,
+        summarize_predictions,
+    )
     from .models import load_model, resolve_model
     from .prompts import render
 
@@ -210,6 +231,14 @@ def _run(
     if len(chosen) != 1:
         what = "none was given" if not chosen else f"got {' and '.join(chosen)}"
         raise ConfigError(f"choose exactly one of --per-stratum, --items or --all ({what})")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "vllm" and precision == "bf16-verified":
+        raise ConfigError(
+            "--precision bf16-verified needs --backend hf; vLLM computes in the weights' dtype"
+        )
+    if backend != "vllm" and tensor_parallel_size != 1:
+        raise ConfigError("--tensor-parallel-size needs --backend vllm")
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     cfg = EvalConfig(
@@ -231,7 +260,7 @@ def _run(
         bbq_dir, cache_dir=cache_dir, categories=cats, allow_unverified=allow_unverified
     )
     for w in data.warnings:
-        _err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     selected = select_items(
         data.items,
         contexts=_split(contexts),
@@ -257,7 +286,27 @@ def _run(
     if device is None and state.num_processes > 1:
         device = "cpu" if on_cpu else str(state.device)
     t0 = time.perf_counter()
-    loaded = load_model(model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir)
+    scorer = None
+    if backend == "vllm":
+        if state.num_processes > 1:
+            raise ConfigError(
+                "--backend vllm runs as one process (spread a model over GPUs with "
+                "--tensor-parallel-size), not under accelerate launch or torchrun"
+            )
+        from ._eval_vllm import VLLMChoiceScorer, load_vllm_model
+
+        loaded = load_vllm_model(
+            model,
+            adapter=adapter,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        scorer = VLLMChoiceScorer(
+            loaded.model, loaded.tokenizer, boundary=cfg.boundary, lora_path=loaded.adapter
+        )
+    else:
+        loaded = load_model(model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir)
     render(selected[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
     t_load = time.perf_counter() - t0
     provenance: dict[str, Any] = {
@@ -305,7 +354,13 @@ def _run(
         return
     with progress:
         preds = evaluate_model(
-            loaded, selected, cfg, out=out, progress=on_progress, provenance=provenance
+            loaded,
+            selected,
+            cfg,
+            out=out,
+            progress=on_progress,
+            provenance=provenance,
+            scorer=scorer,
         )
     t_score = time.perf_counter() - t1
 

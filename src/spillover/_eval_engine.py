@@ -141,6 +141,85 @@ def split_pair(
     return EncodedOption(tuple(whole[:k]), tuple(whole[k:]), merged)
 
 
+class ChoiceEncoder:
+    """Tokenises choice requests the way lm-evaluation-harness does (shared by every backend).
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        boundary: Tokenisation boundary rule, see :func:`split_pair`.
+        add_special_tokens: Passed to the tokenizer; None keeps its default, except for
+            texts that already start with its BOS token (as lm-evaluation-harness does).
+    """
+
+    def __init__(
+        self, tokenizer: Any, boundary: str = "lm-eval", add_special_tokens: bool | None = None
+    ) -> None:
+        if boundary not in BOUNDARIES:
+            raise ConfigError(f"`boundary`={boundary!r}; expected one of {', '.join(BOUNDARIES)}")
+        self.tokenizer = tokenizer
+        self.boundary = boundary
+        self.add_special_tokens = add_special_tokens
+        bos = tokenizer.bos_token
+        self._bos_text: str | None = bos if isinstance(bos, str) and bos else None
+        prefix = tokenizer.bos_token_id
+        if prefix is None:
+            prefix = tokenizer.eos_token_id
+        self._prefix_id: int | None = prefix
+
+    def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode texts the way lm-evaluation-harness's ``tok_encode`` does."""
+        out: list[list[int]] = [[] for _ in texts]
+        groups: dict[bool | None, list[int]] = {}
+        for i, t in enumerate(texts):
+            special = self.add_special_tokens
+            if special is None and self._bos_text is not None and t.startswith(self._bos_text):
+                special = False
+            groups.setdefault(special, []).append(i)
+        for special, idx in groups.items():
+            kwargs = {} if special is None else {"add_special_tokens": special}
+            enc = self.tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]
+            for i, ids in zip(idx, enc, strict=True):
+                out[i] = list(ids)
+        return out
+
+    def encode(self, requests: Sequence[ChoiceRequest]) -> list[list[EncodedOption]]:
+        """Token ids of every option of every request (see :func:`split_pair`)."""
+        contexts: list[str] = []
+        wholes: list[str] = []
+        for req in requests:
+            if not req.prompt:
+                contexts.append("")
+                wholes.extend(req.continuations)
+                continue
+            # lm-eval moves the prompt's trailing whitespace into the continuation
+            ctx = req.prompt.rstrip() if self.boundary == "lm-eval" else req.prompt
+            moved = req.prompt[len(ctx) :]
+            contexts.append(ctx)
+            wholes.extend(ctx + moved + c for c in req.continuations)
+        ctx_enc = self._encode_texts(contexts)
+        whole_enc = self._encode_texts(wholes)
+        out: list[list[EncodedOption]] = []
+        pos = 0
+        for req, cenc in zip(requests, ctx_enc, strict=True):
+            opts: list[EncodedOption] = []
+            for _ in req.continuations:
+                whole = whole_enc[pos]
+                pos += 1
+                if not req.prompt:
+                    # lm-eval: an empty context becomes the prefix token
+                    if self._prefix_id is None:
+                        raise ConfigError("empty prompt and the tokenizer has no BOS/EOS token")
+                    cont = tuple(whole)
+                    if cont and cont[0] == self._prefix_id:
+                        opts.append(EncodedOption(cont[:1], cont[1:]))
+                    else:
+                        opts.append(EncodedOption((self._prefix_id,), cont))
+                    continue
+                opts.append(split_pair(whole, cenc, self.boundary))
+            out.append(opts)
+        return out
+
+
 class _Tree:
     """A token trie packed into one row: shared prefixes are computed once.
 
@@ -255,10 +334,7 @@ class HFChoiceScorer:
         model: A causal LM (``PreTrainedModel`` or ``PeftModel``), eval mode.
         tokenizer: Its tokenizer.
         batch_tokens: Upper bound on ``rows x padded length`` of one forward.
-        boundary: Tokenisation boundary rule, see :func:`split_pair`.
-        add_special_tokens: Passed to the tokenizer; None uses the tokenizer's
-            default, except for texts that already start with its BOS token
-            (as lm-evaluation-harness does).
+        boundary, add_special_tokens: Tokenisation, see :class:`ChoiceEncoder`.
         max_row_tokens: Row width: several requests are packed into one row
             (a forest of token trees, so no padding inside it) up to this many
             tokens; a request longer than that gets a row of its own size.
@@ -276,13 +352,9 @@ class HFChoiceScorer:
     ) -> None:
         if batch_tokens < 1:
             raise ConfigError(f"`batch_tokens`={batch_tokens}; expected a positive integer")
-        if boundary not in BOUNDARIES:
-            raise ConfigError(f"`boundary`={boundary!r}; expected one of {', '.join(BOUNDARIES)}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
-        self.boundary = boundary
-        self.add_special_tokens = add_special_tokens
         self.max_row_tokens = max_row_tokens
         self.autocast_bf16 = False
         """Run the decoder under bfloat16 autocast (AMX / tensor cores); the LM head stays fp32."""
@@ -309,67 +381,11 @@ class HFChoiceScorer:
         self._device = param.device
         self._dtype = param.dtype
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        bos = tokenizer.bos_token
-        self._bos_text: str | None = bos if isinstance(bos, str) and bos else None
-        prefix = tokenizer.bos_token_id
-        if prefix is None:
-            prefix = tokenizer.eos_token_id
-        self._prefix_id: int | None = prefix
-
-    # ------------------------------------------------------------------ encoding
-
-    def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode texts the way lm-evaluation-harness's ``tok_encode`` does."""
-        out: list[list[int]] = [[] for _ in texts]
-        groups: dict[bool | None, list[int]] = {}
-        for i, t in enumerate(texts):
-            special = self.add_special_tokens
-            if special is None and self._bos_text is not None and t.startswith(self._bos_text):
-                special = False
-            groups.setdefault(special, []).append(i)
-        for special, idx in groups.items():
-            kwargs = {} if special is None else {"add_special_tokens": special}
-            enc = self.tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]
-            for i, ids in zip(idx, enc, strict=True):
-                out[i] = list(ids)
-        return out
+        self.encoder = ChoiceEncoder(tokenizer, boundary, add_special_tokens)
 
     def encode(self, requests: Sequence[ChoiceRequest]) -> list[list[EncodedOption]]:
-        """Token ids of every option of every request (see :func:`split_pair`)."""
-        contexts: list[str] = []
-        wholes: list[str] = []
-        for req in requests:
-            if not req.prompt:
-                contexts.append("")
-                wholes.extend(req.continuations)
-                continue
-            # lm-eval moves the prompt's trailing whitespace into the continuation
-            ctx = req.prompt.rstrip() if self.boundary == "lm-eval" else req.prompt
-            moved = req.prompt[len(ctx) :]
-            contexts.append(ctx)
-            wholes.extend(ctx + moved + c for c in req.continuations)
-        ctx_enc = self._encode_texts(contexts)
-        whole_enc = self._encode_texts(wholes)
-        out: list[list[EncodedOption]] = []
-        pos = 0
-        for req, cenc in zip(requests, ctx_enc, strict=True):
-            opts: list[EncodedOption] = []
-            for _ in req.continuations:
-                whole = whole_enc[pos]
-                pos += 1
-                if not req.prompt:
-                    # lm-eval: an empty context becomes the prefix token
-                    if self._prefix_id is None:
-                        raise ConfigError("empty prompt and the tokenizer has no BOS/EOS token")
-                    cont = tuple(whole)
-                    if cont and cont[0] == self._prefix_id:
-                        opts.append(EncodedOption(cont[:1], cont[1:]))
-                    else:
-                        opts.append(EncodedOption((self._prefix_id,), cont))
-                    continue
-                opts.append(split_pair(whole, cenc, self.boundary))
-            out.append(opts)
-        return out
+        """Token ids of every option of every request (see :class:`ChoiceEncoder`)."""
+        return self.encoder.encode(requests)
 
     # ------------------------------------------------------------------ scoring
 
@@ -438,7 +454,15 @@ class HFChoiceScorer:
             for r in tree.reqs:
                 remaining[r] += 1
         order = sorted(range(len(trees)), key=lambda i: (-len(trees[i]), i))
-        with torch.inference_mode():
+        # one autocast region for the whole pass: autocast caches the bf16 copy of each
+        # weight for the life of the region, so weights are cast once, not once per batch.
+        # Its cache is bypassed under inference_mode (measured: a cast per call), hence
+        # no_grad there.
+        autocast = torch.autocast(
+            device_type=self._device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+        )
+        grad_off = torch.no_grad() if self.autocast_bf16 else torch.inference_mode()
+        with grad_off, autocast:
             start = 0
             while start < len(order):
                 longest = len(trees[order[start]])
@@ -488,22 +512,20 @@ class HFChoiceScorer:
         mask = torch.zeros((n, 1, width, width), dtype=self._dtype)
         mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self._dtype).min)
         dev = self._device
-        with torch.autocast(
-            device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=self.autocast_bf16
-        ):
-            out = self._decoder(
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=pos.to(dev),
-                use_cache=False,
-            )
+        out = self._decoder(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            use_cache=False,
+        )
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         hidden = hidden.to(self._head.weight.dtype)
         # the LM head runs once per distinct scored position
         uniq = sorted(set(flat_idx))
         where = {f: i for i, f in enumerate(uniq)}
         sel = hidden.reshape(n * width, -1)[torch.tensor(uniq, device=dev)]
-        logits = self._head(sel).float()
+        with torch.autocast(device_type=self._device.type, enabled=False):
+            logits = self._head(sel).float()  # the LM head always in the weights' dtype
         if self._logit_scale is not None:
             logits = logits * float(self._logit_scale)
         if self._softcap is not None:
@@ -545,6 +567,7 @@ def score_naive(
 __all__ = [
     "BOUNDARIES",
     "Boundary",
+    "ChoiceEncoder",
     "ChoiceRequest",
     "ChoiceScorer",
     "ChoiceScores",

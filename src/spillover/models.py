@@ -93,6 +93,9 @@ class LoadedModel:
     """Device the weights are on, e.g. ``cpu`` or ``cuda:0``."""
     adapter: str | None = None
     """Path of the applied LoRA adapter, if any."""
+    backend: str = "hf"
+    """Inference engine: ``hf`` (transformers; ``model`` is the module) or ``vllm``
+    (``model`` is a ``vllm.LLM``)."""
 
     def provenance(self) -> dict[str, Any]:
         """Model id, revision, dtype, device and adapter, for manifests and outputs."""
@@ -104,6 +107,7 @@ class LoadedModel:
             "dtype": self.dtype,
             "device": self.device,
             "adapter": self.adapter,
+            "backend": self.backend,
         }
 
 

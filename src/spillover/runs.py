@@ -132,6 +132,10 @@ class EvalSection:
     """Items per shard (the unit an interrupted evaluation resumes from)."""
     precision: str = "auto"
     """``auto``, ``model`` or ``bf16-verified`` (see ``spillover eval --help``)."""
+    backend: str = "hf"
+    """Scoring engine: ``hf`` (transformers) or ``vllm`` (CUDA, ``spillover[vllm]``)."""
+    tensor_parallel_size: int = 1
+    """GPUs one model is spread over (``vllm`` backend)."""
 
     def __post_init__(self) -> None:
         if self.chunk_items < 1:
@@ -391,6 +395,19 @@ def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
     _check_choice(evs.prompt_format, PROMPT_FORMATS, "eval.prompt_format", doc)
     _check_choice(evs.permutations, PERMUTATION_MODES, "eval.permutations", doc)
     _check_choice(evs.precision, ("auto", "model", "bf16-verified"), "eval.precision", doc)
+    _check_choice(evs.backend, ("hf", "vllm"), "eval.backend", doc)
+    if evs.backend == "vllm" and evs.precision == "bf16-verified":
+        where = locate(doc, ["eval", "precision"])
+        raise ConfigError(
+            f"{where}: `eval.precision`='bf16-verified' needs `eval.backend`: hf "
+            "(vLLM computes in the weights' dtype)"
+        )
+    if evs.tensor_parallel_size < 1 or (evs.backend != "vllm" and evs.tensor_parallel_size != 1):
+        where = locate(doc, ["eval", "tensor_parallel_size"])
+        raise ConfigError(
+            f"{where}: `eval.tensor_parallel_size`={evs.tensor_parallel_size}; "
+            "expected 1, or >= 1 with `eval.backend`: vllm"
+        )
     for i, c in enumerate(evs.contexts):
         if c not in CONTEXTS:
             where = locate(doc, ["eval", "contexts", str(i)])
@@ -810,7 +827,21 @@ def _eval_config(ctx: _Context) -> Any:
 def _evaluate(ctx: _Context, stage: str, adapter: Path | None, out: Path) -> None:
     from .evaluate import evaluate_model
 
-    lm = _load(ctx, adapter)
+    scorer = None
+    if ctx.cfg.eval.backend == "vllm":
+        from ._eval_vllm import VLLMChoiceScorer, load_vllm_model
+
+        lm = load_vllm_model(
+            ctx.sub.model,
+            adapter=adapter,
+            dtype=ctx.cfg.dtype,
+            cache_dir=ctx.cfg.bbq.cache_dir,
+            tensor_parallel_size=ctx.cfg.eval.tensor_parallel_size,
+            seed=ctx.sub.seed,
+        )
+        scorer = VLLMChoiceScorer(lm.model, lm.tokenizer, lora_path=lm.adapter)
+    else:
+        lm = _load(ctx, adapter)
     evaluate_model(
         lm,
         ctx.items,
@@ -818,6 +849,7 @@ def _evaluate(ctx: _Context, stage: str, adapter: Path | None, out: Path) -> Non
         out=out,
         progress=_eval_progress(ctx, stage),
         provenance={"bbq": ctx.data.provenance()},
+        scorer=scorer,
     )
     ctx.models[stage] = lm.provenance()
     del lm
