@@ -384,3 +384,55 @@ def test_smollm2_gender_dpo_learns(tmp_path: Path) -> None:
     assert after["reward_accuracy"] > 0.5
     assert after["reward_margin"] > 0
     assert after["policy_accuracy"] >= after["reference_accuracy"]
+
+
+def test_two_process_training_equals_one_process_with_the_combined_batch(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """`torchrun`/`accelerate launch`, 2 CPU processes x batch 2 = 1 process x batch 4.
+
+    Data-parallel training averages the two processes' gradients, so with the same seed
+    both runs see the same 4 pairs per step and must end with the same adapter. The
+    reference log-probs TRL precomputes on the main process must reach the other one,
+    and only the main process writes the adapter folder.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    df = tiny_pairs(32)
+    df["chosen"] = [CHOSEN[(i // 4) % 4] for i in range(32)]  # vary the pairs per step
+    df.to_parquet(pairs / "train.parquet")
+    (pairs / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    common = [
+        "-m", "spillover", "align", "--model", str(tiny_dir), "--pairs", str(pairs),
+        "--max-steps", "3", "--target-modules", "q_proj,v_proj", "--no-bf16",
+        "--device", "cpu", "--lr", "0.05", "--lora-r", "4", "--lora-alpha", "8",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, *common, "--batch-size", "4", "--out", str(one)],
+        check=True,
+        capture_output=True,
+    )
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", *common, "--batch-size", "2", "--out", str(two)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter ->") == 1  # the main process reports
+    losses = [
+        [h["loss"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
+        for d in (one, two)
+    ]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0][-1] < losses[0][0]
+    a, b = lora_weights(one), lora_weights(two)
+    assert sorted(a) == sorted(b)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 0.01  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "pairs", "two"]  # no scratch
+    assert not (two / "training_args.bin").exists()

@@ -7,6 +7,7 @@ stages that prints; the library reports through logging and callbacks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -303,6 +304,10 @@ def align_command(
         device=device,
         overwrite=overwrite or None,
     )
+    # under `accelerate launch` / torchrun only the main process (RANK 0) reports
+    if os.environ.get("RANK", "0") != "0":
+        train_adapter(pairs, cfg)
+        return
     with _training_progress(cfg.max_steps) as progress:
         ref = train_adapter(pairs, cfg, progress=progress)
     loss = f"{ref.train_loss:.4f}" if ref.train_loss is not None else "n/a"

@@ -1039,6 +1039,7 @@ def build_trainer(
     *,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
+    shared_data_dir: Path | None = None,
 ) -> Any:
     """Construct the TRL trainer of a run (data processed; reference log-probs precomputed if set).
 
@@ -1050,11 +1051,24 @@ def build_trainer(
         output_dir: Scratch folder for the trainer (nothing is saved there by default).
         device: Device the model is on.
         progress: Step callback.
+        shared_data_dir: With several processes, a folder all of them see: the pairs are
+            saved there so that the datasets cache files TRL writes on the main process
+            (tokenised rows, precomputed reference log-probs) are found by the others (an
+            in-memory dataset caches under a per-process temporary folder instead).
     """
+    from accelerate import PartialState
     from peft import PeftModel
 
     _, trainer_cls = trainer_classes(cfg.method)
-    dataset = used_rows(to_trl_dataset(pairs, cfg.method), cfg)
+    state = PartialState()
+    dataset = used_rows(to_trl_dataset(pairs, cfg.method), cfg, state.num_processes)
+    if shared_data_dir is not None:
+        from datasets import Dataset
+
+        with state.main_process_first():
+            if state.is_main_process:
+                dataset.save_to_disk(str(shared_data_dir))
+        dataset = Dataset.load_from_disk(str(shared_data_dir))
     longest = longest_pair_tokens(dataset, tokenizer)
     max_length = cfg.max_length if cfg.max_length is not None else longest
     if max_length < longest:
@@ -1086,8 +1100,9 @@ def build_trainer(
     return trainer
 
 
-def used_rows(dataset: Any, cfg: AlignConfig) -> Any:
-    """Keep only the rows a ``max_steps`` run will see: a seeded sample of ``steps * batch * accum``.
+def used_rows(dataset: Any, cfg: AlignConfig, processes: int = 1) -> Any:
+    """Keep only the rows a ``max_steps`` run will see: a seeded sample of
+    ``steps * batch * accum * processes``.
 
     With ``max_steps`` shorter than an epoch, TRL would still tokenize (and,
     with ``precompute_ref``, run the reference model over) every row. The
@@ -1095,7 +1110,7 @@ def used_rows(dataset: Any, cfg: AlignConfig) -> Any:
     """
     if cfg.max_steps is None:
         return dataset
-    n = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+    n = cfg.max_steps * cfg.batch_size * cfg.grad_accum * processes
     if n >= len(dataset):
         return dataset
     return dataset.shuffle(seed=cfg.seed).select(range(n)).flatten_indices()
@@ -1132,17 +1147,40 @@ def train_adapter(
         raise ConfigError(f"{target}: already exists; choose another --out or pass --overwrite")
     df, split = load_pair_frame(pairs)
     device = check_environment(cfg)
+    from accelerate import PartialState
+
+    # one process, or one of several under `accelerate launch` / torchrun
+    state = PartialState(cpu=device == "cpu")
+    distributed = state.num_processes > 1
+    main = state.is_main_process
     if device == "cpu":
-        torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+        cores = (os.cpu_count() or 1) // (state.num_processes if distributed else 1)
+        torch.set_num_threads(cfg.num_threads or max(cores, 1))
     from transformers import set_seed
 
     set_seed(cfg.seed)
     model, tok, model_prov = load_for_training(cfg, device)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    if distributed:
+        # every process must name the same scratch folder: the data TRL caches there
+        # (reference log-probs) and the gathered adapter are written by the main process
+        tmp = target.parent / f".{target.name}.partial"
+        with state.main_process_first():
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         trainer = build_trainer(
-            model, tok, df, cfg, tmp / "_trainer", device=device, progress=progress
+            model,
+            tok,
+            df,
+            cfg,
+            tmp / "_trainer",
+            device=device,
+            progress=progress,
+            shared_data_dir=tmp / "_data" if distributed else None,
         )
         start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train()
@@ -1150,7 +1188,17 @@ def train_adapter(
         cpu_seconds = time.process_time() - cpu_start
         history = [dict(h) for h in trainer.state.log_history]
         trained = trainer.model
-        trained.save_pretrained(str(tmp), selected_adapters=["default"])
+        if distributed:
+            # collective: gathers ZeRO-3 / FSDP shards, the main process writes
+            trainer.save_model(str(tmp))
+            if not main:
+                state.wait_for_everyone()  # the main process finishes the folder
+                return _adapter_ref(target, cfg, trainer, history, None, seconds, cpu_seconds)
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            shutil.rmtree(tmp / "ref", ignore_errors=True)
+            shutil.rmtree(tmp / "_data", ignore_errors=True)
+        else:
+            trained.save_pretrained(str(tmp), selected_adapters=["default"])
         tok.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         atomic_write_json(tmp / "log_history.json", _jsonable(history))
@@ -1191,9 +1239,23 @@ def train_adapter(
         from .prefs import _replace_dir
 
         _replace_dir(tmp, target)
+        if distributed:
+            state.wait_for_everyone()
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return _adapter_ref(target, cfg, trainer, history, merged_dir, seconds, cpu_seconds)
+
+
+def _adapter_ref(
+    target: Path,
+    cfg: AlignConfig,
+    trainer: Any,
+    history: list[dict[str, Any]],
+    merged_dir: Path | None,
+    seconds: float,
+    cpu_seconds: float,
+) -> AdapterRef:
     losses = [h["loss"] for h in history if "loss" in h]
     return AdapterRef(
         path=target,
