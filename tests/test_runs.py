@@ -89,7 +89,10 @@ def test_shipped_configs_validate() -> None:
             r"study\.yaml:1: `compare`: `bootstrap`=50; expected 0 \(off\) or at least 100",
         ),
         ("model: [a\n", r"study\.yaml:2: invalid YAML"),
-        ("eval:\n  backend: vlm\n", r"study\.yaml:2: `eval\.backend`='vlm'.*'vllm'"),
+        (
+            "eval:\n  backend: vlm\n",
+            r"study\.yaml:2: `eval\.backend`='vlm'; expected one of hf, vllm \(did you mean 'vllm'\?\)",
+        ),
         (
             "eval:\n  backend: vllm\n  precision: bf16-verified\n",
             r"study\.yaml:3: `eval\.precision`='bf16-verified' needs `eval\.backend`: hf",

@@ -28,6 +28,7 @@ This module imports torch-dependent stages lazily, inside the stage functions.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import logging
 import re
@@ -376,7 +377,9 @@ class RunConfig:
 def _check_choice(value: str, allowed: Sequence[str], key: str, doc: YamlDoc | None) -> None:
     if value not in allowed:
         where = locate(doc, key.split("."))
-        raise ConfigError(f"{where}: `{key}`={value!r}; expected one of {', '.join(allowed)}")
+        near = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{where}: `{key}`={value!r}; expected one of {', '.join(allowed)}{hint}")
 
 
 def _check_compare(cmp_: CompareSection, doc: YamlDoc | None) -> None:
