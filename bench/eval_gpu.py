@@ -1,0 +1,196 @@
+"""Scoring throughput of the packed scorer at 7B scale on one GPU (random weights).
+
+Speed does not depend on weight values, so the model is built from Qwen2.5-7B's
+published configuration with random bfloat16 weights, directly on the GPU (no download).
+Items are real BBQ items in the ``lm-eval`` prompt format, tokenised with the SmolLM2
+tokenizer (ids fit Qwen's larger vocabulary; BBQ text gives similar token counts under
+either BPE). The script
+
+1. checks correctness: the packed scores of 16 items against one unpadded forward per
+   answer (``score_naive``), in bf16, and the share of identical decisions;
+2. scores ``--items`` items once to warm up kernels and allocator, then again timed
+   (``torch.cuda.synchronize`` around it), and prints items/s, tokens/s (tokens run
+   through the model, padding included, and prompt + answer tokens scored), the
+   estimated matmul TFLOP/s (2 x non-embedding parameters x tokens, plus the LM head on
+   scored positions) and the projected time for all 58,492 BBQ items.
+
+The machine that runs it needs torch and transformers only; prepare its inputs here::
+
+    python bench/eval_gpu.py --export gpu-inputs --bbq-dir <bbq> --items 5000
+
+then, on the GPU machine, from the repository root with ``gpu-inputs/`` beside it::
+
+    python bench/eval_gpu.py --inputs gpu-inputs --items 5000
+
+``--config tiny --device cpu`` runs the same code on a 2-layer model (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BBQ_ITEMS = 58_492
+H200_BF16_TFLOPS = 785.0  # dense bf16 matmul rate measured on the H200 (see docs/benchmarks.md)
+
+# Qwen2.5-7B(-Instruct) config.json, public values
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def export(out: Path, bbq_dir: str | None, n_items: int, seed: int) -> None:
+    """Write the items (a seeded stratified sample) and the tokenizer for the GPU machine."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from transformers import AutoTokenizer
+
+    from spillover.data import CATEGORIES, CONTEXTS, load_bbq, select_items
+    from spillover.models import prepare_embedded
+
+    data = load_bbq(bbq_dir)
+    per = math.ceil(n_items / (len(CATEGORIES) * len(CONTEXTS)))
+    items = select_items(data.items, per_stratum=per, seed=seed)[:n_items]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "items.jsonl", "w", encoding="utf-8") as fh:
+        for it in items:
+            rec = {"context": it.context, "question": it.question, "answers": list(it.answers)}
+            fh.write(json.dumps(rec) + "\n")
+    AutoTokenizer.from_pretrained(str(prepare_embedded())).save_pretrained(out / "tokenizer")
+    print(f"wrote {len(items)} items and the tokenizer to {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", type=Path, default=None, help="write inputs here and stop")
+    ap.add_argument("--bbq-dir", default=None)
+    ap.add_argument("--inputs", type=Path, default=Path("gpu-inputs"))
+    ap.add_argument("--items", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", choices=("qwen2.5-7b", "tiny"), default="qwen2.5-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-tokens", type=int, default=32768)
+    ap.add_argument("--max-row-tokens", type=int, default=512)
+    args = ap.parse_args()
+    if args.export is not None:
+        export(args.export, args.bbq_dir, args.items, args.seed)
+        return
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from spillover._eval_engine import ChoiceRequest, HFChoiceScorer, score_naive
+
+    dev = torch.device(args.device)
+    on_gpu = dev.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    lines = (args.inputs / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(x) for x in lines[: args.items]]
+    requests = [
+        ChoiceRequest(
+            f"{r['context']}\n\nQ: {r['question']}\nA:", tuple(f" {a}" for a in r["answers"])
+        )
+        for r in recs
+    ]
+    tok = AutoTokenizer.from_pretrained(str(args.inputs / "tokenizer"))
+    shape = QWEN25_7B if args.config == "qwen2.5-7b" else TINY
+    cfg = Qwen2Config(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    model.eval()
+    if on_gpu:
+        torch.cuda.synchronize()
+    n_params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    print(
+        f"model: {args.config} shape, {n_params / 1e9:.2f} B parameters, {dtype}, {dev}, "
+        f"built in {time.perf_counter() - t0:.1f} s"
+    )
+    if on_gpu:
+        print(f"device: {torch.cuda.get_device_name(dev)}")
+
+    scorer = HFChoiceScorer(
+        model, tok, batch_tokens=args.batch_tokens, max_row_tokens=args.max_row_tokens
+    )
+
+    # 1. correctness against one unpadded forward per answer
+    check = requests[:16]
+    packed = scorer.score(check)
+    pairs = [(o.context, o.continuation) for opts in scorer.encode(check) for o in opts]
+    naive = score_naive(model, pairs)
+    flat = [v for s in packed for v in s.logprobs]
+    diff = max(abs(a - b) for a, b in zip(flat, naive, strict=True))
+    same = sum(
+        max(range(3), key=lambda j: s.logprobs[j]) == max(range(3), key=lambda j: naive[3 * i + j])
+        for i, s in enumerate(packed)
+    )
+    print(
+        f"check on {len(check)} items: max |packed - naive| = {diff:.3g} nats, "
+        f"same decision {same}/{len(check)}"
+    )
+
+    # 2. throughput
+    encoded = scorer.encode(requests)
+    scorer.score_encoded(encoded)  # warm-up: kernels, allocator, autotuning
+    before = scorer.stats.forward_tokens, scorer.stats.batches
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    scorer.score_encoded(encoded)
+    if on_gpu:
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    fwd = scorer.stats.forward_tokens - before[0]
+    batches = scorer.stats.batches - before[1]
+    scored = sum(len(o.continuation) for opts in encoded for o in opts)
+    useful = sum(len(opts[0].context) for opts in encoded) + scored
+    flops = 2 * (n_params - embed - head) * fwd + 2 * head * scored
+    tflops = flops / secs / 1e12
+    n = len(requests)
+    print(f"items: {n}, batches: {batches}, scoring time: {secs:.2f} s")
+    print(f"items/s: {n / secs:.1f}")
+    print(
+        f"tokens/s: {fwd / secs:,.0f} through the model ({fwd:,} tokens incl. padding), "
+        f"{useful / secs:,.0f} prompt + answer tokens ({useful:,})"
+    )
+    print(f"matmul rate: {tflops:.1f} TFLOP/s", end="")
+    if on_gpu:
+        print(f" = {100 * tflops / H200_BF16_TFLOPS:.0f} % of {H200_BF16_TFLOPS:.0f}")
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+    else:
+        print()
+    print(f"projected full BBQ ({BBQ_ITEMS:,} items): {BBQ_ITEMS / (n / secs):.0f} s")
+
+
+if __name__ == "__main__":
+    main()
