@@ -30,6 +30,16 @@ def test_help_does_not_import_torch() -> None:
     assert out.stdout.strip() == ""
 
 
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [("align", "LoRA rank [preset]."), ("eval", "pip install 'spillover[vllm]'")],
+)
+def test_help_prints_brackets_as_written(command: str, text: str) -> None:
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert text in " ".join(result.output.split())
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("spillover ")

@@ -38,8 +38,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # help texts are plain text: "[preset]" and "spillover[vllm]" must print as written
+    rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Fetch, verify and describe the BBQ data.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Fetch, verify and describe the BBQ data.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(data_app, name="data")
 
 
