@@ -135,6 +135,18 @@ def test_invalid_config_fails_before_any_work(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here"
+)
+def test_vllm_backend_without_vllm_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, "eval:\n  backend: vllm\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "pip install 'spillover[vllm]'" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_bad_force_stage(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="`--force` trian: unknown stage"):
         run_study(RunConfig.default(), tmp_path / "run", force=["trian"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import itertools
 import logging
 import re
@@ -65,7 +66,7 @@ from .data import (
     resolve_categories,
     select_items,
 )
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -643,6 +644,10 @@ def run_study(
         )
     if "all" in forced:
         forced = set(STAGES)
+    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from ._eval_vllm import INSTALL_HINT
+
+        raise MissingDependencyError(f"`eval.backend`: vllm: {INSTALL_HINT}")
     root = Path(out).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     _write_config(root, cfg)
