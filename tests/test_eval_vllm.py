@@ -113,6 +113,7 @@ def _invoke(tiny: Any, mini_dir: Path, out: Path, extra: list[str]) -> Any:
             "--precision bf16-verified needs --backend hf",
         ),
         (["--tensor-parallel-size", "2"], "--tensor-parallel-size needs --backend vllm"),
+        (["--backend", "vllm", "--device", "cpu"], "--backend vllm runs on CUDA GPUs"),
         (["--backend", "onnx"], "--backend 'onnx'; expected one of hf, vllm"),
     ],
 )

@@ -642,6 +642,34 @@ def test_full_bbq_prompts_render_and_tokenise(tiny: Any, full_bbq: Any) -> None:
     assert len(preds) == 3 * len(picked)
 
 
+def test_cli_verify_margin_bounds_the_rescored_share(
+    tiny_dir: Path, mini_bbq: Path, tmp_path: Path
+) -> None:
+    """--verify-margin 0 keeps every bf16 decision; a huge margin rescores every item in
+    float32, which must then reproduce --precision model exactly."""
+    base = [
+        "--model", str(tiny_dir), "--bbq-dir", str(mini_bbq), "--allow-unverified",
+        "--categories", "age,disability", "--all",
+    ]  # fmt: skip
+    outs = {}
+    for name, extra in {
+        "none": ["--precision", "bf16-verified", "--verify-margin", "0"],
+        "all": ["--precision", "bf16-verified", "--verify-margin", "1e9"],
+        "fp32": ["--precision", "model"],
+    }.items():
+        outs[name] = tmp_path / f"{name}.parquet"
+        res = _invoke([*base, *extra, "--out", str(outs[name])])
+        assert res.exit_code == 0, res.output
+    n = len(read_predictions(outs["fp32"]))
+    verified = {k: read_metadata(v)["scorer_stats"]["verified_requests"] for k, v in outs.items()}
+    assert verified == {"none": 0, "all": n, "fp32": 0}
+    assert read_metadata(outs["all"])["config"]["verify_margin"] == 1e9
+    exact, rescored = read_predictions(outs["fp32"]), read_predictions(outs["all"])
+    score_cols = ["score_0", "score_1", "score_2"]
+    assert (exact[score_cols] - rescored[score_cols]).abs().to_numpy().max() < 1e-5
+    assert list(exact.pred_index) == list(rescored.pred_index)
+
+
 def test_cli_items_file_and_limit(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) -> None:
     items = tmp_path / "items.csv"
     items.write_text("category,example_id\ndisability,3\nAge,1\nAge,2\n")

@@ -98,6 +98,10 @@ def test_shipped_configs_validate() -> None:
             r"study\.yaml:3: `eval\.precision`='bf16-verified' needs `eval\.backend`: hf",
         ),
         (
+            "eval:\n  verify_margin: -1\n",
+            r"study\.yaml:2: `eval\.verify_margin`=-1\.0; expected >= 0",
+        ),
+        (
             "eval:\n  tensor_parallel_size: 2\n",
             r"study\.yaml:2: `eval\.tensor_parallel_size`=2; expected 1, or >= 1 with",
         ),
@@ -118,6 +122,7 @@ def test_shipped_configs_validate() -> None:
         "yaml",
         "backend",
         "backend-precision",
+        "verify-margin",
         "tensor-parallel",
     ],
 )

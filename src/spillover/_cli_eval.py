@@ -117,6 +117,15 @@ def eval_command(
             "in full precision, so predictions match full precision).",
         ),
     ] = "auto",
+    verify_margin: Annotated[
+        float,
+        typer.Option(
+            "--verify-margin",
+            help="bf16-verified: rescore in full precision every item whose top-two margin "
+            "is below this (nats for --length-norm none).",
+            min=0.0,
+        ),
+    ] = 0.3,
     batch_tokens: Annotated[
         int, typer.Option("--batch-tokens", help="Token budget of one forward pass.", min=64)
     ] = 4096,
@@ -170,6 +179,7 @@ def eval_command(
             permutations=permutations,
             length_norm=length_norm,
             precision=precision,
+            verify_margin=verify_margin,
             batch_tokens=batch_tokens,
             chunk_items=chunk_items,
             device=device,
@@ -201,6 +211,7 @@ def _run(
     length_norm: str,
     precision: str,
     batch_tokens: int,
+    verify_margin: float = 0.3,
     chunk_items: int,
     device: str | None,
     dtype: str,
@@ -237,6 +248,8 @@ def _run(
         raise ConfigError(
             "--precision bf16-verified needs --backend hf; vLLM computes in the weights' dtype"
         )
+    if backend == "vllm" and device is not None and not device.startswith(("cuda", "auto")):
+        raise ConfigError(f"--backend vllm runs on CUDA GPUs, not --device {device}")
     if backend != "vllm" and tensor_parallel_size != 1:
         raise ConfigError("--tensor-parallel-size needs --backend vllm")
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -247,6 +260,7 @@ def _run(
         batch_tokens=batch_tokens,
         length_norm=length_norm,
         precision=precision,
+        verify_margin=verify_margin,
         chunk_items=chunk_items,
         seed=seed,
     ).validate()

@@ -134,6 +134,8 @@ class EvalSection:
     """Items per shard (the unit an interrupted evaluation resumes from)."""
     precision: str = "auto"
     """``auto``, ``model`` or ``bf16-verified`` (see ``spillover eval --help``)."""
+    verify_margin: float = 0.3
+    """``bf16-verified``: items whose top-two margin is below this are rescored in full precision."""
     backend: str = "hf"
     """Scoring engine: ``hf`` (transformers) or ``vllm`` (CUDA, ``spillover[vllm]``)."""
     tensor_parallel_size: int = 1
@@ -400,6 +402,9 @@ def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
     _check_choice(evs.permutations, PERMUTATION_MODES, "eval.permutations", doc)
     _check_choice(evs.precision, ("auto", "model", "bf16-verified"), "eval.precision", doc)
     _check_choice(evs.backend, ("hf", "vllm"), "eval.backend", doc)
+    if not evs.verify_margin >= 0:
+        where = locate(doc, ["eval", "verify_margin"])
+        raise ConfigError(f"{where}: `eval.verify_margin`={evs.verify_margin}; expected >= 0")
     if evs.backend == "vllm" and evs.precision == "bf16-verified":
         where = locate(doc, ["eval", "precision"])
         raise ConfigError(
@@ -828,6 +833,7 @@ def _eval_config(ctx: _Context) -> Any:
         length_norm=ev.length_norm,
         chunk_items=ev.chunk_items,
         precision=ev.precision,
+        verify_margin=ev.verify_margin,
         seed=ctx.sub.seed,
     )
 
