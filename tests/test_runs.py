@@ -251,6 +251,11 @@ def test_tiny_run_end_to_end_and_resume(
     assert set(manifest["timings"]) == set(STAGES)
     assert manifest["bbq"]["verified"] is False and "UNVERIFIED" in manifest["warnings"][0]
     assert manifest["libraries"]["torch"] and manifest["sub_run"]["target"] == ["Gender_identity"]
+    evals = {m["role"]: m for m in manifest["models"] if m["role"].startswith("eval-")}
+    assert set(evals) == {"eval-base", "eval-aligned"}
+    assert all(m["precision"] in ("model", "bf16-verified") for m in evals.values())
+    assert all(m["rescored_full_precision"] >= 0 for m in evals.values())
+    assert evals["eval-aligned"]["adapter"] and not evals["eval-base"]["adapter"]
     comparison = json.loads((out / "stats/comparison.json").read_text())
     assert any("UNVERIFIED" in w for w in comparison["warnings"])
     cats = {s["category"] for s in comparison["strata"]}
@@ -259,6 +264,7 @@ def test_tiny_run_end_to_end_and_resume(
     again: list[tuple[str, str]] = []
     run_study(cfg, out, on_event=lambda stage, status, info: again.append((stage, status)))
     assert [st for _, st in again] == ["skip"] * len(STAGES)
+    assert json.loads((out / "manifest.json").read_text())["models"] == manifest["models"]
     # --force compare reruns compare and report only, with the same result
     forced: list[tuple[str, str]] = []
     run_study(cfg, out, force=["compare"], on_event=lambda s, st, i: forced.append((s, st)))

@@ -691,6 +691,9 @@ def _write_config(run_dir: Path, cfg: RunConfig, sub: SubRun | None = None) -> N
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
+_EVAL_STAGES = {"eval-base": PREDICTION_FILES["base"], "eval-aligned": PREDICTION_FILES["aligned"]}
+
+
 def _run_one(ctx: _Context) -> None:
     steps: list[tuple[str, Callable[[_Context], tuple[str, list[Path]]]]] = [
         ("eval-base", _stage_eval_base),
@@ -711,6 +714,8 @@ def _run_one(ctx: _Context) -> None:
         if done is not None:
             ctx.timings[name] = done.seconds
             ctx.keys[name] = key
+            if name in _EVAL_STAGES:
+                ctx.models[name] = _eval_provenance(ctx.run_dir / _EVAL_STAGES[name])
             ctx.on_event(name, "skip", {"seconds": done.seconds})
             continue
         ctx.on_event(name, "start", {})
@@ -865,8 +870,22 @@ def _evaluate(ctx: _Context, stage: str, adapter: Path | None, out: Path) -> Non
         provenance={"bbq": ctx.data.provenance()},
         scorer=scorer,
     )
-    ctx.models[stage] = lm.provenance()
     del lm
+    ctx.models[stage] = _eval_provenance(out)
+
+
+def _eval_provenance(predictions: Path) -> dict[str, Any]:
+    """Model provenance of an evaluation, with how its predictions were computed (the
+    resolved precision, the bf16 close calls rescored in full precision), read from the
+    predictions file's own metadata, so a resumed run that skips the stage reports it too."""
+    from .evaluate import read_metadata
+
+    meta = read_metadata(predictions)
+    return {
+        **meta.get("model", {}),
+        "precision": meta.get("config", {}).get("precision"),
+        "rescored_full_precision": meta.get("scorer_stats", {}).get("verified_requests", 0),
+    }
 
 
 def _stage_eval_base(ctx: _Context) -> tuple[str, list[Path]]:
