@@ -24,7 +24,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._cli_common import console, err_console, handle_errors, warn
+from ._cli_common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    console,
+    err_console,
+    handle_errors,
+    warn,
+)
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------- prefs
@@ -63,21 +70,8 @@ def prefs_command(
         str | None,
         typer.Option(help="Model whose tokenizer renders chat formats (letters-chat only)."),
     ] = None,
-    bbq_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--bbq-dir",
-            help="BBQ folder. Default: $SPILLOVER_BBQ_DIR, else the cache.",
-            envvar="SPILLOVER_BBQ_DIR",
-            show_default=False,
-        ),
-    ] = None,
-    allow_unverified: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unverified", help="Accept BBQ files whose digest differs (recorded)."
-        ),
-    ] = False,
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
     ] = False,

@@ -64,8 +64,9 @@ AllowUnverifiedOption = Annotated[
 
 def fail(message: str) -> typer.Exit:
     """Print a one-line error and return the exit to raise."""
+    one_line = " ".join(message.split())
     # messages carry paths, dataset text and shell hints ("spillover[vllm]"): never markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 

@@ -10,18 +10,20 @@ stderr and exit status 1; nothing is written then.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._cli_common import fail
-from .errors import SpilloverError
+from ._cli_common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    console,
+    handle_errors,
+    warn,
+)
 
 if TYPE_CHECKING:
     from .stats import Comparison, MetricsReport
@@ -30,26 +32,10 @@ _BY_HELP = (
     "Stratification keys, comma-separated: category, context_condition, question_polarity, "
     "label_type. Rows are reported for every subset of them."
 )
-_BBQ_HELP = "Folder with the BBQ files (default: $SPILLOVER_BBQ_DIR, then the cache)."
-_UNVERIFIED_HELP = "Accept BBQ files whose SHA-256 differs from the pinned one (with a warning)."
 _PERM_HELP = (
     "Answer-order permutation to use when a prediction file holds several "
     "(default: the identity, '0')."
 )
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except SpilloverError as exc:
-        raise fail(" ".join(str(exc).split())) from None
-
-
-def _warn(lines: list[str]) -> None:
-    err = Console(stderr=True)
-    for line in lines:
-        err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
@@ -64,12 +50,11 @@ def _pval(value: Any) -> str:
     return "<1e-16" if value < 1e-16 else format(value, ".2g")
 
 
+@handle_errors
 def metrics_command(
     pred: Annotated[Path, typer.Argument(help="Prediction file (.parquet, .csv or .jsonl).")],
-    bbq_dir: Annotated[Path | None, typer.Option("--bbq-dir", help=_BBQ_HELP)] = None,
-    allow_unverified: Annotated[
-        bool, typer.Option("--allow-unverified", help=_UNVERIFIED_HELP)
-    ] = False,
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
     by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = "category,context_condition",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the records as a JSON list to this file.")
@@ -77,19 +62,19 @@ def metrics_command(
     permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
 ) -> None:
     """Accuracy and BBQ bias scores of one run, per stratum."""
-    with _user_errors():
-        from ._io import atomic_write_json
-        from .data import load_bbq
-        from .stats import load_and_compute_metrics
+    from ._io import atomic_write_json
+    from .data import load_bbq
+    from .stats import load_and_compute_metrics
 
-        bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
-        report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
-        records = report.records()
-        _warn([*report.warnings, *report.notes])
-        _print_metrics(report)
-        if json_out is not None:
-            atomic_write_json(json_out, records)
-            Console().print(f"wrote {json_out}")
+    bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
+    report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
+    records = report.records()
+    for line in (*report.warnings, *report.notes):
+        warn(line)
+    _print_metrics(report)
+    if json_out is not None:
+        atomic_write_json(json_out, records)
+        console.print(f"wrote {json_out}")
 
 
 def _print_metrics(report: MetricsReport) -> None:
@@ -118,16 +103,15 @@ def _print_metrics(report: MetricsReport) -> None:
         if has_mass:
             row.append(_num(rec["unknown_mass"]))
         table.add_row(*row)
-    Console().print(table)
+    console.print(table)
 
 
+@handle_errors
 def compare_command(
     base: Annotated[Path, typer.Argument(help="Predictions of the base model.")],
     aligned: Annotated[Path, typer.Argument(help="Predictions of the aligned model.")],
-    bbq_dir: Annotated[Path | None, typer.Option("--bbq-dir", help=_BBQ_HELP)] = None,
-    allow_unverified: Annotated[
-        bool, typer.Option("--allow-unverified", help=_UNVERIFIED_HELP)
-    ] = False,
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
     test: Annotated[
         str, typer.Option("--test", help="exact | midp | chi2 | chi2-cc | auto (= midp).")
     ] = "auto",
@@ -167,43 +151,42 @@ def compare_command(
     permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
 ) -> None:
     """Paired comparison of a base and an aligned run (McNemar tests, effects, Simpson flags)."""
-    with _user_errors():
-        from ._io import atomic_write_json, atomic_write_text
-        from .data import load_bbq
-        from .stats import CompareConfig, load_and_compare
+    from ._io import atomic_write_json, atomic_write_text
+    from .data import load_bbq
+    from .stats import CompareConfig, load_and_compare
 
-        cfg = CompareConfig(
-            test=test,  # type: ignore[arg-type]
-            correction=correction,  # type: ignore[arg-type]
-            alpha=alpha,
-            by=tuple(by.split(",")),
-            intersect=intersect,
-            bootstrap=bootstrap,
-            seed=seed,
-            cluster=cluster,  # type: ignore[arg-type]
-            targets=tuple(targets.split(",")) if targets else None,
-            permutation=permutation,
-        )
-        bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
-        result = load_and_compare(base, aligned, bbq, cfg)
-        payload = result.to_json()
-        csv_text = result.to_csv() if csv_out is not None else None
-        _warn(result.warnings)
-        _print_comparison(result)
-        if json_out is not None:
-            atomic_write_json(json_out, payload)
-            Console().print(f"wrote {json_out}")
-        if csv_out is not None and csv_text is not None:
-            atomic_write_text(csv_out, csv_text)
-            Console().print(f"wrote {csv_out}")
+    cfg = CompareConfig(
+        test=test,  # type: ignore[arg-type]
+        correction=correction,  # type: ignore[arg-type]
+        alpha=alpha,
+        by=tuple(by.split(",")),
+        intersect=intersect,
+        bootstrap=bootstrap,
+        seed=seed,
+        cluster=cluster,  # type: ignore[arg-type]
+        targets=tuple(targets.split(",")) if targets else None,
+        permutation=permutation,
+    )
+    bbq = load_bbq(bbq_dir, allow_unverified=allow_unverified)
+    result = load_and_compare(base, aligned, bbq, cfg)
+    payload = result.to_json()
+    csv_text = result.to_csv() if csv_out is not None else None
+    for line in result.warnings:
+        warn(line)
+    _print_comparison(result)
+    if json_out is not None:
+        atomic_write_json(json_out, payload)
+        console.print(f"wrote {json_out}")
+    if csv_out is not None and csv_text is not None:
+        atomic_write_text(csv_out, csv_text)
+        console.print(f"wrote {csv_out}")
 
 
 def _print_comparison(result: Comparison) -> None:
-    out = Console()
     summary = result.summary
     dropped = summary["dropped"]
     if dropped["base_only"] or dropped["aligned_only"]:
-        out.print(
+        console.print(
             f"compared {summary['n_items']} common items; dropped {dropped['base_only']} "
             f"only in BASE and {dropped['aligned_only']} only in ALIGNED"
         )
@@ -256,14 +239,14 @@ def _print_comparison(result: Comparison) -> None:
             ", ".join(rec["flags"]),
             style=style,
         )
-    out.print(table)
+    console.print(table)
     for flag in result.flags:
-        out.print(Text(f"{flag.kind}: {flag.message}", style="bold"), soft_wrap=False)
+        console.print(Text(f"{flag.kind}: {flag.message}", style="bold"), soft_wrap=False)
     if "spillover" in summary:
         sp = summary["spillover"]
         for group in ("target", "untargeted"):
             for ctx, part in sp[group]["by_context"].items():
-                out.print(
+                console.print(
                     f"{group} ({', '.join(sp[group]['categories'])}) / {ctx}: "
                     f"{len(part['improvements'])} significant improvement(s), "
                     f"{len(part['degradations'])} significant degradation(s); pooled "
