@@ -337,12 +337,7 @@ def _row_record(
 ) -> dict[str, Any]:
     t = {name: int(tot[i]) for name, i in _I.items()}
     n = t["n"]
-    rec: dict[str, Any] = {"level": level_name(spec.level)}
-    rec["category"] = spec.keys["category"]
-    rec["context_condition"] = spec.keys["context_condition"]
-    for key in by:
-        if key not in ("category", "context_condition"):
-            rec[key] = spec.keys[key]
+    rec = spec.record_keys(by)
     notes: list[str] = []
     test = mcnemar_test(t["b"], t["c"], cfg.test)
     lo, hi = paired_difference_ci(

@@ -297,6 +297,17 @@ class RowSpec:
         ctx = self.keys.get("context_condition", ALL)
         return None if ctx == ALL else ctx
 
+    def record_keys(self, by: Sequence[str]) -> dict[str, Any]:
+        """The identifying fields every output record starts with: level, category,
+        context and any other key of ``by``."""
+        rec: dict[str, Any] = {"level": level_name(self.level)}
+        rec["category"] = self.keys["category"]
+        rec["context_condition"] = self.keys["context_condition"]
+        for key in by:
+            if key not in ("category", "context_condition"):
+                rec[key] = self.keys[key]
+        return rec
+
 
 def row_specs(cells: Cells, by: Sequence[str]) -> list[RowSpec]:
     """Rows for every level of ``by`` (finest first), in canonical key order."""
@@ -390,12 +401,7 @@ def _metrics_record(
 ) -> dict[str, Any]:
     tot = {k: int(v[spec.cells].sum()) for k, v in sums.items()}
     n = tot["n"]
-    rec: dict[str, Any] = {"level": level_name(spec.level)}
-    rec["category"] = spec.keys["category"]
-    rec["context_condition"] = spec.keys["context_condition"]
-    for key in by:
-        if key not in ("category", "context_condition"):
-            rec[key] = spec.keys[key]
+    rec = spec.record_keys(by)
     rec.update(
         n=n,
         n_correct=tot["correct"],
