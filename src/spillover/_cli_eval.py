@@ -23,8 +23,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._cli_common import console, err_console, fail, warn
-from .errors import ConfigError, ModelError, SpilloverError
+from ._cli_common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    CacheDirOption,
+    console,
+    err_console,
+    handle_errors,
+    warn,
+)
+from .errors import ConfigError, ModelError
 
 _out = console
 _err = err_console
@@ -37,6 +45,7 @@ def _split(value: str | None) -> list[str] | None:
     return parts or None
 
 
+@handle_errors
 def eval_command(
     model: Annotated[
         str, typer.Option("--model", help="Model alias (e.g. smollm2-135m), hub id or folder.")
@@ -48,31 +57,9 @@ def eval_command(
         Path | None,
         typer.Option("--adapter", help="PEFT LoRA adapter folder to apply (not merged)."),
     ] = None,
-    bbq_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--bbq-dir",
-            help="Folder holding BBQ. Default: $SPILLOVER_BBQ_DIR, else the cache.",
-            envvar="SPILLOVER_BBQ_DIR",
-            show_default=False,
-        ),
-    ] = None,
-    allow_unverified: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unverified",
-            help="Accept BBQ files whose SHA-256 differs (recorded in the output metadata).",
-        ),
-    ] = False,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache-dir",
-            help="Cache root. Default: $SPILLOVER_CACHE or ~/.cache/spillover.",
-            envvar="SPILLOVER_CACHE",
-            show_default=False,
-        ),
-    ] = None,
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    cache_dir: CacheDirOption = None,
     categories: Annotated[
         str | None,
         typer.Option("--categories", help="Comma-separated categories (aliases allowed)."),
@@ -161,35 +148,32 @@ def eval_command(
     Finished chunks are kept in <out>.shards/ while the run goes: rerunning the
     same command after an interruption resumes where it stopped.
     """
-    try:
-        _run(
-            model=model,
-            out=out,
-            adapter=adapter,
-            bbq_dir=bbq_dir,
-            allow_unverified=allow_unverified,
-            cache_dir=cache_dir,
-            categories=categories,
-            contexts=contexts,
-            per_stratum=per_stratum,
-            seed=seed,
-            items=items,
-            all_items=all_items,
-            prompt_format=prompt_format,
-            permutations=permutations,
-            length_norm=length_norm,
-            precision=precision,
-            verify_margin=verify_margin,
-            batch_tokens=batch_tokens,
-            chunk_items=chunk_items,
-            device=device,
-            dtype=dtype,
-            limit=limit,
-            backend=backend,
-            tensor_parallel_size=tensor_parallel_size,
-        )
-    except SpilloverError as exc:
-        raise fail(str(exc)) from None
+    _run(
+        model=model,
+        out=out,
+        adapter=adapter,
+        bbq_dir=bbq_dir,
+        allow_unverified=allow_unverified,
+        cache_dir=cache_dir,
+        categories=categories,
+        contexts=contexts,
+        per_stratum=per_stratum,
+        seed=seed,
+        items=items,
+        all_items=all_items,
+        prompt_format=prompt_format,
+        permutations=permutations,
+        length_norm=length_norm,
+        precision=precision,
+        verify_margin=verify_margin,
+        batch_tokens=batch_tokens,
+        chunk_items=chunk_items,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        backend=backend,
+        tensor_parallel_size=tensor_parallel_size,
+    )
 
 
 def _run(
@@ -224,10 +208,11 @@ def _run(
         BACKENDS,
         EvalConfig,
         evaluate_model,
+        load_for_eval,
         read_metadata,
         summarize_predictions,
     )
-    from .models import load_model, resolve_model
+    from .models import resolve_model
     from .prompts import render
 
     chosen = [
@@ -300,27 +285,21 @@ def _run(
     if device is None and state.num_processes > 1:
         device = "cpu" if on_cpu else str(state.device)
     t0 = time.perf_counter()
-    scorer = None
-    if backend == "vllm":
-        if state.num_processes > 1:
-            raise ConfigError(
-                "--backend vllm runs as one process (spread a model over GPUs with "
-                "--tensor-parallel-size), not under accelerate launch or torchrun"
-            )
-        from ._eval_vllm import VLLMChoiceScorer, load_vllm_model
-
-        loaded = load_vllm_model(
-            model,
-            adapter=adapter,
-            dtype=dtype,
-            cache_dir=cache_dir,
-            tensor_parallel_size=tensor_parallel_size,
+    if backend == "vllm" and state.num_processes > 1:
+        raise ConfigError(
+            "--backend vllm runs as one process (spread a model over GPUs with "
+            "--tensor-parallel-size), not under accelerate launch or torchrun"
         )
-        scorer = VLLMChoiceScorer(
-            loaded.model, loaded.tokenizer, boundary=cfg.boundary, lora_path=loaded.adapter
-        )
-    else:
-        loaded = load_model(model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir)
+    loaded, scorer = load_for_eval(
+        model,
+        backend=backend,
+        adapter=adapter,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        boundary=cfg.boundary,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     render(selected[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
     t_load = time.perf_counter() - t0
     provenance: dict[str, Any] = {

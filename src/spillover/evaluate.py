@@ -332,6 +332,48 @@ def _top_margin(values: Sequence[float]) -> float:
     return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
+def load_for_eval(
+    model: str,
+    *,
+    backend: str = "hf",
+    adapter: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+    boundary: str = "lm-eval",
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+) -> tuple[LoadedModel, ChoiceScorer | None]:
+    """Load a model for one of :data:`BACKENDS`, with the scorer :func:`evaluate_model` needs.
+
+    ``hf``: a transformers model and None (``evaluate_model`` builds the packed scorer).
+    ``vllm``: a ``vllm.LLM`` on CUDA and its :class:`~spillover._eval_vllm.VLLMChoiceScorer`
+    (``device`` is not used; ``tensor_parallel_size`` GPUs hold the model).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"`backend`={backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "hf":
+        from .models import load_model
+
+        return load_model(
+            model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
+        ), None
+    from ._eval_vllm import VLLMChoiceScorer, load_vllm_model
+
+    loaded = load_vllm_model(
+        model,
+        adapter=adapter,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        tensor_parallel_size=tensor_parallel_size,
+        seed=seed,
+    )
+    scorer = VLLMChoiceScorer(
+        loaded.model, loaded.tokenizer, boundary=boundary, lora_path=loaded.adapter
+    )
+    return loaded, scorer
+
+
 def resolve_precision(cfg: EvalConfig, loaded_model: LoadedModel) -> EvalConfig:
     """Replace ``precision="auto"`` by what this model and machine get."""
     if cfg.precision != "auto":

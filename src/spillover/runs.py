@@ -396,12 +396,13 @@ def _check_compare(cmp_: CompareSection, doc: YamlDoc | None) -> None:
 
 
 def _check_eval(evs: EvalSection, doc: YamlDoc | None) -> None:
+    from .evaluate import BACKENDS, PRECISIONS
     from .prompts import PERMUTATION_MODES, PROMPT_FORMATS
 
     _check_choice(evs.prompt_format, PROMPT_FORMATS, "eval.prompt_format", doc)
     _check_choice(evs.permutations, PERMUTATION_MODES, "eval.permutations", doc)
-    _check_choice(evs.precision, ("auto", "model", "bf16-verified"), "eval.precision", doc)
-    _check_choice(evs.backend, ("hf", "vllm"), "eval.backend", doc)
+    _check_choice(evs.precision, PRECISIONS, "eval.precision", doc)
+    _check_choice(evs.backend, BACKENDS, "eval.backend", doc)
     if not evs.verify_margin >= 0:
         where = locate(doc, ["eval", "verify_margin"])
         raise ConfigError(f"{where}: `eval.verify_margin`={evs.verify_margin}; expected >= 0")
@@ -815,18 +816,6 @@ def _eval_progress(ctx: _Context, stage: str) -> Callable[[int, int], None]:
     return progress
 
 
-def _load(ctx: _Context, adapter: Path | None) -> Any:
-    from .models import load_model
-
-    return load_model(
-        ctx.sub.model,
-        adapter=adapter,
-        device=ctx.cfg.device,
-        dtype=ctx.cfg.dtype,
-        cache_dir=ctx.cfg.bbq.cache_dir,
-    )
-
-
 def _eval_config(ctx: _Context) -> Any:
     from .evaluate import EvalConfig
 
@@ -844,23 +833,19 @@ def _eval_config(ctx: _Context) -> Any:
 
 
 def _evaluate(ctx: _Context, stage: str, adapter: Path | None, out: Path) -> None:
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model, load_for_eval
 
-    scorer = None
-    if ctx.cfg.eval.backend == "vllm":
-        from ._eval_vllm import VLLMChoiceScorer, load_vllm_model
-
-        lm = load_vllm_model(
-            ctx.sub.model,
-            adapter=adapter,
-            dtype=ctx.cfg.dtype,
-            cache_dir=ctx.cfg.bbq.cache_dir,
-            tensor_parallel_size=ctx.cfg.eval.tensor_parallel_size,
-            seed=ctx.sub.seed,
-        )
-        scorer = VLLMChoiceScorer(lm.model, lm.tokenizer, lora_path=lm.adapter)
-    else:
-        lm = _load(ctx, adapter)
+    ev = ctx.cfg.eval
+    lm, scorer = load_for_eval(
+        ctx.sub.model,
+        backend=ev.backend,
+        adapter=adapter,
+        device=ctx.cfg.device,
+        dtype=ctx.cfg.dtype,
+        cache_dir=ctx.cfg.bbq.cache_dir,
+        tensor_parallel_size=ev.tensor_parallel_size,
+        seed=ctx.sub.seed,
+    )
     evaluate_model(
         lm,
         ctx.items,
