@@ -1188,17 +1188,15 @@ def train_adapter(
         cpu_seconds = time.process_time() - cpu_start
         history = [dict(h) for h in trainer.state.log_history]
         trained = trainer.model
-        if distributed:
-            # collective: gathers ZeRO-3 / FSDP shards, the main process writes
-            trainer.save_model(str(tmp))
-            if not main:
-                state.wait_for_everyone()  # the main process finishes the folder
-                return _adapter_ref(target, cfg, trainer, history, None, seconds, cpu_seconds)
-            (tmp / "training_args.bin").unlink(missing_ok=True)
-            shutil.rmtree(tmp / "ref", ignore_errors=True)
-            shutil.rmtree(tmp / "_data", ignore_errors=True)
-        else:
-            trained.save_pretrained(str(tmp), selected_adapters=["default"])
+        # collective under several processes (gathers ZeRO-3 / FSDP shards); only the main
+        # process writes
+        trainer.save_model(str(tmp))
+        if not main:
+            state.wait_for_everyone()  # the main process finishes the folder
+            return _adapter_ref(target, cfg, trainer, history, None, seconds, cpu_seconds)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        shutil.rmtree(tmp / "ref", ignore_errors=True)  # a resumed run's frozen reference
+        shutil.rmtree(tmp / "_data", ignore_errors=True)
         tok.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         atomic_write_json(tmp / "log_history.json", _jsonable(history))
