@@ -54,8 +54,8 @@ def peak_rss_mib() -> float:
 
 
 def make_pairs(bbq_dir: str, out: Path, seed: int) -> None:
+    from spillover.align import PrefsConfig, build_pairs, write_pairs
     from spillover.data import load_bbq
-    from spillover.prefs import PrefsConfig, build_pairs, write_pairs
 
     data = load_bbq(bbq_dir, categories=["gender"])
     pairs = build_pairs(

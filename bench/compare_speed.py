@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 _RUNNER = """
-import sys, typer
-from spillover._cli_stats import compare_command
-app = typer.Typer(add_completion=False)
-app.command()(compare_command)
-sys.argv = ["compare", *sys.argv[1:]]
-app()
+import sys
+from spillover.cli import main
+sys.argv[1:1] = ["compare"]
+main()
 """
 
 

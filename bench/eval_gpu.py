@@ -105,7 +105,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from spillover._eval_engine import ChoiceRequest, HFChoiceScorer, score_naive
+    from spillover.evaluate import ChoiceRequest, HFChoiceScorer, score_naive
 
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"

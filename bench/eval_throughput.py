@@ -34,9 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUNNER = (
-    "import sys, typer\nfrom spillover._cli_eval import eval_command\ntyper.run(eval_command)\n"
-)
+RUNNER = "import sys\nfrom spillover.cli import main\nsys.argv[1:1] = ['eval']\nmain()\n"
 
 TASK_YAML = """\
 task: spillover_bbq_bench

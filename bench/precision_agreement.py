@@ -48,9 +48,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import numpy as np
 
-    from spillover._eval_engine import ChoiceRequest, HFChoiceScorer
     from spillover.data import load_bbq, select_items
-    from spillover.evaluate import EvalConfig, render_all, sort_items
+    from spillover.evaluate import ChoiceRequest, EvalConfig, HFChoiceScorer, render_all, sort_items
     from spillover.models import load_model
 
     data = load_bbq(args.bbq_dir)

@@ -11,11 +11,9 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-import typer
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from spillover._cli_align import align_command
+from cli_runner import invoke
 from spillover.align import (
     METHODS,
     AlignConfig,
@@ -210,7 +208,7 @@ def test_pair_packing_is_exact(attn: str, tiny_dir: Path) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
-    import spillover.align as align_mod
+    import spillover.align.packing as align_mod  # the module whose pack_pairs is counted
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn)
@@ -268,19 +266,8 @@ def test_config_cross_field_messages() -> None:
     assert all(trainer_classes(m) for m in METHODS)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("align")(align_command)
-
-    @app.command("noop")
-    def _noop() -> None:
-        pass
-
-    return app
-
-
 def _cli_fails(args: list[str], out: Path, expect: str) -> None:
-    res = CliRunner().invoke(_app(), ["align", *args, "--out", str(out)])
+    res = invoke(["align", *args, "--out", str(out)])
     assert res.exit_code == 1, res.output
     assert expect in res.output, res.output
     assert "Traceback" not in res.output
@@ -290,7 +277,7 @@ def _cli_fails(args: list[str], out: Path, expect: str) -> None:
 
 
 def _empty_pairs(root: Path) -> Path:
-    from spillover.prefs import PAIR_COLUMNS
+    from spillover.align import PAIR_COLUMNS
 
     root.mkdir()
     pd.DataFrame(columns=list(PAIR_COLUMNS)).to_parquet(root / "train.parquet")
@@ -324,8 +311,7 @@ def test_cli_trains(tiny_dir: Path, tmp_path: Path) -> None:
     good.mkdir()
     tiny_pairs().to_parquet(good / "train.parquet")
     (good / "split.json").write_text(json.dumps({"heldout_templates": {}}))
-    res = CliRunner().invoke(
-        _app(),
+    res = invoke(
         [
             "align",
             "--model",
@@ -360,9 +346,9 @@ def test_empty_pairs_library_error(tmp_path: Path) -> None:
 @pytest.mark.fulldata
 @pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
 def test_smollm2_gender_dpo_learns(tmp_path: Path) -> None:
+    from spillover.align import PrefsConfig, build_pairs, write_pairs
     from spillover.data import load_bbq
     from spillover.models import load_model
-    from spillover.prefs import PrefsConfig, build_pairs, write_pairs
 
     data = load_bbq(FULL_BBQ, categories=["gender"])
     pairs = build_pairs(

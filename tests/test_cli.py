@@ -9,11 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from spillover.cli import app
-
-runner = CliRunner()
+from cli_runner import invoke
 
 
 def test_help_does_not_import_torch() -> None:
@@ -35,20 +32,20 @@ def test_help_does_not_import_torch() -> None:
     [("align", "LoRA rank [preset]."), ("eval", "pip install 'spillover[vllm]'")],
 )
 def test_help_prints_brackets_as_written(command: str, text: str) -> None:
-    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    result = invoke([command, "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert text in " ".join(result.output.split())
 
 
 def test_version() -> None:
-    result = runner.invoke(app, ["--version"])
+    result = invoke(["--version"])
     assert result.exit_code == 0 and result.output.startswith("spillover ")
 
 
 def test_data_info_on_mini(mini_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "info.json"
-    result = runner.invoke(
-        app, ["data", "info", "--bbq-dir", str(mini_dir), "--allow-unverified", "--json", str(out)]
+    result = invoke(
+        ["data", "info", "--bbq-dir", str(mini_dir), "--allow-unverified", "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert "180 items in 11 categories" in result.output
@@ -79,8 +76,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
 ) -> None:
     root = _bad_copy(mini_dir, tmp_path, line)
     out = tmp_path / "info.json"
-    result = runner.invoke(
-        app, ["data", "info", "--bbq-dir", str(root), "--allow-unverified", "--json", str(out)]
+    result = invoke(
+        ["data", "info", "--bbq-dir", str(root), "--allow-unverified", "--json", str(out)]
     )
     assert result.exit_code == 1
     assert expected in result.output
@@ -89,18 +86,18 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_wrong_digest_via_cli(mini_dir: Path) -> None:
-    result = runner.invoke(app, ["data", "info", "--bbq-dir", str(mini_dir)])
+    result = invoke(["data", "info", "--bbq-dir", str(mini_dir)])
     assert result.exit_code == 1
     assert "SHA-256 mismatch: expected" in result.output and "Traceback" not in result.output
 
 
 def test_empty_folder_via_cli(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["data", "info", "--bbq-dir", str(tmp_path)])
+    result = invoke(["data", "info", "--bbq-dir", str(tmp_path)])
     assert result.exit_code == 1 and "no BBQ files" in result.output
 
 
 def test_fetch_bad_source() -> None:
-    result = runner.invoke(app, ["data", "fetch", "--source", "ftp"])
+    result = invoke(["data", "fetch", "--source", "ftp"])
     assert result.exit_code == 1 and "`--source`='ftp'" in result.output
 
 

@@ -12,9 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spillover._eval_engine import ChoiceEncoder, ChoiceRequest, HFChoiceScorer  # noqa: E402
-from spillover._eval_vllm import continuation_logprob  # noqa: E402
 from spillover.errors import ModelError  # noqa: E402
+from spillover.evaluate import (  # noqa: E402
+    ChoiceEncoder,
+    ChoiceRequest,
+    HFChoiceScorer,
+    continuation_logprob,
+)
 from spillover.models import load_model  # noqa: E402
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -89,18 +93,10 @@ def test_bad_prompt_logprobs_are_named(
 
 
 def _invoke(tiny: Any, mini_dir: Path, out: Path, extra: list[str]) -> Any:
-    import typer
-    from typer.testing import CliRunner
+    from cli_runner import invoke
 
-    from spillover._cli_eval import eval_command
-
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("noop")(lambda: None)  # keep "eval" a subcommand
     base = ["eval", "--model", tiny.spec.location, "--bbq-dir", str(mini_dir)]
-    return CliRunner().invoke(
-        app, [*base, "--allow-unverified", "--all", *extra, "--out", str(out)]
-    )
+    return invoke([*base, "--allow-unverified", "--all", *extra, "--out", str(out)])
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
@@ -110,11 +106,14 @@ def _invoke(tiny: Any, mini_dir: Path, out: Path, extra: list[str]) -> Any:
         (["--backend", "vllm"], "pip install 'spillover[vllm]'"),
         (
             ["--backend", "vllm", "--precision", "bf16-verified"],
-            "--precision bf16-verified needs --backend hf",
+            "--precision='bf16-verified' needs --backend hf",
         ),
-        (["--tensor-parallel-size", "2"], "--tensor-parallel-size needs --backend vllm"),
+        (
+            ["--tensor-parallel-size", "2"],
+            "--tensor-parallel-size=2; expected 1, or >= 1 with --backend vllm",
+        ),
         (["--backend", "vllm", "--device", "cpu"], "--backend vllm runs on CUDA GPUs"),
-        (["--backend", "onnx"], "--backend 'onnx'; expected one of hf, vllm"),
+        (["--backend", "onnx"], "--backend='onnx'; expected one of hf, vllm"),
     ],
 )
 def test_cli_backend_errors_are_one_line(

@@ -22,25 +22,25 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from spillover._eval_engine import (  # noqa: E402
-    ChoiceRequest,
-    ChoiceScores,
-    EncodedOption,
-    HFChoiceScorer,
-    score_naive,
-    split_pair,
-)
+
 from spillover.data import CATEGORIES, BBQItem  # noqa: E402
 from spillover.errors import ConfigError  # noqa: E402
 from spillover.evaluate import (  # noqa: E402
     PREDICTION_COLUMNS,
+    ChoiceRequest,
+    ChoiceScores,
+    EncodedOption,
     EvalConfig,
+    HFChoiceScorer,
     Prediction,
+    ScorerStats,
     evaluate_model,
     normalised,
     read_metadata,
-    read_predictions,
+    read_predictions_table,
+    score_naive,
     shard_dir,
+    split_pair,
     summarize_predictions,
 )
 from spillover.models import load_model  # noqa: E402
@@ -277,8 +277,17 @@ def test_split_pair_rules() -> None:
 class DisplayedFirst:
     """A scorer that always prefers displayed position 0; scores encode the text length."""
 
+    supports_bf16 = False
+
+    def __init__(self) -> None:
+        self.stats = ScorerStats()
+
     def score(
-        self, requests: Sequence[ChoiceRequest], progress: Callable[[int], None] | None = None
+        self,
+        requests: Sequence[ChoiceRequest],
+        progress: Callable[[int], None] | None = None,
+        *,
+        rescore: Any = None,
     ) -> list[ChoiceScores]:
         out = []
         for r in requests:
@@ -335,7 +344,7 @@ def test_evaluate_writes_sorted_file_with_metadata(tiny: Any, tmp_path: Path) ->
     shuffled = list(reversed(ITEMS))
     preds = evaluate_model(tiny, shuffled, cfg, out=out, provenance={"bbq": {"warnings": ["w"]}})
     assert out.is_file() and not shard_dir(out).exists()
-    df = read_predictions(out)
+    df = read_predictions_table(out)
     assert list(df.columns) == list(PREDICTION_COLUMNS)
     assert len(df) == len(ITEMS) * 3
     rank = {c: i for i, c in enumerate(CATEGORIES)}
@@ -436,21 +445,10 @@ def test_letters_chat_scores_the_letter(tiny: Any) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _app() -> Any:
-    import typer
-
-    from spillover._cli_eval import eval_command
-
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("noop")(lambda: None)  # keep "eval" a subcommand
-    return app
-
-
 def _invoke(args: list[str]) -> Any:
-    from typer.testing import CliRunner
+    from cli_runner import invoke
 
-    return CliRunner().invoke(_app(), ["eval", *args])
+    return invoke(["eval", *args])
 
 
 def test_cli_writes_predictions(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) -> None:
@@ -474,7 +472,7 @@ def test_cli_writes_predictions(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) 
         ]
     )
     assert res.exit_code == 0, res.output
-    df = read_predictions(out)
+    df = read_predictions_table(out)
     assert set(df.category) == {"Age", "Disability_status"}
     assert set(df.context_condition) == {"ambig"}
     assert len(df) == 2 * 5 * 3
@@ -534,19 +532,15 @@ def test_cli_bad_input_one_line_no_output(
 _CHILD = textwrap.dedent(
     """
     import sys, time
-    import typer
-    import spillover.evaluate as ev
-    from spillover._cli_eval import eval_command
+    import spillover.evaluate.run as ev  # the module that writes the shards
+    from spillover.cli import app
 
     if sys.argv[1] == "slow":
-        real = ev._write_shard
+        real = ev.write_shard
         def slow(*a, **k):
             real(*a, **k)
             time.sleep(0.5)
-        ev._write_shard = slow
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("noop")(lambda: None)
+        ev.write_shard = slow
     app(sys.argv[2:])
     """
 )
@@ -660,11 +654,11 @@ def test_cli_verify_margin_bounds_the_rescored_share(
         outs[name] = tmp_path / f"{name}.parquet"
         res = _invoke([*base, *extra, "--out", str(outs[name])])
         assert res.exit_code == 0, res.output
-    n = len(read_predictions(outs["fp32"]))
+    n = len(read_predictions_table(outs["fp32"]))
     verified = {k: read_metadata(v)["scorer_stats"]["verified_requests"] for k, v in outs.items()}
     assert verified == {"none": 0, "all": n, "fp32": 0}
     assert read_metadata(outs["all"])["config"]["verify_margin"] == 1e9
-    exact, rescored = read_predictions(outs["fp32"]), read_predictions(outs["all"])
+    exact, rescored = read_predictions_table(outs["fp32"]), read_predictions_table(outs["all"])
     score_cols = ["score_0", "score_1", "score_2"]
     assert (exact[score_cols] - rescored[score_cols]).abs().to_numpy().max() < 1e-5
     assert list(exact.pred_index) == list(rescored.pred_index)
@@ -679,7 +673,7 @@ def test_cli_items_file_and_limit(tiny_dir: Path, mini_bbq: Path, tmp_path: Path
          "--items", str(items), "--limit", "2", "--out", str(out)]
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    df = read_predictions(out)
+    df = read_predictions_table(out)
     assert list(zip(df.category, df.example_id, strict=True)) == [("Age", 1), ("Age", 2)]
 
 
@@ -707,7 +701,7 @@ def test_two_process_evaluation_merges_to_the_single_process_file(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged the predictions of 2 processes" in proc.stdout
     assert not list(tmp_path.glob("merged.parquet.part*"))
-    a, b = read_predictions(single), read_predictions(merged)
+    a, b = read_predictions_table(single), read_predictions_table(merged)
     score_cols = ["score_0", "score_1", "score_2"]
     pd.testing.assert_frame_equal(a.drop(columns=score_cols), b.drop(columns=score_cols))
     assert (a[score_cols] - b[score_cols]).abs().to_numpy().max() < 1e-4

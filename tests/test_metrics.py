@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from spillover._cli_stats import metrics_command
+from cli_runner import invoke
 from spillover.data import BBQData, BBQItem
 from spillover.errors import ConfigError, DataError
 from spillover.stats import (
@@ -549,13 +547,6 @@ def test_missing_columns_in_joined_frame():
 # --------------------------------------------------------------------------- CLI
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("metrics")(metrics_command)
-    app.command("other")(lambda: None)
-    return app
-
-
 def bbq_from_frame(items: pd.DataFrame, warnings: tuple[str, ...] = ()) -> BBQData:
     """A BBQData holding the items of a BBQ-like frame (texts are placeholders)."""
     out = []
@@ -587,7 +578,7 @@ def bbq_from_frame(items: pd.DataFrame, warnings: tuple[str, ...] = ()) -> BBQDa
 
 def _fake_bbq(monkeypatch) -> BBQData:
     bbq = bbq_from_frame(_items_frame(), ("UNVERIFIED BBQ file x: test warning",))
-    monkeypatch.setattr("spillover.data.load_bbq", lambda *a, **k: bbq)
+    monkeypatch.setattr("spillover.data.BBQSource.load", lambda *a, **k: bbq)
     return bbq
 
 
@@ -596,7 +587,7 @@ def test_metrics_cli_writes_strict_json(tmp_path, monkeypatch):
     pred = tmp_path / "p.csv"
     _preds().to_csv(pred, index=False)
     out = tmp_path / "m.json"
-    res = CliRunner().invoke(_app(), ["metrics", str(pred), "--json", str(out)])
+    res = invoke(["metrics", str(pred), "--json", str(out)])
     assert res.exit_code == 0, res.output
     text = out.read_text()
     assert "NaN" not in text
@@ -616,7 +607,7 @@ def test_metrics_cli_error_is_one_line(tmp_path, monkeypatch):
     pred = tmp_path / "p.csv"
     pred.write_text("category,example_id,pred_index\nAge,1,5\n")
     out = tmp_path / "m.json"
-    res = CliRunner().invoke(_app(), ["metrics", str(pred), "--json", str(out)])
+    res = invoke(["metrics", str(pred), "--json", str(out)])
     assert res.exit_code == 1
     assert len(res.stderr.strip().splitlines()) == 1
     assert res.stderr.startswith("error: ") and "pred_index" in res.stderr

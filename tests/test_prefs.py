@@ -8,13 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from spillover._cli_align import prefs_command
-from spillover.data import BBQItem
-from spillover.errors import ConfigError, DataError
-from spillover.prefs import (
+from cli_runner import invoke
+from spillover.align import (
     PAIR_COLUMNS,
     PrefsConfig,
     build_pairs,
@@ -23,6 +19,8 @@ from spillover.prefs import (
     split_templates,
     write_pairs,
 )
+from spillover.data import BBQItem
+from spillover.errors import ConfigError, DataError
 
 FULL_BBQ = os.environ.get("SPILLOVER_BBQ_DIR")
 
@@ -152,19 +150,8 @@ def test_unknown_target_and_bad_options() -> None:
         build_pairs(small_items(), PrefsConfig(targets=("religion",)))
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("prefs")(prefs_command)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command keeps typer in sub-command mode
-        pass
-
-    return app
-
-
 def test_cli_unknown_target_one_line(tmp_path: Path) -> None:
-    res = CliRunner().invoke(_app(), ["prefs", "--target", "gendr", "--out", str(tmp_path / "o")])
+    res = invoke(["prefs", "--target", "gendr", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert "did you mean 'Gender_identity'" in res.output
     assert "Traceback" not in res.output
@@ -172,8 +159,7 @@ def test_cli_unknown_target_one_line(tmp_path: Path) -> None:
 
 
 def test_cli_chat_format_without_chat_template(tmp_path: Path, tiny_plain_dir: Path) -> None:
-    res = CliRunner().invoke(
-        _app(),
+    res = invoke(
         [
             "prefs",
             "--target",
@@ -194,8 +180,7 @@ def test_cli_chat_format_without_chat_template(tmp_path: Path, tiny_plain_dir: P
 @pytest.mark.fulldata
 @pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
 def test_full_data_no_heldout_template_in_training(tmp_path: Path) -> None:
-    res = CliRunner().invoke(
-        _app(),
+    res = invoke(
         [
             "prefs",
             "--target",

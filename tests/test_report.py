@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
+from cli_runner import invoke
 from spillover.errors import ConfigError, DataError
 from spillover.report import ReportConfig, write_combined_report, write_report
 
@@ -336,21 +335,8 @@ def test_config_is_validated() -> None:
 # --------------------------------------------------------------------------- CLI and sweeps
 
 
-def _app() -> typer.Typer:
-    from spillover._cli_report import report_command
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command("report")(report_command)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command keeps "report" a subcommand
-        pass
-
-    return app
-
-
 def test_cli_missing_comparison_exits_1_with_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(_app(), ["report", str(tmp_path)])
+    result = invoke(["report", str(tmp_path)])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
@@ -363,8 +349,8 @@ def test_cli_sweep_builds_combined_report(artifacts: Path, tmp_path: Path) -> No
     _copy(artifacts, sweep, "gender")
     race = _copy(artifacts, sweep, "race")
     _edit_json(race / "manifest.json", lambda m: m["bbq"].update(verified=True))
-    _edit_json(race / "stats" / "comparison.json", lambda c: c["summary"].update(targets=["Age"]))
-    result = CliRunner().invoke(_app(), ["report", str(sweep), "--formats", "html,md"])
+    _edit_json(race / "stats" / "comparison.json", lambda c: c["config"].update(targets=["Age"]))
+    result = invoke(["report", str(sweep), "--formats", "html,md"])
     assert result.exit_code == 0, result.output
     html = (sweep / "report.html").read_text()
     for name in ("gender", "race"):

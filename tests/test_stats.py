@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from scipy.stats import binomtest, norm
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
-from typer.testing import CliRunner
 
 import spillover
-from spillover._cli_stats import compare_command, metrics_command
+from cli_runner import invoke
 from spillover.data import CATEGORIES, BBQData
 from spillover.errors import ConfigError, DataError
 from spillover.stats import (
@@ -222,7 +220,7 @@ def test_no_discordant_pairs_gives_p_one_for_every_test():
 
 
 def test_auto_is_midp_and_bad_names_fail():
-    assert resolve_test("auto", 3, 900) == "midp"
+    assert resolve_test("auto") == "midp"
     assert mcnemar_test(1, 7, "auto").method == "midp"
     with pytest.raises(ConfigError, match="unknown test"):
         mcnemar_test(1, 2, "fisher")
@@ -664,13 +662,6 @@ def write_bbq_folder(root: Path, items: pd.DataFrame) -> Path:
     return root
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("metrics")(metrics_command)
-    app.command("compare")(compare_command)
-    return app
-
-
 @pytest.fixture(scope="module")
 def small_bbq(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     items = bbq_like_items(per_cell=40, seed=5)
@@ -684,8 +675,7 @@ def test_cli_compare_writes_json_and_csv(small_bbq, tmp_path):
     base[["category", "example_id", "pred_index"]].to_json(bp, orient="records", lines=True)
     aligned[["category", "example_id", "pred_index"]].to_parquet(ap)
     out_json, out_csv = tmp_path / "c.json", tmp_path / "c.csv"
-    res = CliRunner().invoke(
-        _app(),
+    res = invoke(
         ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified",
          "--bootstrap", "200", "--seed", "3", "--json", str(out_json), "--csv", str(out_csv),
          "--targets", "appearance"],
@@ -706,7 +696,7 @@ def test_cli_compare_intersect_reports_drops(small_bbq, tmp_path):
     base[["category", "example_id", "pred_index"]].to_csv(bp, index=False)
     aligned[["category", "example_id", "pred_index"]].iloc[7:].to_csv(ap, index=False)
     args = ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified"]
-    res = CliRunner().invoke(_app(), [*args, "--intersect"])
+    res = invoke([*args, "--intersect"])
     assert res.exit_code == 0, res.output
     assert "dropped 7 only in BASE and 0 only in ALIGNED" in res.stdout
 
@@ -718,7 +708,7 @@ def test_cli_compare_intersect_reports_drops(small_bbq, tmp_path):
         ("duplicate", "duplicate key"),
         ("no_column", "missing column(s) 'pred_index'"),
         ("out_of_range", "field 'pred_index'=7"),
-        ("bad_option", "`correction`='sidak'"),
+        ("bad_option", "--correction='sidak'"),
     ],
 )
 def test_cli_compare_errors_are_one_line(small_bbq, tmp_path, mutate, message):
@@ -741,8 +731,7 @@ def test_cli_compare_errors_are_one_line(small_bbq, tmp_path, mutate, message):
     base[cols].to_csv(bp, index=False)
     a.to_csv(ap, index=False)
     out_json, out_csv = tmp_path / "c.json", tmp_path / "c.csv"
-    res = CliRunner().invoke(
-        _app(),
+    res = invoke(
         ["compare", str(bp), str(ap), "--bbq-dir", str(root), "--allow-unverified",
          "--json", str(out_json), "--csv", str(out_csv), *extra],
     )  # fmt: skip
@@ -757,7 +746,7 @@ def test_cli_compare_errors_are_one_line(small_bbq, tmp_path, mutate, message):
 
 def test_stats_modules_do_not_import_model_libraries():
     code = (
-        "import sys, spillover.stats, spillover._cli_stats\n"
+        "import sys, spillover.stats, spillover.cli\n"
         "bad = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -1,13 +1,16 @@
-"""Small file helpers shared by every stage: atomic writes and hashing."""
+"""Small helpers shared by every stage: atomic writes, folder replacement, hashing, strict JSON."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
+import numbers
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,3 +78,49 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def replace_dir(src: Path, target: Path) -> None:
+    """Rename folder ``src`` onto ``target``; an existing ``target`` is swapped out, then removed.
+
+    Readers see either the old folder or the new one, never a mix.
+    """
+    if not target.exists():
+        os.replace(src, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(src, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def json_safe(obj: Any, *, other: Callable[[Any], Any] | None = None) -> Any:
+    """``obj`` as strict JSON data.
+
+    Mappings become dicts with string keys; lists, tuples and sets become lists; numpy
+    scalars and arrays become Python values; NaN, infinities and pandas' missing values
+    become None. Anything else is returned as is, or passed to ``other`` (e.g. ``str``).
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v, other=other) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_safe(v, other=other) for v in obj]
+    if obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
+        return json_safe(obj.tolist(), other=other)
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if type(obj).__name__ in ("NAType", "NaTType"):  # pandas' missing values
+        return None
+    return other(obj) if other is not None else obj

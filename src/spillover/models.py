@@ -261,7 +261,7 @@ def load_tokenizer(
     """Load only the tokenizer of a model (pad token set to EOS when missing)."""
     from transformers import AutoTokenizer
 
-    where = _weights_location(spec, cache_dir)
+    where = weights_location(spec, cache_dir)
     try:
         tok = AutoTokenizer.from_pretrained(
             where,
@@ -275,7 +275,9 @@ def load_tokenizer(
     return tok
 
 
-def _weights_location(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None) -> str:
+def weights_location(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Where ``from_pretrained`` finds the weights: the hub id or folder, or for the
+    embedded model its converted safetensors folder (converted on first use)."""
     if spec.kind == "embedded":
         return str(prepare_embedded(cache_dir))
     return spec.location
@@ -325,7 +327,7 @@ def load_model(
     spec = resolve_model(name, revision)
     dev = resolve_device(device)
     dtype_name = resolve_dtype(dtype, dev)
-    where = _weights_location(spec, cache_dir)
+    where = weights_location(spec, cache_dir)
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, dtype_name),
         "trust_remote_code": trust_remote_code,
@@ -355,10 +357,8 @@ def apply_adapter(model: Any, adapter: str | os.PathLike[str]) -> Any:
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a core dependency
-        raise MissingDependencyError("adapters need peft: pip install peft") from None
+    from peft import PeftModel
+
     wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     wrapped.eval()
     return wrapped
@@ -377,4 +377,5 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model",
+    "weights_location",
 ]

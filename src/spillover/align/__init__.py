@@ -1,0 +1,101 @@
+"""Preference pairs and preference alignment with TRL trainers and a PEFT LoRA adapter.
+
+Modules: ``prefs`` (pairs from BBQ items and the held-out split), ``config``
+(:class:`AlignConfig`), ``presets`` (per-model defaults), ``trainer`` (the TRL and PEFT
+configs and the trainer), ``packing`` (pair packing), ``train`` (:func:`train_adapter`)
+and ``diagnostics`` (reward accuracy of an adapter). Import from this package, not from
+those modules. This is the only package that builds TRL trainers or PEFT training
+configs; importing it loads neither torch nor TRL.
+"""
+
+from __future__ import annotations
+
+from .config import DPO_LOSSES, METHODS, OTHER_METHODS, REFERENCE_FREE, REPORT_TO, AlignConfig
+from .diagnostics import pair_logps, reward_accuracy
+from .packing import PackedPairs, install_pair_packing, pack_pairs, pair_packing
+from .prefs import (
+    HELDOUT_FILE,
+    PAIR_COLUMNS,
+    SPLIT_FILE,
+    STRATEGIES,
+    TRAIN_FILE,
+    Pair,
+    PairSet,
+    PrefsConfig,
+    build_pairs,
+    heldout_templates,
+    read_pairs,
+    read_split,
+    split_templates,
+    write_pairs,
+)
+from .presets import (
+    LLAMA_LIKE_MODULES,
+    PRESET_FIELDS,
+    PRESETS,
+    Preset,
+    get_preset,
+    preset_for_model,
+)
+from .train import AdapterRef, load_for_training, load_pair_frame, train_adapter
+from .trainer import (
+    TrainProgress,
+    build_trainer,
+    check_environment,
+    longest_pair_tokens,
+    lora_config,
+    strip_duplicate_special_tokens,
+    to_trl_dataset,
+    trainer_classes,
+    trl_config,
+    used_rows,
+)
+
+__all__ = [
+    "DPO_LOSSES",
+    "HELDOUT_FILE",
+    "LLAMA_LIKE_MODULES",
+    "METHODS",
+    "OTHER_METHODS",
+    "PAIR_COLUMNS",
+    "PRESETS",
+    "PRESET_FIELDS",
+    "REFERENCE_FREE",
+    "REPORT_TO",
+    "SPLIT_FILE",
+    "STRATEGIES",
+    "TRAIN_FILE",
+    "AdapterRef",
+    "AlignConfig",
+    "PackedPairs",
+    "Pair",
+    "PairSet",
+    "PrefsConfig",
+    "Preset",
+    "TrainProgress",
+    "build_pairs",
+    "build_trainer",
+    "check_environment",
+    "get_preset",
+    "heldout_templates",
+    "install_pair_packing",
+    "load_for_training",
+    "load_pair_frame",
+    "longest_pair_tokens",
+    "lora_config",
+    "pack_pairs",
+    "pair_logps",
+    "pair_packing",
+    "preset_for_model",
+    "read_pairs",
+    "read_split",
+    "reward_accuracy",
+    "split_templates",
+    "strip_duplicate_special_tokens",
+    "to_trl_dataset",
+    "train_adapter",
+    "trainer_classes",
+    "trl_config",
+    "used_rows",
+    "write_pairs",
+]

@@ -1,0 +1,417 @@
+"""Preference pairs from BBQ items, with a template-level held-out split.
+
+Each pair is ``(prompt, chosen, rejected)`` in the exact text the evaluator
+scores: ``prompt`` is :attr:`RenderedItem.prompt` and ``chosen``/``rejected``
+are continuation strings of :func:`spillover.prompts.render` (e.g. ``" The man"``
+for ``lm-eval``, ``"A"`` for ``letters-chat``). Aligning on these strings means a
+model is trained on the very text it is later evaluated on.
+
+Strategies:
+
+``stereotype`` (default)
+    One pair per item. ``chosen`` is the correct answer. ``rejected`` is the
+    biased answer (``target_loc``) when it is wrong (``rejected_kind="biased"``);
+    when the biased answer is the correct one (disambiguated contexts that
+    confirm the stereotype) it is the other non-"unknown" answer, i.e. the
+    counter-stereotyped group (``rejected_kind="other"``), which teaches the
+    model to follow the evidence rather than to avoid the stereotype. Items
+    without a known biased answer (``target_loc`` NA in BBQ's metadata; 16 of
+    5,672 gender items) are skipped and counted as ``skipped_no_target``.
+``all-wrong``
+    One pair per wrong answer (two per item); ``rejected_kind`` says which
+    (``biased``, ``other`` or ``unknown``). Items without ``target_loc`` are
+    kept: their non-"unknown" wrong answers are labelled ``other``.
+
+Held-out split: whole templates (``question_index``, per category) are held
+out, drawn with a seeded RNG that depends only on ``seed`` and the category.
+Training never sees a held-out template, so evaluation can report the target
+attribute on unseen templates separately (see :func:`heldout_templates`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .._checks import check_choice
+from .._io import atomic_open, atomic_write_json, replace_dir
+from ..data import CONTEXTS, BBQItem, resolve_categories
+from ..errors import ConfigError, DataError
+from ..prompts import check_format, render
+
+logger = logging.getLogger(__name__)
+
+Strategy = Literal["stereotype", "all-wrong"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+RejectedKind = Literal["biased", "other", "unknown"]
+
+PAIR_COLUMNS: tuple[str, ...] = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "category",
+    "example_id",
+    "question_index",
+    "context_condition",
+    "question_polarity",
+    "strategy",
+    "rejected_kind",
+)
+"""Columns of ``train.parquet`` and ``heldout.parquet`` (the first three as TRL expects)."""
+
+TRAIN_FILE = "train.parquet"
+HELDOUT_FILE = "heldout.parquet"
+SPLIT_FILE = "split.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PrefsConfig:
+    """How preference pairs are built and split."""
+
+    targets: tuple[str, ...] = ("Gender_identity",)
+    """Target attributes (BBQ categories or aliases such as ``gender``); resolved on creation."""
+    strategy: str = "stereotype"
+    """``stereotype`` (one pair per item) or ``all-wrong`` (one pair per wrong answer)."""
+    contexts: tuple[str, ...] = CONTEXTS
+    """Context conditions to draw items from: ``ambig``, ``disambig`` or both."""
+    heldout_frac: float = 0.2
+    """Fraction of each category's templates held out of training (0 disables the split)."""
+    seed: int = 0
+    """Seed of the held-out template draw."""
+    prompt_format: str = "lm-eval"
+    """Prompt format of :mod:`spillover.prompts` (``letters-chat`` needs a tokenizer)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        object.__setattr__(self, "targets", resolve_categories(self.targets))
+        check_choice("strategy", self.strategy, STRATEGIES)
+        ctxs: list[str] = []
+        for c in self.contexts:
+            for part in str(c).split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                if part not in CONTEXTS:
+                    raise ConfigError(
+                        f"`contexts`={part!r}; expected one or both of {', '.join(CONTEXTS)}"
+                    )
+                if part not in ctxs:
+                    ctxs.append(part)
+        if not ctxs:
+            raise ConfigError("`contexts` is empty; give ambig, disambig or both")
+        object.__setattr__(self, "contexts", tuple(ctxs))
+        if not (0.0 <= self.heldout_frac < 1.0) or math.isnan(self.heldout_frac):
+            raise ConfigError(
+                f"`heldout_frac`={self.heldout_frac}; expected a fraction in [0, 1) "
+                "(e.g. 0.2 holds out a fifth of each category's templates)"
+            )
+        check_format(self.prompt_format)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able view."""
+        out = dataclasses.asdict(self)
+        out["targets"] = list(self.targets)
+        out["contexts"] = list(self.contexts)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One preference pair, with the item it came from."""
+
+    prompt: str
+    """Prompt text (chat template already applied for chat formats)."""
+    chosen: str
+    """Continuation of the correct answer."""
+    rejected: str
+    """Continuation of a wrong answer."""
+    category: str
+    """BBQ category of the item."""
+    example_id: int
+    """Item id within its category."""
+    question_index: int
+    """Template id of the item."""
+    context_condition: str
+    """``ambig`` or ``disambig``."""
+    question_polarity: str
+    """``neg`` or ``nonneg``."""
+    strategy: str
+    """Strategy that made the pair."""
+    rejected_kind: RejectedKind
+    """What the rejected answer is: the ``biased`` one, the ``other`` group, or ``unknown``."""
+
+    def to_row(self) -> dict[str, Any]:
+        """The pair as a table row with :data:`PAIR_COLUMNS`."""
+        return {name: getattr(self, name) for name in PAIR_COLUMNS}
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Training and held-out pairs, with the split and its provenance."""
+
+    train: tuple[Pair, ...]
+    """Pairs from templates not held out."""
+    heldout: tuple[Pair, ...]
+    """Pairs from held-out templates (never used for training)."""
+    heldout_templates: Mapping[str, tuple[int, ...]]
+    """Held-out ``question_index`` values per category."""
+    config: PrefsConfig
+    """How the pairs were built."""
+    counts: Mapping[str, Any] = field(default_factory=dict)
+    """Counts: items used, pairs per split and kind, skipped items."""
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    """BBQ provenance (source, digests, warnings) and the tokenizer used, if any."""
+
+    def split_info(self) -> dict[str, Any]:
+        """The content of ``split.json``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "heldout_templates": {c: list(t) for c, t in self.heldout_templates.items()},
+            "counts": dict(self.counts),
+            "seed": self.config.seed,
+            "config": self.config.to_dict(),
+            "provenance": dict(self.provenance),
+            "warnings": list((self.provenance.get("bbq") or {}).get("warnings", [])),
+        }
+
+
+# --------------------------------------------------------------------------- building
+
+
+def split_templates(
+    items: Iterable[BBQItem], heldout_frac: float, seed: int
+) -> dict[str, tuple[int, ...]]:
+    """Draw the held-out templates of each category.
+
+    ``round(heldout_frac * n_templates)`` templates are held out per category,
+    at least one when ``heldout_frac > 0`` and never all of them. The draw
+    depends only on ``seed``, the category and its set of templates.
+
+    Returns:
+        Sorted held-out ``question_index`` values per category.
+    """
+    per_cat: dict[str, set[int]] = {}
+    for it in items:
+        per_cat.setdefault(it.category, set()).add(it.question_index)
+    out: dict[str, tuple[int, ...]] = {}
+    for cat in sorted(per_cat):
+        templates = sorted(per_cat[cat])
+        k = 0
+        if heldout_frac > 0 and len(templates) > 1:
+            k = min(max(1, round(heldout_frac * len(templates))), len(templates) - 1)
+        rng = random.Random(f"{seed}:{cat}")
+        out[cat] = tuple(sorted(rng.sample(templates, k)))
+    return out
+
+
+def _kind(item: BBQItem, idx: int) -> RejectedKind:
+    if idx == item.unknown_loc:
+        return "unknown"
+    if item.target_loc is not None and idx == item.target_loc:
+        return "biased"
+    return "other"
+
+
+def _rejected_indices(item: BBQItem, strategy: str) -> list[int]:
+    wrong = [i for i in range(3) if i != item.label]
+    if strategy == "all-wrong":
+        return wrong
+    if item.target_loc is None:
+        return []
+    if item.target_loc != item.label:
+        return [item.target_loc]
+    # the biased answer is correct: reject the other group (not "unknown")
+    return [i for i in wrong if i != item.unknown_loc]
+
+
+def build_pairs(
+    items: Sequence[BBQItem],
+    cfg: PrefsConfig,
+    *,
+    tokenizer: Any = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> PairSet:
+    """Build preference pairs from BBQ items and split them by template.
+
+    Args:
+        items: BBQ items; those outside ``cfg.targets`` and ``cfg.contexts`` are ignored.
+        cfg: Pair and split settings.
+        tokenizer: The model's tokenizer; needed for chat formats.
+        provenance: BBQ provenance (:meth:`BBQData.provenance`) to record.
+
+    Returns:
+        The pairs, split into train and held-out.
+
+    Raises:
+        ConfigError: a chat format without a chat template.
+        DataError: no item matches the targets and contexts, or no pair results.
+    """
+    selected = [
+        it for it in items if it.category in cfg.targets and it.context_condition in cfg.contexts
+    ]
+    if not selected:
+        raise DataError(
+            f"no BBQ items for targets {', '.join(cfg.targets)} in contexts "
+            f"{', '.join(cfg.contexts)}; load those categories first"
+        )
+    heldout = split_templates(selected, cfg.heldout_frac, cfg.seed)
+    train: list[Pair] = []
+    held: list[Pair] = []
+    skipped = 0
+    for it in selected:
+        rejected = _rejected_indices(it, cfg.strategy)
+        if not rejected:
+            skipped += 1
+            continue
+        rendered = render(it, cfg.prompt_format, tokenizer=tokenizer)
+        cont = {rendered.order[j]: rendered.continuations[j] for j in range(3)}
+        dest = held if it.question_index in heldout.get(it.category, ()) else train
+        for idx in rejected:
+            dest.append(
+                Pair(
+                    prompt=rendered.prompt,
+                    chosen=cont[it.label],
+                    rejected=cont[idx],
+                    category=it.category,
+                    example_id=it.example_id,
+                    question_index=it.question_index,
+                    context_condition=it.context_condition,
+                    question_polarity=it.question_polarity,
+                    strategy=cfg.strategy,
+                    rejected_kind=_kind(it, idx),
+                )
+            )
+    if not train:
+        raise DataError(
+            "no training pairs: every selected item was skipped or held out "
+            f"({skipped} skipped for lack of a biased answer); lower --heldout-frac or "
+            "use --strategy all-wrong"
+        )
+    if skipped:
+        logger.info("skipped %d item(s) without a known biased answer (target_loc NA)", skipped)
+    counts: dict[str, Any] = {
+        "items": len(selected),
+        "skipped_no_target": skipped,
+        "train_pairs": len(train),
+        "heldout_pairs": len(held),
+        "train_templates": {
+            c: len({p.question_index for p in train if p.category == c}) for c in cfg.targets
+        },
+        "heldout_templates": {c: len(heldout.get(c, ())) for c in cfg.targets},
+        "rejected_kind": {
+            "train": dict(Counter(p.rejected_kind for p in train)),
+            "heldout": dict(Counter(p.rejected_kind for p in held)),
+        },
+    }
+    prov: dict[str, Any] = {"bbq": dict(provenance) if provenance is not None else None}
+    if tokenizer is not None:
+        prov["tokenizer"] = getattr(tokenizer, "name_or_path", None)
+    return PairSet(tuple(train), tuple(held), heldout, cfg, counts, prov)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_pairs(
+    pairs: PairSet, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``train.parquet``, ``heldout.parquet`` and ``split.json`` into ``out_dir``.
+
+    The folder is assembled beside ``out_dir`` and renamed into place, so it is
+    either complete or untouched.
+
+    Raises:
+        ConfigError: ``out_dir`` exists and is not empty, and ``overwrite`` is false.
+    """
+    import pandas as pd
+
+    target = Path(out_dir).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError(f"{target}: already exists; choose another --out or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name, rows in ((TRAIN_FILE, pairs.train), (HELDOUT_FILE, pairs.heldout)):
+            df = pd.DataFrame([p.to_row() for p in rows], columns=list(PAIR_COLUMNS))
+            df["example_id"] = df["example_id"].astype("int64")
+            df["question_index"] = df["question_index"].astype("int64")
+            with atomic_open(tmp / name, "wb") as fh:
+                df.to_parquet(fh, index=False)
+        atomic_write_json(tmp / SPLIT_FILE, pairs.split_info())
+        tmp.chmod(0o755)
+        replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_split(pairs_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``split.json`` of a pairs folder.
+
+    Raises:
+        DataError: missing or malformed.
+    """
+    path = Path(pairs_dir).expanduser()
+    if path.is_dir():
+        path = path / SPLIT_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no {SPLIT_FILE}; make pairs with `spillover prefs` first")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(info, dict) or "heldout_templates" not in info:
+        raise DataError(f"{path}: not a spillover split file (no 'heldout_templates')")
+    return info
+
+
+def heldout_templates(
+    split_json: str | os.PathLike[str] | Mapping[str, Any],
+) -> dict[str, set[int]]:
+    """Held-out templates per category, from ``split.json`` (a path, its folder, or its content).
+
+    Evaluation uses this to report the target attribute on held-out templates
+    separately from the templates the model was trained on.
+    """
+    info = split_json if isinstance(split_json, Mapping) else read_split(split_json)
+    return {str(c): {int(t) for t in ts} for c, ts in info["heldout_templates"].items()}
+
+
+def read_pairs(pairs_dir: str | os.PathLike[str], split: str = "train") -> Any:
+    """Read one split (``train`` or ``heldout``) of a pairs folder as a DataFrame.
+
+    Raises:
+        DataError: the folder or file is missing, or lacks the pair columns.
+    """
+    import pandas as pd
+
+    if split not in ("train", "heldout"):
+        raise ConfigError(f"`split`={split!r}; expected 'train' or 'heldout'")
+    root = Path(pairs_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: pairs folder does not exist; make it with `spillover prefs`")
+    path = root / (TRAIN_FILE if split == "train" else HELDOUT_FILE)
+    if not path.is_file():
+        raise DataError(f"{path}: missing; the pairs folder is incomplete (run `spillover prefs`)")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df

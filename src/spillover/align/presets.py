@@ -1,0 +1,131 @@
+"""Model presets: documented LoRA and preference-training defaults per model.
+
+A preset is a set of :class:`~spillover.align.AlignConfig` field values applied by
+:meth:`AlignConfig.from_preset` before the user's own values; a model without a preset
+gets the config's field defaults. The values are documented in ``docs/align.md`` (keep
+both in step). The CPU speed settings of ``smollm2-135m`` (reference log-probs
+precomputed once, no gradient checkpointing, float32 without autocast) are measured in
+``docs/benchmarks.md``; they are ordinary defaults, not benchmark tricks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import ConfigError
+
+LLAMA_LIKE_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Attention and MLP projections of Llama-style decoders (Llama, Mistral, Qwen2, SmolLM2)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for one model."""
+
+    model: str
+    """Hub id (or alias) of the model the preset is for."""
+    note: str
+    """Why these values."""
+    values: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~spillover.align.AlignConfig` field values the preset sets."""
+
+
+_GPU_7B: Mapping[str, Any] = MappingProxyType(
+    {
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": LLAMA_LIKE_MODULES,
+        "learning_rate": 2e-5,
+        "beta": 0.1,
+        "batch_size": 4,
+        "grad_accum": 4,
+        "precompute_ref": True,
+        "gradient_checkpointing": True,
+        "bf16": True,
+        "pack_pairs": True,
+        "dtype": "auto",
+        "epochs": 1.0,
+    }
+)
+"""The paper-sized (7-8B) models: one GPU in bfloat16, LoRA on every projection."""
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "smollm2-135m": Preset(
+            model="smollm2-135m",
+            note="CPU-friendly: 135M parameters train in float32 without checkpointing; "
+            "a high LoRA learning rate so a short run moves the model.",
+            values={
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "lora_dropout": 0.05,
+                "target_modules": LLAMA_LIKE_MODULES,
+                "learning_rate": 5e-4,
+                "beta": 0.1,
+                "batch_size": 8,
+                "grad_accum": 1,
+                "precompute_ref": True,
+                "gradient_checkpointing": False,
+                "bf16": True,
+                "pack_pairs": True,
+                "dtype": "float32",
+                "max_steps": 200,
+            },
+        ),
+        "mistral-7b": Preset(
+            model="mistralai/Mistral-7B-Instruct-v0.3",
+            note="One 24-80 GB GPU in bfloat16; add --load-in-4bit (QLoRA) below ~24 GB.",
+            values=_GPU_7B,
+        ),
+        "llama-3.1-8b": Preset(
+            model="meta-llama/Llama-3.1-8B-Instruct",
+            note="Gated on the hub (accept the licence, then `huggingface-cli login`).",
+            values=_GPU_7B,
+        ),
+        "qwen-2.5-7b": Preset(
+            model="Qwen/Qwen2.5-7B-Instruct",
+            note="Qwen2.5 has no BOS token; nothing is prepended to prompts.",
+            values=_GPU_7B,
+        ),
+    }
+)
+"""Presets by name (the model aliases of :data:`spillover.models.MODEL_ALIASES`)."""
+
+PRESET_FIELDS: frozenset[str] = frozenset(k for p in PRESETS.values() for k in p.values)
+"""AlignConfig fields some preset sets (marked [preset] in ``spillover align --help``)."""
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name.
+
+    Raises:
+        ConfigError: unknown name, with a near match.
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    near = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ConfigError(f"unknown preset {name!r}{hint}; expected one of {', '.join(PRESETS)}")
+
+
+def preset_for_model(model: str) -> Preset | None:
+    """The preset named like ``model`` (alias or hub id), else None (the field defaults)."""
+    if model in PRESETS:
+        return PRESETS[model]
+    for preset in PRESETS.values():
+        if preset.model == model:
+            return preset
+    return None

@@ -1,0 +1,149 @@
+"""Shared pieces of the command-line interface: consoles, the error boundary, progress.
+
+Only CLI modules print. Library code reports through logging and callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from typer.core import TyperGroup
+
+from ..errors import SpilloverError
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEBUG_ENV = "SPILLOVER_DEBUG"
+"""Set to 1 to see the traceback of every error (as ``--debug`` does)."""
+
+BBQDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--bbq-dir",
+        help="Folder holding BBQ (flat or upstream layout). Default: $SPILLOVER_BBQ_DIR, "
+        "else the cache, else download.",
+        envvar="SPILLOVER_BBQ_DIR",
+        show_default=False,
+    ),
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Cache root (BBQ in <root>/bbq, models in <root>/models). "
+        "Default: $SPILLOVER_CACHE or ~/.cache/spillover.",
+        envvar="SPILLOVER_CACHE",
+        show_default=False,
+    ),
+]
+AllowUnverifiedOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unverified",
+        help="Accept BBQ files whose SHA-256 differs from the pinned release (a warning is "
+        "recorded in every output).",
+    ),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error and return the exit to raise."""
+    one_line = " ".join(message.split())
+    # messages carry paths, dataset text and shell hints ("spillover[vllm]"): never markup
+    err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+class ErrorBoundary(TyperGroup):
+    """The command group that turns every expected failure into one line and exit code 1.
+
+    A :class:`~spillover.errors.SpilloverError` raised anywhere below the group is
+    printed as ``error: <message>``; anything else is a bug and keeps its traceback.
+    ``--debug`` (or ``$SPILLOVER_DEBUG=1``) re-raises every error with its traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpilloverError as exc:
+            if debugging(ctx):
+                raise
+            raise fail(str(exc)) from None
+
+
+def debugging(ctx: Any = None) -> bool:
+    """Whether tracebacks were asked for (``--debug`` or ``$SPILLOVER_DEBUG``)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
+
+
+def warn(message: str) -> None:
+    """Print a warning line on stderr."""
+    err_console.print(
+        f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
+
+
+@contextmanager
+def download_progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    """A rich progress display usable as a download ``progress`` callback."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def callback(label: str, done: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(label, total=total)
+        progress.update(tasks[label], completed=done, total=total)
+
+    with progress:
+        yield callback
+
+
+def setup_logging(verbose: int) -> None:
+    """Route library logging through rich at a level chosen by ``-v``."""
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    if verbose <= 0:
+        # transformers and friends are chatty at INFO; keep their warnings
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def path_text(value: Path | None) -> str | None:
+    """A path option as the string a config field holds."""
+    return str(value) if value is not None else None

@@ -1,0 +1,201 @@
+"""``spillover prefs`` and ``spillover align``.
+
+Their options are generated from :class:`~spillover.align.PrefsConfig` and
+:class:`~spillover.align.AlignConfig`, the objects the run config builds too. This is
+the only module of these two stages that prints; the library reports through logging
+and callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..align import PRESET_FIELDS, AlignConfig, PrefsConfig
+from ..data import BBQSource
+from ..errors import ConfigError
+from ._common import AllowUnverifiedOption, BBQDirOption, console, err_console, path_text, warn
+from ._options import Opt, config_options, with_options
+
+PREFS_OPTIONS = config_options(PrefsConfig, exclude=("targets",))
+ALIGN_OPTIONS = config_options(
+    AlignConfig,
+    [
+        Opt(f.name, flag="--lr") if f.name == "learning_rate" else Opt(f.name)
+        for f in dataclasses.fields(AlignConfig)
+        if f.name not in ("model", "output_dir")
+    ],
+    preset=PRESET_FIELDS,
+)
+
+# --------------------------------------------------------------------------- prefs
+
+
+@with_options(PREFS_OPTIONS)
+def prefs_command(
+    target: Annotated[
+        list[str],
+        typer.Option(
+            "--target",
+            help="Target attribute (BBQ category or alias, e.g. gender); repeat for several.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the pairs to.", show_default=False)
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model whose tokenizer renders chat formats (letters-chat only)."),
+    ] = None,
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    **options: Any,
+) -> None:
+    """Build preference pairs for target attributes, holding out whole templates."""
+    from ..align import build_pairs, write_pairs
+
+    cfg = PREFS_OPTIONS.build(options, targets=tuple(target))
+    prompt_format = cfg.prompt_format
+    out_path = Path(out).expanduser()
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
+        raise ConfigError(f"{out_path}: already exists; choose another --out or pass --overwrite")
+    tokenizer = None
+    if prompt_format.endswith("-chat"):
+        if model is None:
+            raise ConfigError(
+                f"prompt format {prompt_format!r} renders prompts with a model's chat template; "
+                "pass --model (e.g. --model smollm2-135m)"
+            )
+        from ..models import load_tokenizer, resolve_model
+        from ..prompts import has_chat_template
+
+        tokenizer = load_tokenizer(resolve_model(model))
+        if not has_chat_template(tokenizer):
+            raise ConfigError(
+                f"prompt format {prompt_format!r} needs a model with a chat template; {model!r} "
+                "has none (use --prompt-format lm-eval or letters)"
+            )
+    source = BBQSource(path_text(bbq_dir), None, allow_unverified)
+    data = source.load(categories=cfg.targets)
+    for w in data.warnings:
+        warn(w)
+    pairs = build_pairs(data.items, cfg, tokenizer=tokenizer, provenance=data.provenance())
+    write_pairs(pairs, out_path, overwrite=overwrite)
+    table = Table(title=f"Preference pairs -> {out_path}", show_edge=False)
+    for col in ("category", "train templates", "held-out templates", "held out"):
+        table.add_column(col)
+    for cat in cfg.targets:
+        held = pairs.heldout_templates.get(cat, ())
+        table.add_row(
+            cat,
+            str(pairs.counts["train_templates"].get(cat, 0)),
+            str(len(held)),
+            ", ".join(map(str, held)),
+        )
+    console.print(table)
+    console.print(
+        f"{pairs.counts['train_pairs']} training pairs, {pairs.counts['heldout_pairs']} held-out "
+        f"pairs from {pairs.counts['items']} items ({pairs.counts['skipped_no_target']} skipped: "
+        "no known biased answer)",
+        highlight=False,
+    )
+
+
+# --------------------------------------------------------------------------- align
+
+
+@contextmanager
+def _training_progress(
+    total_hint: int | None,
+) -> Iterator[Callable[[int, int, Mapping[str, float]], None]]:
+    progress = Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    task = progress.add_task("train", total=total_hint, metrics="")
+    started = False
+
+    def update(step: int, total: int, logs: Mapping[str, float]) -> None:
+        nonlocal started
+        if not started:  # shown once training runs, not while checks may still fail
+            progress.start()
+            started = True
+        fields: dict[str, Any] = {"completed": step, "total": total or None}
+        if "loss" in logs:
+            parts = [f"loss {logs['loss']:.4f}"]
+            if "rewards/accuracies" in logs:
+                parts.append(f"acc {logs['rewards/accuracies']:.2f}")
+            if "rewards/margins" in logs:
+                parts.append(f"margin {logs['rewards/margins']:.3f}")
+            fields["metrics"] = "  ".join(parts)
+        progress.update(task, **fields)
+
+    try:
+        yield update
+    finally:
+        if started:
+            progress.stop()
+
+
+@with_options(ALIGN_OPTIONS)
+def align_command(
+    model: Annotated[str, typer.Option(help="Model alias, hub id or folder.", show_default=False)],
+    pairs: Annotated[
+        Path,
+        typer.Option(help="Pairs folder written by `spillover prefs`.", show_default=False),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the adapter to.", show_default=False)
+    ],
+    **options: Any,
+) -> None:
+    """Train a LoRA adapter on preference pairs with a TRL trainer."""
+    from ..align import train_adapter
+
+    values = ALIGN_OPTIONS.values(options)
+    try:
+        cfg = AlignConfig.from_preset(model, out, preset=values.pop("preset", None), **values)
+    except ConfigError as exc:
+        raise ConfigError(ALIGN_OPTIONS.flags(str(exc))) from None
+    # under `accelerate launch` / torchrun only the main process (RANK 0) reports
+    if os.environ.get("RANK", "0") != "0":
+        train_adapter(pairs, cfg)
+        return
+    with _training_progress(cfg.max_steps) as progress:
+        ref = train_adapter(pairs, cfg, progress=progress)
+    loss = f"{ref.train_loss:.4f}" if ref.train_loss is not None else "n/a"
+    console.print(
+        f"adapter -> {ref.path} ({ref.method}, {ref.steps} steps, {ref.seconds:.0f} s, "
+        f"final loss {loss})",
+        highlight=False,
+    )
+    if ref.merged is not None:
+        console.print(f"merged model -> {ref.merged}", highlight=False)
+
+
+__all__ = ["align_command", "prefs_command"]

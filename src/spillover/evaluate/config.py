@@ -1,0 +1,91 @@
+"""The evaluation config: what is scored, how, and on which engine; recorded in every output."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import check_choice
+from ..errors import ConfigError
+from ..prompts import PERMUTATION_MODES, PROMPT_FORMATS
+from .scoring import BOUNDARIES
+
+LENGTH_NORMS: tuple[str, ...] = ("none", "token", "char", "byte")
+"""Score normalisations for picking the prediction (stored scores are always sums)."""
+PRECISIONS: tuple[str, ...] = ("auto", "model", "bf16-verified")
+"""Numeric precision of the scoring pass (see :attr:`EvalConfig.precision`)."""
+BACKENDS: tuple[str, ...] = ("hf", "vllm")
+"""Scoring engines: transformers (``hf``) or vLLM (``vllm``, ``pip install 'spillover[vllm]'``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """What to score and how; validated on creation, recorded in every output.
+
+    The Python API, the ``eval`` section of a run config and ``spillover eval`` all
+    build this one object; its defaults are the only defaults.
+    """
+
+    prompt_format: str = "lm-eval"
+    """Prompt format: ``lm-eval``, ``letters`` or ``letters-chat`` (see ``docs/predictions.md``)."""
+    permutations: str = "none"
+    """Answer orders to score: ``none`` (original), ``cyclic`` (3) or ``all`` (6)."""
+    batch_tokens: int = 4096
+    """Token budget of one forward pass (rows x padded length)."""
+    length_norm: str = "none"
+    """Normalisation used to pick the prediction: ``none`` (summed log-prob, lm-eval
+    ``acc``), ``token`` (mean per token), ``char`` (per character of the answer
+    text, lm-eval ``acc_norm``) or ``byte`` (per UTF-8 byte, lm-eval ``acc_bytes``)."""
+    boundary: str = "lm-eval"
+    """Tokenisation boundary: ``lm-eval`` (lm-evaluation-harness's split) or ``whole``."""
+    chunk_items: int = 256
+    """Items per shard: the unit of resumption and of batching."""
+    seed: int = 0
+    """Seed of the item sample (recorded; scoring itself is deterministic)."""
+    precision: str = "auto"
+    """``model`` computes in the weights' dtype; ``bf16-verified`` runs the decoder under
+    bfloat16 autocast (AMX on CPUs, tensor cores on GPUs) and rescores in the weights' dtype
+    every request whose top-two margin is below ``verify_margin``, so predictions match the
+    full-precision ones; ``auto`` is ``bf16-verified`` for float32 weights on hardware with
+    fast bf16, else ``model``."""
+    verify_margin: float = 0.3
+    """Margin (in the decision score, nats for ``length_norm=none``) under which a bf16 result
+    is rescored in full precision. Measured on 3,300 BBQ items with SmolLM2-135M
+    (``bench/precision_agreement.py``): 11.9 % rescored, no decision differing from float32,
+    and every kept pair's bf16 error at most half its margin."""
+    backend: str = "hf"
+    """Scoring engine: ``hf`` (transformers, packed scoring) or ``vllm`` (CUDA GPUs; pip install
+    'spillover[vllm]')."""
+    tensor_parallel_size: int = 1
+    """GPUs one model is spread over (``vllm`` backend only)."""
+
+    def __post_init__(self) -> None:
+        check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
+        check_choice("permutations", self.permutations, PERMUTATION_MODES)
+        check_choice("length_norm", self.length_norm, LENGTH_NORMS)
+        check_choice("boundary", self.boundary, BOUNDARIES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.batch_tokens < 64:
+            raise ConfigError(f"`batch_tokens`={self.batch_tokens}; expected at least 64")
+        if not self.verify_margin >= 0:
+            raise ConfigError(f"`verify_margin`={self.verify_margin}; expected >= 0")
+        if self.chunk_items < 1:
+            raise ConfigError(f"`chunk_items`={self.chunk_items}; expected a positive integer")
+        if self.backend == "vllm" and self.precision == "bf16-verified":
+            raise ConfigError(
+                "`precision`='bf16-verified' needs `backend`: hf (vLLM computes in the "
+                "weights' dtype)"
+            )
+        if self.tensor_parallel_size < 1 or (
+            self.backend != "vllm" and self.tensor_parallel_size != 1
+        ):
+            raise ConfigError(
+                f"`tensor_parallel_size`={self.tensor_parallel_size}; expected 1, or >= 1 with "
+                "`backend`: vllm"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict view."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,222 @@
+"""vLLM backend for choice scoring (optional: ``pip install 'spillover[vllm]'``, CUDA only).
+
+For models too large for the transformers backend's throughput: vLLM's paged attention,
+continuous batching, tensor parallelism and automatic prefix caching (the prompt shared by
+an item's three answers is computed once). Each option is one vLLM request of
+``prompt tokens + continuation tokens`` with ``max_tokens=1`` and ``prompt_logprobs``; its
+score is the sum of the prompt log-probabilities at the continuation positions, which is
+lm-evaluation-harness's vLLM recipe. Tokenisation is :class:`ChoiceEncoder`'s, shared with
+the transformers backend, so both backends score exactly the same token sequences.
+
+vLLM is imported only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, MissingDependencyError, ModelError
+from .scoring import (
+    ChoiceEncoder,
+    ChoiceRequest,
+    ChoiceScores,
+    NeedsRescoring,
+    ScoreProgress,
+    ScorerStats,
+)
+
+INSTALL_HINT = "the vllm backend needs vLLM and a CUDA GPU: pip install 'spillover[vllm]'"
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+    return vllm
+
+
+def continuation_logprob(
+    sequence: Sequence[int],
+    context_len: int,
+    prompt_logprobs: Sequence[Mapping[int, Any] | None],
+) -> float:
+    """Sum the log-probabilities of ``sequence[context_len:]`` from vLLM's prompt logprobs.
+
+    ``prompt_logprobs[i]`` maps token ids to the log-probability of position ``i`` given
+    positions ``< i`` (vLLM ``Logprob`` objects, or plain floats); position 0 has none.
+
+    Raises:
+        ModelError: a scored position lacks its own token (the engine was not asked for
+            prompt logprobs, or returned a truncated list).
+    """
+    if not 1 <= context_len < len(sequence):
+        raise ModelError(
+            f"cannot score a continuation at {context_len}:{len(sequence)} of a sequence"
+        )
+    if len(prompt_logprobs) != len(sequence):
+        raise ModelError(
+            f"the engine returned {len(prompt_logprobs)} prompt logprobs for {len(sequence)} tokens"
+        )
+    total = 0.0
+    for i in range(context_len, len(sequence)):
+        entry = prompt_logprobs[i]
+        if entry is None or sequence[i] not in entry:
+            raise ModelError(f"no prompt logprob for token {sequence[i]} at position {i}")
+        value = entry[sequence[i]]
+        total += float(getattr(value, "logprob", value))
+    return total
+
+
+class VLLMChoiceScorer:
+    """Choice scorer on a ``vllm.LLM`` engine.
+
+    Args:
+        llm: A ``vllm.LLM`` (with ``enable_lora=True`` when ``lora_path`` is given).
+        tokenizer: The model's transformers tokenizer (the token ids are ours, not vLLM's).
+        boundary: Tokenisation boundary rule, see :func:`spillover.evaluate.split_pair`.
+        lora_path: PEFT adapter folder applied per request (not merged).
+        chunk_requests: Options handed to the engine per call (progress granularity).
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        tokenizer: Any,
+        *,
+        boundary: str = "lm-eval",
+        lora_path: str | os.PathLike[str] | None = None,
+        chunk_requests: int = 4096,
+    ) -> None:
+        vllm = _import_vllm()
+        self.llm = llm
+        self.encoder = ChoiceEncoder(tokenizer, boundary)
+        self.chunk_requests = chunk_requests
+        # one generated token is the least vLLM accepts; prompt_logprobs=1 returns the
+        # prompt's own token at every position (plus the top-1), as lm-eval asks for
+        self.params = vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False
+        )
+        self.lora = None
+        if lora_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("spillover-adapter", 1, str(lora_path))
+        self.stats = ScorerStats()
+
+    supports_bf16 = False
+    """vLLM computes in its weights' dtype: no ``bf16-verified`` precision."""
+
+    def score(
+        self,
+        requests: Sequence[ChoiceRequest],
+        progress: ScoreProgress | None = None,
+        *,
+        rescore: NeedsRescoring | None = None,
+    ) -> list[ChoiceScores]:
+        """Score every option of every request; results in request order."""
+        from vllm.inputs import TokensPrompt
+
+        if rescore is not None:
+            raise ConfigError(
+                "precision 'bf16-verified' needs the transformers backend; vLLM computes in "
+                "its weights' dtype (use precision 'model' or 'auto')"
+            )
+
+        encoded = self.encoder.encode(requests)
+        flat: list[tuple[int, int, list[int], int]] = []
+        for r, opts in enumerate(encoded):
+            for j, o in enumerate(opts):
+                if o.merged:
+                    self.stats.boundary_merges += 1
+                flat.append((r, j, [*o.context, *o.continuation], len(o.context)))
+        logprobs = [[0.0] * len(opts) for opts in encoded]
+        remaining = [len(opts) for opts in encoded]
+        for start in range(0, len(flat), self.chunk_requests):
+            part = flat[start : start + self.chunk_requests]
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=seq) for _, _, seq, _ in part],
+                self.params,
+                lora_request=self.lora,
+                use_tqdm=False,
+            )
+            done = 0
+            for (r, j, seq, ctx_len), out in zip(part, outputs, strict=True):
+                logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
+                self.stats.forward_tokens += len(seq)
+                remaining[r] -= 1
+                done += remaining[r] == 0
+            self.stats.batches += 1
+            if progress is not None and done:
+                progress(done)
+        self.stats.requests += len(encoded)
+        return [
+            ChoiceScores(tuple(lp), tuple(len(o.continuation) for o in opts))
+            for lp, opts in zip(logprobs, encoded, strict=True)
+        ]
+
+
+def _lora_rank(adapter: Path) -> int:
+    try:
+        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{adapter / 'adapter_config.json'}: cannot read it ({exc})") from None
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise ModelError(f"{adapter / 'adapter_config.json'}: field 'r'={rank!r}; expected > 0")
+    return rank
+
+
+def load_vllm_model(
+    name: str,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    seed: int = 0,
+) -> Any:
+    """A :class:`spillover.models.LoadedModel` whose ``model`` is a ``vllm.LLM``.
+
+    Aliases, hub ids and folders resolve as for the transformers backend (the embedded
+    model is served from its converted safetensors folder).
+    """
+    from ..models import LoadedModel, load_tokenizer, resolve_dtype, resolve_model, weights_location
+
+    vllm = _import_vllm()
+    if tensor_parallel_size < 1:
+        raise ConfigError(f"`tensor_parallel_size`={tensor_parallel_size}; expected >= 1")
+    spec = resolve_model(name, revision)
+    dtype_name = resolve_dtype(dtype, "cuda")
+    kwargs: dict[str, Any] = {
+        "model": weights_location(spec, cache_dir),
+        "dtype": dtype_name,
+        "trust_remote_code": trust_remote_code,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enable_prefix_caching": True,
+        "seed": seed,
+    }
+    if spec.kind == "hub" and spec.revision:
+        kwargs["revision"] = spec.revision
+    adapter_str: str | None = None
+    if adapter is not None:
+        path = Path(adapter).expanduser().resolve()
+        kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(path), max_loras=1)
+        adapter_str = str(path)
+    tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    try:
+        llm = vllm.LLM(**kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"vLLM could not load {spec.name!r}: {exc}") from None
+    return LoadedModel(llm, tok, spec, dtype_name, "cuda", adapter_str, backend="vllm")
+
+
+__all__ = ["INSTALL_HINT", "VLLMChoiceScorer", "continuation_logprob", "load_vllm_model"]
