@@ -422,3 +422,15 @@ def test_two_process_training_equals_one_process_with_the_combined_batch(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "pairs", "two"]  # no scratch
     assert not (two / "training_args.bin").exists()
+
+
+def test_bf16_is_automatic_unless_asked() -> None:
+    """Unset, bf16 autocast follows the hardware (emulated bf16 on a CPU is many times slower)."""
+    from spillover.align import AlignConfig, trl_config
+    from spillover.models import fast_bf16
+
+    auto = AlignConfig.from_preset("smollm2-135m", "o")
+    assert auto.bf16 is None
+    assert trl_config(auto, "o", device="cpu", max_length=64).bf16 is fast_bf16("cpu")
+    forced = AlignConfig.from_preset("smollm2-135m", "o", bf16=False)
+    assert trl_config(forced, "o", device="cpu", max_length=64).bf16 is False

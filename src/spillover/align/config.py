@@ -126,8 +126,9 @@ class AlignConfig:
     """Compute reference log-probs once before training (TRL's ``precompute_ref_log_probs``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory, costs time)."""
-    bf16: bool = False
-    """bfloat16 mixed precision (autocast)."""
+    bf16: bool | None = None
+    """bfloat16 mixed precision (autocast); default: on where bf16 is fast (CUDA GPUs with
+    bf16, CPUs with AVX512-BF16 or AMX), off elsewhere (CPUs emulate it, many times slower)."""
     pack_pairs: bool = True
     """DPO methods: compute the prompt shared by chosen and rejected once (exact)."""
     dtype: str = "auto"

@@ -79,7 +79,6 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "grad_accum": 1,
                 "precompute_ref": True,
                 "gradient_checkpointing": False,
-                "bf16": True,
                 "pack_pairs": True,
                 "dtype": "float32",
                 "max_steps": 200,

@@ -268,6 +268,15 @@ def _checkpointing_key() -> str:
     )
 
 
+def resolve_bf16(bf16: bool | None, device: str) -> bool:
+    """``bf16`` as asked, or (None) bfloat16 autocast where bf16 is fast on ``device``."""
+    if bf16 is not None:
+        return bf16
+    from ..models import fast_bf16
+
+    return fast_bf16(device)
+
+
 def trl_config(
     cfg: AlignConfig, output_dir: str | os.PathLike[str], *, device: str, max_length: int | None
 ) -> Any:
@@ -288,7 +297,7 @@ def trl_config(
         "data_seed": cfg.seed,
         "max_length": max_length,
         _checkpointing_key(): cfg.gradient_checkpointing,
-        "bf16": cfg.bf16,
+        "bf16": resolve_bf16(cfg.bf16, device),
         "fp16": False,
         "use_cpu": device == "cpu",
         "report_to": [] if cfg.report_to == "none" else [cfg.report_to],

@@ -190,12 +190,9 @@ def resolve_precision(
         return dataclasses.replace(cfg, precision="model")
     if cfg.precision != "auto":
         return cfg
-    import torch
+    from ..models import fast_bf16
 
-    fast_bf16 = (loaded_model.device.startswith("cuda") and torch.cuda.is_bf16_supported()) or (
-        loaded_model.device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    use = loaded_model.dtype == "float32" and fast_bf16
+    use = loaded_model.dtype == "float32" and fast_bf16(loaded_model.device)
     return dataclasses.replace(cfg, precision="bf16-verified" if use else "model")
 
 
