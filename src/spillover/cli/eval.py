@@ -121,15 +121,7 @@ def _run(
         raise ConfigError("the selection is empty; check --categories, --contexts and --items")
     provenance: dict[str, Any] = {
         "bbq": data.provenance(),
-        "selection": {
-            "categories": list(data.categories),
-            "contexts": list(selection.contexts),
-            "per_stratum": selection.per_stratum,
-            "seed": selection.seed,
-            "items_file": selection.items,
-            "all": selection.per_stratum is None and selection.items is None,
-            "limit": selection.limit,
-        },
+        "selection": selection.describe(data.categories),
     }
     progress = Progress(
         TextColumn("scoring"),

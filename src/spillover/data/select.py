@@ -62,6 +62,18 @@ class Selection:
         """The listed item keys (read from ``items``), or None."""
         return read_item_list(self.items) if self.items is not None else None
 
+    def describe(self, categories: Sequence[str]) -> dict[str, Any]:
+        """What was selected, for the predictions' metadata (``categories``: those loaded)."""
+        return {
+            "categories": list(categories),
+            "contexts": list(self.contexts),
+            "per_stratum": self.per_stratum,
+            "seed": self.seed,
+            "items_file": self.items,
+            "all": self.per_stratum is None and self.items is None,
+            "limit": self.limit,
+        }
+
     def apply(self, items: Sequence[BBQItem]) -> list[BBQItem]:
         """The selected items, in the input order, cut to ``limit``.
 

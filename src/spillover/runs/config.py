@@ -1,0 +1,349 @@
+"""The run config: a whole study (or a sweep of them), validated before any work starts.
+
+Each YAML section builds the stage's own config object, the one the Python API and the
+stage commands build: ``bbq`` -> :class:`~spillover.data.BBQSource`, ``eval`` ->
+:class:`~spillover.data.Selection` (item keys) and :class:`~spillover.evaluate.EvalConfig`
+(scoring keys), ``prefs`` -> :class:`~spillover.align.PrefsConfig`, ``align`` -> overrides
+of :class:`~spillover.align.AlignConfig` after the model's preset, ``compare`` ->
+:class:`~spillover.stats.CompareConfig`, ``report`` -> :class:`~spillover.report.ReportConfig`.
+Keys that the run sets per sub-run (seed, target, model, method, device) are refused inside
+the sections, with the top-level key to use instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..align import METHODS, AlignConfig, PrefsConfig
+from ..data import BBQSource, Selection, resolve_categories
+from ..errors import ConfigError
+from ..evaluate import EvalConfig
+from ..models import MODEL_ALIASES, resolve_dtype
+from ..report import ReportConfig
+from ..stats import CompareConfig
+from .yaml_doc import YamlDoc, build_dataclass, check_keys, load_yaml, locate, near_match, relocate
+from .yaml_doc import section as yaml_section
+
+DEFAULT_PER_STRATUM = 24
+"""Items per category x context in the embedded default run (528 items per evaluation)."""
+
+DEFAULT_STUDY: Mapping[str, Any] = {
+    "name": "default",
+    "model": "smollm2-135m",
+    "target": "gender",
+    "method": "dpo",
+    "seed": 0,
+    "eval": {"per_stratum": DEFAULT_PER_STRATUM, "prompt_format": "lm-eval"},
+    "align": {"max_steps": 40},
+    "compare": {
+        "test": "auto",
+        "correction": "holm",
+        "alpha": 0.05,
+        "bootstrap": 1000,
+        "cluster": "template",
+    },
+}
+"""The embedded default study (``spillover run`` without a config; also configs/default.yaml)."""
+
+_TOP_KEYS = (
+    "name", "model", "target", "method", "seed", "device", "dtype",
+    "bbq", "eval", "prefs", "align", "compare", "report",
+)  # fmt: skip
+
+# Per section: the fields the run sets itself, and the top-level key that sets them
+# (None: the run directory manages it).
+_RESERVED: Mapping[str, Mapping[str, str | None]] = {
+    "eval": {"seed": "seed"},
+    "prefs": {"targets": "target", "seed": "seed", "prompt_format": "eval.prompt_format"},
+    "align": {
+        "model": "model",
+        "method": "method",
+        "seed": "seed",
+        "device": "device",
+        "dtype": "dtype",
+        "output_dir": None,
+        "adapter": None,
+        "overwrite": None,
+    },
+    "compare": {"seed": "seed", "targets": "target"},
+}
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _refuse_reserved(values: Mapping[str, Any], name: str, doc: YamlDoc | None) -> None:
+    for key, top in _RESERVED.get(name, {}).items():
+        if key not in values:
+            continue
+        where = locate(doc, [name, key])
+        if top is None:
+            raise ConfigError(f"{where}: `{name}.{key}` is managed by the run directory; remove it")
+        raise ConfigError(
+            f"{where}: `{name}.{key}` is set by the run (use the top-level `{top}` key)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubRun:
+    """One model x target x method x seed combination."""
+
+    model: str
+    target: tuple[str, ...]
+    method: str
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        """Folder name of this sub-run inside a sweep."""
+        name = Path(self.model).name if "/" in self.model else self.model
+        model = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+        return f"{model}__{'+'.join(self.target)}__{self.method}__s{self.seed}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole study; lists in ``models``/``targets``/``methods``/``seeds`` make a sweep."""
+
+    name: str = "spillover"
+    """Run name (default run directory ``runs/<name>``, titles)."""
+    models: tuple[str, ...] = ("smollm2-135m",)
+    """Models (aliases, hub ids, folders)."""
+    targets: tuple[tuple[str, ...], ...] = (("Gender_identity",),)
+    """Alignment targets; each a tuple of BBQ categories (several = multi-attribute)."""
+    methods: tuple[str, ...] = ("dpo",)
+    """Preference methods (see ``spillover align --help``)."""
+    seeds: tuple[int, ...] = (0,)
+    """Seeds (sample, split, LoRA init, data order, bootstrap)."""
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:N``; None: CUDA when available."""
+    dtype: str = "auto"
+    """Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16."""
+    bbq: BBQSource = field(default_factory=BBQSource)
+    """Where BBQ is read from."""
+    selection: Selection = field(default_factory=Selection)
+    """The evaluated items (the item keys of the ``eval`` section); the seed is the sub-run's."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """How both models are scored (the scoring keys of the ``eval`` section)."""
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    """Preference pairs; targets, seed and prompt format are the sub-run's."""
+    align: Mapping[str, Any] = field(default_factory=dict)
+    """Overrides of the model preset's training defaults (AlignConfig fields)."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """Statistics; seed and targets are the sub-run's."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """Report options."""
+
+    @classmethod
+    def default(cls) -> RunConfig:
+        """The embedded default study (:data:`DEFAULT_STUDY`)."""
+        return cls.from_mapping(DEFAULT_STUDY)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read and validate a YAML config; every error names the file, line and key."""
+        doc = load_yaml(Path(path))
+        return cls.from_mapping(doc.data, doc=doc)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, doc: YamlDoc | None = None) -> RunConfig:
+        """Validate a mapping (as read from YAML).
+
+        Raises:
+            ConfigError: naming the file, line and key when ``doc`` is given.
+        """
+        check_keys(data, _TOP_KEYS, doc=doc, section=())
+        sections = {k: yaml_section(data, k, doc) for k in _TOP_KEYS[7:]}
+        top = _top_level(data, doc)
+        selection, evaluation = _eval_section(sections["eval"], doc)
+        return cls(
+            **top,
+            bbq=build_dataclass(BBQSource, sections["bbq"], doc=doc, section=["bbq"]),
+            selection=selection,
+            eval=evaluation,
+            prefs=_build(PrefsConfig, sections["prefs"], "prefs", doc),
+            align=_align_section(sections["align"], doc),
+            compare=_build(CompareConfig, sections["compare"], "compare", doc),
+            report=build_dataclass(ReportConfig, sections["report"], doc=doc, section=["report"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``config.yaml`` records; reads back equal)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "model": list(self.models),
+            "target": ["+".join(t) for t in self.targets],
+            "method": list(self.methods),
+            "seed": list(self.seeds),
+            "device": self.device,
+            "dtype": self.dtype,
+            "bbq": _plain(self.bbq, ()),
+            "eval": {**_plain(self.selection, ("seed",)), **_plain(self.eval, ("seed",))},
+            "prefs": _plain(self.prefs, tuple(_RESERVED["prefs"])),
+            "align": dict(self.align),
+            "compare": _plain(self.compare, tuple(_RESERVED["compare"])),
+            "report": _plain(self.report, ()),
+        }
+        return out
+
+    def sub_runs(self) -> list[SubRun]:
+        """Every model x target x method x seed combination."""
+        combos = itertools.product(self.models, self.targets, self.methods, self.seeds)
+        return [SubRun(m, t, meth, s) for m, t, meth, s in combos]
+
+    @property
+    def is_sweep(self) -> bool:
+        """Whether more than one combination is run."""
+        return len(self.sub_runs()) > 1
+
+    # the stage configs of one sub-run: the section's object with the run's own fields set
+
+    def selection_for(self, sub: SubRun) -> Selection:
+        """The evaluated items of ``sub``."""
+        return dataclasses.replace(self.selection, seed=sub.seed)
+
+    def eval_for(self, sub: SubRun) -> EvalConfig:
+        """The scoring config of ``sub``."""
+        return dataclasses.replace(self.eval, seed=sub.seed)
+
+    def prefs_for(self, sub: SubRun) -> PrefsConfig:
+        """The pairs config of ``sub`` (pairs use the evaluation's prompt format)."""
+        return dataclasses.replace(
+            self.prefs, targets=sub.target, seed=sub.seed, prompt_format=self.eval.prompt_format
+        )
+
+    def align_for(self, sub: SubRun, output_dir: str | Path) -> AlignConfig:
+        """The training config of ``sub``: the model's preset, then the ``align`` overrides."""
+        return AlignConfig.from_preset(
+            sub.model,
+            output_dir,
+            method=sub.method,
+            seed=sub.seed,
+            device=self.device,
+            dtype=self.dtype,
+            overwrite=True,
+            **dict(self.align),
+        )
+
+    def compare_for(self, sub: SubRun) -> CompareConfig:
+        """The statistics config of ``sub``."""
+        return dataclasses.replace(self.compare, seed=sub.seed, targets=sub.target)
+
+
+def _plain(obj: Any, skip: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _build(cls: type, values: Mapping[str, Any], name: str, doc: YamlDoc | None) -> Any:
+    """A stage config from its section, the run's own fields left at their defaults."""
+    _refuse_reserved(values, name, doc)
+    allowed = [n for n in _fields(cls) if n not in _RESERVED.get(name, {})]
+    return build_dataclass(cls, values, doc=doc, section=[name], allowed=allowed)
+
+
+def _eval_section(values: Mapping[str, Any], doc: YamlDoc | None) -> tuple[Selection, EvalConfig]:
+    """The ``eval`` section: item keys build a Selection, the others an EvalConfig."""
+    _refuse_reserved(values, "eval", doc)
+    item_keys = [n for n in _fields(Selection) if n != "seed"]
+    scoring_keys = [n for n in _fields(EvalConfig) if n != "seed"]
+    check_keys(values, [*item_keys, *scoring_keys], doc=doc, section=["eval"])
+    items = {k: v for k, v in values.items() if k in item_keys}
+    scoring = {k: v for k, v in values.items() if k in scoring_keys}
+    selection = build_dataclass(Selection, items, doc=doc, section=["eval"], allowed=item_keys)
+    evaluation = build_dataclass(
+        EvalConfig, scoring, doc=doc, section=["eval"], allowed=scoring_keys
+    )
+    return selection, evaluation
+
+
+def _align_section(values: Mapping[str, Any], doc: YamlDoc | None) -> dict[str, Any]:
+    """The ``align`` overrides, checked against AlignConfig (through a throwaway config)."""
+    _refuse_reserved(values, "align", doc)
+    names = [n for n in _fields(AlignConfig) if n not in _RESERVED["align"]]
+    check_keys(values, names, doc=doc, section=["align"])
+    try:
+        AlignConfig.from_preset("smollm2-135m", "unused", **dict(values))
+    except ConfigError as exc:
+        raise relocate(exc, names, doc, ["align"]) from None
+    except TypeError as exc:
+        raise ConfigError(f"{locate(doc, ['align'])}: `align`: {exc}") from None
+    return dict(values)
+
+
+def _names(
+    data: Mapping[str, Any], key: str, default: tuple[str, ...], doc: YamlDoc | None
+) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return default
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(f"{locate(doc, [key])}: `{key}` must be a name or a list of names")
+    return tuple(values)
+
+
+def _top_level(data: Mapping[str, Any], doc: YamlDoc | None) -> dict[str, Any]:
+    """The top-level keys: name, the sweep axes, device and dtype."""
+    models = _names(data, "model", RunConfig.models, doc)
+    for i, m in enumerate(models):
+        if not Path(m).expanduser().exists() and "/" not in m and m not in MODEL_ALIASES:
+            raise ConfigError(
+                f"{locate(doc, ['model', str(i)])}: unknown model preset `{m}`; use a preset "
+                f"({', '.join(MODEL_ALIASES)}), a hub id (org/name) or a folder"
+            )
+    methods = _names(data, "method", RunConfig.methods, doc)
+    for i, m in enumerate(methods):
+        if m not in METHODS:
+            raise ConfigError(
+                f"{locate(doc, ['method', str(i)])}: unknown method `{m}`"
+                f"{near_match(m, list(METHODS))}; expected one of {', '.join(METHODS)}"
+            )
+    raw = data.get("target", ["Gender_identity"])
+    targets: list[tuple[str, ...]] = []
+    for i, t in enumerate(raw if isinstance(raw, list) else [raw]):
+        parts = t if isinstance(t, list) else str(t).split("+")
+        try:
+            targets.append(resolve_categories([str(p) for p in parts]))
+        except ConfigError as exc:
+            raise ConfigError(f"{locate(doc, ['target', str(i)])}: `target`: {exc}") from None
+    seeds = data.get("seed", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(
+            f"{locate(doc, ['seed'])}: `seed` must be an integer or a list of integers"
+        )
+    name = data.get("name", RunConfig.name)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{locate(doc, ['name'])}: `name` must be a non-empty string")
+    device = data.get("device")
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(
+            f"{locate(doc, ['device'])}: `device` must be a string such as cpu or cuda"
+        )
+    dtype = str(data.get("dtype", "auto"))
+    try:
+        resolve_dtype(dtype, "cpu")
+    except ConfigError as exc:
+        raise ConfigError(f"{locate(doc, ['dtype'])}: {exc}") from None
+    return {
+        "name": name,
+        "models": models,
+        "targets": tuple(targets),
+        "methods": methods,
+        "seeds": tuple(int(s) for s in seeds),
+        "device": device,
+        "dtype": dtype,
+    }

@@ -1,0 +1,317 @@
+"""The stage table: one :class:`Stage` record per stage of a sub-run.
+
+Each stage names its cache key (its config and the digests of the files it reads) and a
+run function that does the work through the stage's public face and returns a
+:class:`StageResult`. Torch-dependent stages import their packages inside the function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .._io import atomic_write_json, atomic_write_text, sha256_file
+from ..data import BBQData, BBQItem
+from ..rundir import (
+    ADAPTER_DIR,
+    COMPARISON_FILE,
+    HELDOUT_TARGET_FILE,
+    LOG_HISTORY_FILE,
+    PAIRS_DIR,
+    PREDICTION_FILES,
+    canonical_hash,
+)
+from .config import RunConfig, SubRun
+
+EventFn = Callable[[str, str, Mapping[str, Any]], None]
+"""``on_event(stage, status, info)``; status is ``start``, ``skip``, ``done`` or ``progress``."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage of one sub-run reads (nothing writes into it)."""
+
+    cfg: RunConfig
+    root: Path
+    sub: SubRun
+    run_dir: Path
+    data: BBQData
+    items: tuple[BBQItem, ...]
+    on_event: EventFn
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced."""
+
+    outputs: tuple[Path, ...]
+    """Files and folders written (their digests go into the completion record)."""
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    """What the manifest records of the stage (for evaluations: the model and precision)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a sub-run."""
+
+    name: str
+    """What ``--force`` takes and events carry."""
+    label: str
+    """What people read."""
+    folder: str
+    """Folder (relative to the run directory) holding the completion record."""
+    key: Callable[[Context], Mapping[str, Any]]
+    """The parts of the cache key: config values and digests of the inputs."""
+    run: Callable[[Context], StageResult]
+    """Does the work."""
+    recorded: Callable[[Context], Mapping[str, Any]] | None = None
+    """The provenance of a skipped stage, read back from its outputs."""
+
+
+def items_digest(items: Sequence[BBQItem]) -> str:
+    """Digest of the evaluated item keys (order-free)."""
+    return canonical_hash(sorted([it.category, it.example_id] for it in items))
+
+
+def _base(ctx: Context) -> dict[str, Any]:
+    files = {f.name: f.sha256 for f in ctx.data.files}
+    return {
+        "spillover": __version__,
+        "bbq": canonical_hash(files),
+        "model": ctx.sub.model,
+        "dtype": ctx.cfg.dtype,
+    }
+
+
+def _digest(ctx: Context, rel: str) -> str:
+    return sha256_file(ctx.run_dir / rel)
+
+
+# --------------------------------------------------------------------------- evaluations
+
+
+def _eval_key(ctx: Context) -> dict[str, Any]:
+    return {
+        **_base(ctx),
+        "selection": dataclasses.asdict(ctx.cfg.selection_for(ctx.sub)),
+        "eval": ctx.cfg.eval_for(ctx.sub).to_dict(),
+        "items": items_digest(ctx.items),
+    }
+
+
+def _evaluate(ctx: Context, stage: str, adapter: Path | None, rel: str) -> StageResult:
+    from ..evaluate import run_evaluation
+
+    out = ctx.run_dir / rel
+
+    def progress(done: int, total: int) -> None:
+        ctx.on_event(stage, "progress", {"done": done, "total": total})
+
+    selection = ctx.cfg.selection_for(ctx.sub)
+    provenance = {
+        "bbq": ctx.data.provenance(),
+        "selection": selection.describe(ctx.data.categories),
+    }
+    run_evaluation(
+        ctx.sub.model,
+        ctx.items,
+        ctx.cfg.eval_for(ctx.sub),
+        out=out,
+        adapter=adapter,
+        device=ctx.cfg.device,
+        dtype=ctx.cfg.dtype,
+        cache_dir=ctx.cfg.bbq.cache_dir,
+        progress=progress,
+        provenance=provenance,
+    )
+    return StageResult((out,), eval_provenance(out))
+
+
+def eval_provenance(predictions: Path) -> dict[str, Any]:
+    """Model provenance of an evaluation and how its predictions were computed (backend,
+    resolved precision, bf16 close calls rescored in full precision), read from the
+    predictions file's own metadata, so a resumed run that skips the stage reports it too."""
+    from ..evaluate import read_metadata
+
+    meta = read_metadata(predictions)
+    config = meta.get("config", {})
+    return {
+        **meta.get("model", {}),
+        "backend": config.get("backend"),
+        "precision": config.get("precision"),
+        "rescored_full_precision": meta.get("scorer_stats", {}).get("verified_requests", 0),
+    }
+
+
+def _run_eval_base(ctx: Context) -> StageResult:
+    return _evaluate(ctx, "eval-base", None, PREDICTION_FILES["base"])
+
+
+def _run_eval_aligned(ctx: Context) -> StageResult:
+    return _evaluate(ctx, "eval-aligned", ctx.run_dir / ADAPTER_DIR, PREDICTION_FILES["aligned"])
+
+
+def _aligned_key(ctx: Context) -> dict[str, Any]:
+    return {**_eval_key(ctx), "adapter": _digest(ctx, f"{ADAPTER_DIR}/adapter_model.safetensors")}
+
+
+# --------------------------------------------------------------------------- pairs, training
+
+
+def _prefs_key(ctx: Context) -> dict[str, Any]:
+    return {**_base(ctx), "prefs": ctx.cfg.prefs_for(ctx.sub).to_dict()}
+
+
+def _run_prefs(ctx: Context) -> StageResult:
+    from ..align import HELDOUT_FILE, SPLIT_FILE, TRAIN_FILE, build_pairs, write_pairs
+
+    pcfg = ctx.cfg.prefs_for(ctx.sub)
+    tokenizer = None
+    if pcfg.prompt_format == "letters-chat":
+        from ..models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(ctx.sub.model), cache_dir=ctx.cfg.bbq.cache_dir)
+    pairs = build_pairs(ctx.data.items, pcfg, tokenizer=tokenizer, provenance=ctx.data.provenance())
+    out = ctx.run_dir / PAIRS_DIR
+    write_pairs(pairs, out, overwrite=True)
+    return StageResult((out / TRAIN_FILE, out / HELDOUT_FILE, out / SPLIT_FILE))
+
+
+def _align_key(ctx: Context) -> dict[str, Any]:
+    return {
+        **_base(ctx),
+        "align": dict(ctx.cfg.align),
+        "method": ctx.sub.method,
+        "seed": ctx.sub.seed,
+        "device": ctx.cfg.device,
+        "pairs": _digest(ctx, f"{PAIRS_DIR}/train.parquet"),
+    }
+
+
+def _run_align(ctx: Context) -> StageResult:
+    from ..align import train_adapter
+
+    adapter_dir = ctx.run_dir / ADAPTER_DIR
+    acfg = ctx.cfg.align_for(ctx.sub, adapter_dir)
+
+    def progress(step: int, total: int, logs: Mapping[str, Any]) -> None:
+        ctx.on_event("align", "progress", {"done": step, "total": total, **dict(logs)})
+
+    train_adapter(ctx.run_dir / PAIRS_DIR, acfg, progress=progress)
+    log = ctx.run_dir / LOG_HISTORY_FILE
+    atomic_write_text(log, (adapter_dir / "log_history.json").read_text(encoding="utf-8"))
+    return StageResult((adapter_dir, log))
+
+
+# --------------------------------------------------------------------------- statistics, report
+
+
+def _compare_key(ctx: Context) -> dict[str, Any]:
+    return {
+        "compare": ctx.cfg.compare_for(ctx.sub).to_dict(),
+        "base": _digest(ctx, PREDICTION_FILES["base"]),
+        "aligned": _digest(ctx, PREDICTION_FILES["aligned"]),
+        "split": _digest(ctx, f"{PAIRS_DIR}/split.json"),
+    }
+
+
+def _run_compare(ctx: Context) -> StageResult:
+    from ..stats import load_and_compare
+
+    rd = ctx.run_dir
+    ccfg = ctx.cfg.compare_for(ctx.sub)
+    comparison = load_and_compare(
+        rd / PREDICTION_FILES["base"], rd / PREDICTION_FILES["aligned"], ctx.data, ccfg
+    )
+    comparison_json = rd / COMPARISON_FILE
+    comparison_csv = comparison_json.with_suffix(".csv")
+    atomic_write_json(comparison_json, comparison.to_json())
+    atomic_write_text(comparison_csv, comparison.to_csv())
+    atomic_write_json(rd / HELDOUT_TARGET_FILE, heldout_target(ctx))
+    return StageResult((comparison_json, comparison_csv, rd / HELDOUT_TARGET_FILE))
+
+
+def heldout_target(ctx: Context) -> dict[str, Any]:
+    """The target's evaluated items on templates never trained on, compared alone: the
+    honest answer to "did the alignment work", free of memorised templates."""
+    from ..align import heldout_templates
+    from ..stats import compare_runs, join_with_bbq, read_predictions
+
+    rd = ctx.run_dir
+    held = heldout_templates(rd / PAIRS_DIR / "split.json")
+    keys = {(cat, q) for cat, qs in held.items() for q in qs}
+
+    def on_heldout(path: Path) -> Any:
+        df = join_with_bbq(read_predictions(path), ctx.data)
+        pairs = zip(df["category"], df["question_index"].astype(int), strict=True)
+        return df[[k in keys for k in pairs]]
+
+    base = on_heldout(rd / PREDICTION_FILES["base"])
+    aligned = on_heldout(rd / PREDICTION_FILES["aligned"])
+    summary: dict[str, Any] = {
+        "targets": list(ctx.sub.target),
+        "heldout_templates": {k: sorted(v) for k, v in held.items()},
+        "n_items": len(base),
+    }
+    if len(base):
+        cfg = dataclasses.replace(ctx.cfg.compare_for(ctx.sub), bootstrap=0)
+        summary["comparison"] = compare_runs(base, aligned, cfg).to_json()
+    else:
+        summary["note"] = "no evaluated target item lies on a held-out template (sample too small)"
+    return summary
+
+
+def _report_key(ctx: Context) -> dict[str, Any]:
+    return {
+        "report": dataclasses.asdict(ctx.cfg.report),
+        "comparison": _digest(ctx, COMPARISON_FILE),
+        "log": _digest(ctx, LOG_HISTORY_FILE),
+    }
+
+
+def _run_report(ctx: Context) -> StageResult:
+    from ..report import write_report
+
+    path = write_report(ctx.run_dir, ctx.cfg.report)
+    written = (path, ctx.run_dir / "report.md")
+    return StageResult(tuple(p for p in written if p.is_file()))
+
+
+def _recorded_eval(rel: str) -> Callable[[Context], Mapping[str, Any]]:
+    return lambda ctx: eval_provenance(ctx.run_dir / rel)
+
+
+def _folder(rel: str) -> str:
+    return str(Path(rel).parent)
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage(
+        "eval-base",
+        "evaluate base model",
+        _folder(PREDICTION_FILES["base"]),
+        _eval_key,
+        _run_eval_base,
+        _recorded_eval(PREDICTION_FILES["base"]),
+    ),
+    Stage("prefs", "build preference pairs", PAIRS_DIR, _prefs_key, _run_prefs),
+    Stage("align", "train adapter", _folder(ADAPTER_DIR), _align_key, _run_align),
+    Stage(
+        "eval-aligned",
+        "evaluate aligned model",
+        _folder(PREDICTION_FILES["aligned"]),
+        _aligned_key,
+        _run_eval_aligned,
+        _recorded_eval(PREDICTION_FILES["aligned"]),
+    ),
+    Stage("compare", "compare", _folder(COMPARISON_FILE), _compare_key, _run_compare),
+    Stage("report", "write report", "figures", _report_key, _run_report),
+)
+"""Every stage of a sub-run, in order."""
+
+STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)
+"""Stage names, in order (what ``--force`` takes)."""
