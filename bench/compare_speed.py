@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
     ap.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl")
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--cluster", choices=("item", "template"), default="item")
+    ap.add_argument("--cluster", choices=("scenario", "template", "item"), default="scenario")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not args.bbq_dir:

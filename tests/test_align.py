@@ -351,9 +351,10 @@ def test_smollm2_gender_dpo_learns(tmp_path: Path) -> None:
     from spillover.models import load_model
 
     data = load_bbq(FULL_BBQ, categories=["gender"])
-    pairs = build_pairs(
-        data.items, PrefsConfig(targets=("gender",), seed=0), provenance=data.provenance()
-    )
+    # the training loop on real pairs; `stereotype` pairs (one per item, the biased answer
+    # rejected) are the easiest to learn in 12 steps, which is all this checks
+    pcfg = PrefsConfig(targets=("gender",), strategy="stereotype", seed=0)
+    pairs = build_pairs(data.items, pcfg, provenance=data.provenance())
     write_pairs(pairs, tmp_path / "pairs")
     held = pd.read_parquet(tmp_path / "pairs" / "heldout.parquet").sample(24, random_state=0)
     cfg = AlignConfig.from_preset(
@@ -434,3 +435,26 @@ def test_bf16_is_automatic_unless_asked() -> None:
     assert trl_config(auto, "o", device="cpu", max_length=64).bf16 is fast_bf16("cpu")
     forced = AlignConfig.from_preset("smollm2-135m", "o", bf16=False)
     assert trl_config(forced, "o", device="cpu", max_length=64).bf16 is False
+
+
+def test_rpo_alpha_adds_a_scaled_nll_of_the_chosen_answer(tiny_dir: Path, tmp_path: Path) -> None:
+    """RPO: the first-step loss (a fresh adapter equals the reference, DPO loss = log 2) is
+    log 2 + rpo_alpha x NLL(chosen); the added term scales linearly with rpo_alpha."""
+    from spillover.align import trl_config
+
+    first: dict[float, float] = {}
+    for alpha in (0.5, 2.0):
+        out = tmp_path / f"rpo{alpha}"
+        train_adapter(tiny_pairs(), cfg_for(tiny_dir, out, "dpo", max_steps=1, rpo_alpha=alpha))
+        history = json.loads((out / "log_history.json").read_text())
+        first[alpha] = next(h["loss"] for h in history if "loss" in h)
+    extra = {a: loss - math.log(2) for a, loss in first.items()}
+    assert extra[0.5] > 0
+    assert extra[2.0] / extra[0.5] == pytest.approx(4.0, rel=1e-4)
+    cfg = cfg_for(tiny_dir, tmp_path / "x", "ipo", rpo_alpha=1.0)
+    args = trl_config(cfg, "o", device="cpu", max_length=64)
+    assert list(args.loss_type) == ["ipo", "sft"] and list(args.loss_weights) == [1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"`rpo_alpha`=1\.0 with method 'kto'"):
+        cfg_for(tiny_dir, tmp_path / "y", "kto", rpo_alpha=1.0)
+    with pytest.raises(ConfigError, match=r"`lr_scheduler_type`='cosin'.*did you mean 'cosine'"):
+        cfg_for(tiny_dir, tmp_path / "y", "dpo", lr_scheduler_type="cosin")

@@ -441,16 +441,21 @@ def _preds() -> pd.DataFrame:
     return hand_frame()[["category", "example_id", "pred_index"]]
 
 
+def _write(df: pd.DataFrame, path: Path) -> None:
+    """Write a prediction frame in the format its suffix names."""
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path, index=False)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_read_round_trip(tmp_path, suffix):
     path = tmp_path / f"p{suffix}"
     df = _preds()
-    if suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif suffix == ".jsonl":
-        df.to_json(path, orient="records", lines=True)
-    else:
-        df.to_parquet(path, index=False)
+    _write(df, path)
     got = read_predictions(path)
     assert got[["category", "example_id", "pred_index"]].equals(df.reset_index(drop=True))
     joined = join_with_bbq(got, _items_frame())
@@ -504,20 +509,33 @@ def test_read_errors_name_file_line_and_field(tmp_path):
         read_predictions(tmp_path / "missing.csv")
 
 
-def test_permutations(tmp_path):
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_permutation_ids_are_kept_as_written(tmp_path, suffix):
+    """The evaluator's ids 012/120/201 survive every file type; the identity needs no option."""
+    df = pd.concat(
+        [_preds().assign(permutation=k) for k in ("012", "120", "201")], ignore_index=True
+    )
+    df.loc[df["permutation"] == "120", "pred_index"] = 2
+    path = tmp_path / f"perm{suffix}"
+    _write(df, path)
+    got = read_predictions(path)
+    assert (got["permutation"] == "012").all() and len(got) == len(_preds())
+    assert "identity permutation '012'" in got.attrs["notes"][0]
+    assert (read_predictions(path, permutation="120")["pred_index"] == 2).all()
+    with pytest.raises(DataError, match="no rows with permutation '7'"):
+        read_predictions(path, permutation="7")
+
+
+def test_legacy_numeric_permutations(tmp_path):
     df = pd.concat([_preds().assign(permutation=k) for k in (0, 1, 2)], ignore_index=True)
     df.loc[df["permutation"] == 1, "pred_index"] = 2
     path = tmp_path / "perm.csv"
     df.to_csv(path, index=False)
-    got = read_predictions(path)
-    assert (got["permutation"] == "0").all() and len(got) == len(_preds())
-    assert "identity permutation '0'" in got.attrs["notes"][0]
-    one = read_predictions(path, permutation="1")
-    assert (one["pred_index"] == 2).all()
-    with pytest.raises(DataError, match="no rows with permutation '7'"):
-        read_predictions(path, permutation="7")
+    got = read_predictions(path)  # the old identity 0 reads as 012
+    assert (got["permutation"] == "012").all() and len(got) == len(_preds())
+    assert (read_predictions(path, permutation="1")["pred_index"] == 2).all()
     df[df["permutation"] != 0].to_csv(path, index=False)
-    with pytest.raises(DataError, match="none is the identity"):
+    with pytest.raises(DataError, match="none is the identity '012'"):
         read_predictions(path)
 
 

@@ -1,4 +1,4 @@
-"""Preference pairs: strategies, template hold-out, files, CLI errors."""
+"""Preference pairs: strategies, scenario hold-out, files, CLI errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from spillover.align import (
     build_pairs,
     heldout_templates,
     read_pairs,
-    split_templates,
+    split_scenarios,
     write_pairs,
 )
 from spillover.data import BBQItem
@@ -60,8 +60,37 @@ def small_items() -> list[BBQItem]:
     return items
 
 
-def test_stereotype_strategy_rejects_biased_or_other() -> None:
+def test_balanced_strategy_chooses_and_rejects_unknown_equally() -> None:
     ps = build_pairs(small_items(), PrefsConfig(targets=("gender",), heldout_frac=0.0))
+    assert ps.config.strategy == "balanced"
+    by_id: dict[int, list[tuple[str, str, str]]] = {}
+    for p in ps.train:
+        by_id.setdefault(p.example_id, []).append((p.chosen, p.rejected, p.rejected_kind))
+    # ambig: unknown over the biased answer
+    assert by_id[0] == [(" Unknown", " The woman", "biased")]
+    # disambig: the correct answer over unknown and over the wrong group, whichever is biased
+    assert sorted(by_id[1]) == [
+        (" The man", " The woman", "biased"),
+        (" The man", " Unknown", "unknown"),
+    ]
+    assert sorted(by_id[2]) == [
+        (" The woman", " The man", "other"),
+        (" The woman", " Unknown", "unknown"),
+    ]
+    # ambig without a known biased answer: kept, over one group (seeded)
+    assert len(by_id[3]) == 1 and by_id[3][0][0] == " Unknown" and by_id[3][0][2] == "other"
+    assert ps.counts["skipped_no_target"] == 0
+    # 20 ambig items choose unknown once, 20 disambig items reject it once
+    assert ps.counts["chosen_kind"]["train"]["unknown"] == 20
+    assert ps.counts["rejected_kind"]["train"]["unknown"] == 20
+    again = build_pairs(small_items(), PrefsConfig(targets=("gender",), heldout_frac=0.0))
+    assert again.train == ps.train
+
+
+def test_stereotype_strategy_rejects_biased_or_other() -> None:
+    ps = build_pairs(
+        small_items(), PrefsConfig(targets=("gender",), strategy="stereotype", heldout_frac=0.0)
+    )
     assert {p.category for p in ps.train} == {"Gender_identity"}
     by_id = {p.example_id: p for p in ps.train}
     # ambig, biased wrong: chosen unknown, rejected the biased "The woman"
@@ -94,7 +123,7 @@ def test_all_wrong_makes_one_pair_per_wrong_answer() -> None:
     assert all(p.chosen != p.rejected for p in ps.train)
 
 
-def test_heldout_templates_never_in_training() -> None:
+def test_heldout_scenarios_never_in_training() -> None:
     cfg = PrefsConfig(targets=("gender", "age"), heldout_frac=0.2, seed=3)
     ps = build_pairs(small_items(), cfg)
     for cat in ("Gender_identity", "Age"):
@@ -104,7 +133,7 @@ def test_heldout_templates_never_in_training() -> None:
         assert {p.question_index for p in ps.heldout if p.category == cat} == held
     again = build_pairs(small_items(), cfg)
     assert again.heldout_templates == ps.heldout_templates
-    draws = {split_templates(small_items(), 0.2, s)["Age"] for s in range(10)}
+    draws = {split_scenarios(small_items(), 0.2, s)["Age"] for s in range(10)}
     assert len(draws) > 1  # the seed matters
 
 
@@ -175,6 +204,35 @@ def test_cli_chat_format_without_chat_template(tmp_path: Path, tiny_plain_dir: P
     assert res.exit_code == 1, res.output
     assert "chat template" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_twin_templates_are_held_out_together() -> None:
+    """Two templates asking the same question form one scenario: both go to one side."""
+    import dataclasses
+
+    items = [dataclasses.replace(it, scenario=(it.question_index + 1) // 2) for it in small_items()]
+    ps = build_pairs(items, PrefsConfig(targets=("gender",), heldout_frac=0.2, seed=0))
+    held = set(ps.heldout_templates["Gender_identity"])
+    assert len(ps.heldout_scenarios["Gender_identity"]) == 1 and len(held) == 2
+    assert {(t + 1) // 2 for t in held} == set(ps.heldout_scenarios["Gender_identity"])
+    assert not held & {p.question_index for p in ps.train}
+
+
+@pytest.mark.fulldata
+@pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
+@pytest.mark.parametrize("seed", range(5))
+def test_full_data_no_heldout_question_in_training(seed: int) -> None:
+    from spillover.data import load_bbq
+
+    data = load_bbq(FULL_BBQ, categories=["gender"])
+    ps = build_pairs(data.items, PrefsConfig(targets=("gender",), seed=seed))
+    by_key = {it.key: it for it in data.items}
+    train_questions = {by_key[(p.category, p.example_id)].question for p in ps.train}
+    held_questions = set(ps.heldout_questions["Gender_identity"])
+    assert held_questions and not held_questions & train_questions
+    assert {by_key[(p.category, p.example_id)].question for p in ps.heldout} == held_questions
+    info = ps.split_info()
+    assert info["unit"] == "scenario" and len(info["heldout_scenarios"]["Gender_identity"]) == 6
 
 
 @pytest.mark.fulldata

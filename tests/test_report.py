@@ -412,3 +412,32 @@ def test_report_renders_in_headless_chromium(built: Path, tmp_path: Path) -> Non
         assert img.size == (1280, 2400)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 200  # text and figures, not a blank page
+
+
+def test_alignment_section_leads_with_the_collapse_guard(artifacts: Path, tmp_path: Path) -> None:
+    run = _copy(artifacts, tmp_path)
+    comparison = json.loads((run / "stats" / "comparison.json").read_text())
+    mix = {
+        "collapsed": True,
+        "reasons": ["the aligned model answers 'unknown' on 96 % of these items (base 40 %)"],
+        "advice": "what to try: prefs.strategy balanced",
+    }
+    summary = {
+        "targets": ["Gender_identity"],
+        "n_items": 48,
+        "n_in_sample": 0,
+        "comparison": comparison,
+        "answer_mix": mix,
+    }
+    (run / "stats" / "heldout_target.json").write_text(json.dumps(summary))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["sub_run"] = {"model": "smollm2-135m"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    md = (write_report(run, ReportConfig(formats=("md",))).parent / "report.md").read_text()
+    section = md.split("## What the alignment did", 1)[1].split("## Summary", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("- ")]
+    assert lines[0].startswith("- **Collapse guard: on the target's held-out scenarios")
+    assert "96 %" in lines[0] and "not a fairer one" in lines[0]
+    assert "SmolLM2-135M" in lines[1] and "not evidence about spillover" in lines[1]
+    assert "48 items" in lines[2] and "ambig: accuracy" in lines[2]
+    assert md.index("## What the alignment did") < md.index("## Summary")

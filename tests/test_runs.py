@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -44,7 +45,7 @@ def test_shipped_configs_validate() -> None:
     assert (("Gender_identity", "Race_ethnicity") in beyond.targets) and len(
         beyond.sub_runs()
     ) == 27
-    assert beyond.eval.permutations == "cyclic" and beyond.compare.cluster == "template"
+    assert beyond.eval.permutations == "cyclic" and beyond.compare.cluster == "scenario"
 
 
 @pytest.mark.parametrize(
@@ -281,6 +282,22 @@ def test_tiny_run_end_to_end_and_resume(
     assert any("UNVERIFIED" in w for w in comparison["warnings"])
     cats = {s["category"] for s in comparison["strata"]}
     assert len(cats - {"all"}) == 11
+    # the sample draws the target's items from held-out scenarios only
+    split = json.loads((out / "prefs/split.json").read_text())
+    held = {int(t) for t in split["heldout_templates"]["Gender_identity"]}
+    base = pd.read_parquet(out / "eval/base/predictions.parquet")
+    from spillover.data import load_bbq
+
+    data = load_bbq(mini_dir, allow_unverified=True)
+    gender = [data.get(c, int(e)) for c, e in zip(base.category, base.example_id, strict=True)]
+    gender = [it for it in gender if it.category == "Gender_identity"]
+    assert gender and all(it.question_index in held for it in gender)
+    target = json.loads((out / "stats/heldout_target.json").read_text())
+    assert target["n_items"] == len(gender) and target["n_in_sample"] == 0
+    mix = target["answer_mix"]
+    assert mix["n"] == len(gender) and isinstance(mix["collapsed"], bool)
+    assert sum(mix["aligned"]["position_share"]) == pytest.approx(1.0)
+    assert "What the alignment did" in (out / "report.md").read_text()
     # a second run finds every stage complete
     again: list[tuple[str, str]] = []
     run_study(cfg, out, on_event=lambda stage, status, info: again.append((stage, status)))
@@ -303,6 +320,29 @@ def test_tiny_sweep_shares_base_eval(tiny_model_dir: Path, mini_dir: Path, tmp_p
     a, b = (d / "eval/base/predictions.parquet" for d in dirs)
     assert a.read_bytes() == b.read_bytes()
     assert (tmp_path / "sweep" / "report.html").is_file()
+
+
+def test_tiny_run_with_cyclic_permutations(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """Permutation ids stay "012"/"120"/"201" from the evaluator to the report."""
+    study = tiny_study(str(tiny_model_dir), mini_dir)
+    study["eval"] = {"per_stratum": 2, "chunk_items": 8, "permutations": "cyclic"}
+    out = tmp_path / "perm"
+    run_study(RunConfig.from_mapping(study), out)
+    base = pd.read_parquet(out / "eval/base/predictions.parquet")
+    assert sorted(base["permutation"].unique()) == ["012", "120", "201"]
+    comparison = json.loads((out / "stats/comparison.json").read_text())
+    assert any("identity permutation '012'" in w for w in comparison["warnings"])
+    n_items = json.loads((out / "manifest.json").read_text())["n_eval_items"]
+    overall = next(
+        s
+        for s in comparison["strata"]
+        if s["category"] == "all" and s["context_condition"] == "all"
+    )
+    assert overall["n"] == n_items and len(base) == 3 * n_items
+    html = (out / "report.html").read_text()
+    assert "order 120" in html or "Answer position" in html
 
 
 def _run_cli(cfg_path: Path, out: Path) -> subprocess.Popen[bytes]:
@@ -349,8 +389,6 @@ def test_sigkill_during_aligned_eval_resumes_to_identical_comparison(
     b = json.loads((killed / "stats" / "comparison.json").read_text())
     assert a == b
     # same rows and values (the file metadata differ only in the adapter's path)
-    import pandas as pd
-
     pd.testing.assert_frame_equal(
         pd.read_parquet(clean / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),
         pd.read_parquet(killed / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_int
+from .._checks import check_choice, check_int, check_number
 from ..errors import ConfigError
 
 DPO_LOSSES: Mapping[str, str] = {
@@ -62,6 +62,8 @@ REFERENCE_FREE: frozenset[str] = frozenset({"cpo", "simpo", "orpo"})
 """Methods without a reference model (``precompute_ref`` does not apply)."""
 
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
+LR_SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
+"""Learning-rate schedules offered (transformers' ``SchedulerType`` names)."""
 """Experiment trackers ``report_to`` accepts."""
 
 
@@ -116,6 +118,19 @@ class AlignConfig:
     """Loss temperature (DPO's beta, IPO's tau, KTO's beta, CPO/ORPO's beta)."""
     label_smoothing: float | None = None
     """robust: label flip probability (default 0.1); exo_pair: epsilon (default 1e-3)."""
+    rpo_alpha: float | None = None
+    """DPO methods: weight of an NLL term on the chosen answer added to the preference loss
+    (RPO, Pang et al. 2024), which keeps the chosen answers likely; TRL's ``sft`` loss
+    beside the method's loss, weights ``[1, rpo_alpha]``. None or 0: off."""
+    warmup_ratio: float = 0.0
+    """Share of the steps over which the learning rate warms up linearly from 0."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warm-up: linear, cosine, constant or
+    constant_with_warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
     seed: int = 0
     """Seed of LoRA initialisation, data order and dropout."""
     max_length: int | None = None
@@ -197,6 +212,10 @@ class AlignConfig:
             raise ConfigError(f"`epochs`={self.epochs}; expected a positive number of passes")
         if self.max_steps is not None:
             check_int("max_steps", self.max_steps, minimum=1, example="e.g. 200")
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=0.99)
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0, open_low=True)
         check_int("batch_size", self.batch_size, minimum=1, example="e.g. 8")
         check_int("grad_accum", self.grad_accum, minimum=1, example="e.g. 1")
         check_int("logging_steps", self.logging_steps, minimum=1, example="e.g. 1")
@@ -228,6 +247,13 @@ class AlignConfig:
                 raise ConfigError(
                     f"`label_smoothing`={self.label_smoothing}; expected a value in [0, 0.5) "
                     "(e.g. 0.1)"
+                )
+        if self.rpo_alpha is not None:
+            check_number("rpo_alpha", self.rpo_alpha, low=0.0)
+            if self.rpo_alpha > 0 and self.method not in DPO_LOSSES:
+                raise ConfigError(
+                    f"`rpo_alpha`={self.rpo_alpha} with method {self.method!r}; the NLL term "
+                    "applies to the DPO losses (cpo and orpo have their own)"
                 )
         if self.method == "exo_pair" and self.label_smoothing == 0.0:
             raise ConfigError(

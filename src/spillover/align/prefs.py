@@ -1,4 +1,4 @@
-"""Preference pairs from BBQ items, with a template-level held-out split.
+"""Preference pairs from BBQ items, with a scenario-level held-out split.
 
 Each pair is ``(prompt, chosen, rejected)`` in the exact text the evaluator
 scores: ``prompt`` is :attr:`RenderedItem.prompt` and ``chosen``/``rejected``
@@ -6,26 +6,32 @@ are continuation strings of :func:`spillover.prompts.render` (e.g. ``" The man"`
 for ``lm-eval``, ``"A"`` for ``letters-chat``). Aligning on these strings means a
 model is trained on the very text it is later evaluated on.
 
-Strategies:
+Strategies (``chosen`` is always the correct answer):
 
-``stereotype`` (default)
-    One pair per item. ``chosen`` is the correct answer. ``rejected`` is the
-    biased answer (``target_loc``) when it is wrong (``rejected_kind="biased"``);
-    when the biased answer is the correct one (disambiguated contexts that
-    confirm the stereotype) it is the other non-"unknown" answer, i.e. the
-    counter-stereotyped group (``rejected_kind="other"``), which teaches the
-    model to follow the evidence rather than to avoid the stereotype. Items
-    without a known biased answer (``target_loc`` NA in BBQ's metadata; 16 of
-    5,672 gender items) are skipped and counted as ``skipped_no_target``.
+``balanced`` (default)
+    Ambiguous items: "unknown" over the biased answer (``rejected_kind="biased"``; for
+    an item without a known biased answer, over one of the two groups drawn with a
+    seeded RNG, ``"other"``). Disambiguated items: the correct answer over "unknown"
+    and over the wrong group (two pairs). "Unknown" is then chosen once per ambiguous
+    item and rejected once per disambiguated item, about equally often, so a model cannot
+    win the preference loss by raising "unknown" everywhere.
+``stereotype``
+    One pair per item. ``rejected`` is the biased answer (``target_loc``) when it is
+    wrong (``rejected_kind="biased"``); when the biased answer is the correct one
+    (disambiguated contexts that confirm the stereotype) it is the other group
+    (``"other"``). "Unknown" is never rejected. Items without a known biased answer
+    (``target_loc`` NA in BBQ's metadata; 16 of 5,672 gender items) are skipped and
+    counted as ``skipped_no_target``.
 ``all-wrong``
     One pair per wrong answer (two per item); ``rejected_kind`` says which
-    (``biased``, ``other`` or ``unknown``). Items without ``target_loc`` are
-    kept: their non-"unknown" wrong answers are labelled ``other``.
+    (``biased``, ``other`` or ``unknown``).
 
-Held-out split: whole templates (``question_index``, per category) are held
-out, drawn with a seeded RNG that depends only on ``seed`` and the category.
-Training never sees a held-out template, so evaluation can report the target
-attribute on unseen templates separately (see :func:`heldout_templates`).
+Held-out split: whole *scenarios* (``BBQItem.scenario``: the templates of a category
+that share a question text) are held out, drawn with a seeded RNG that depends only on
+``seed``, the category and its scenarios. BBQ writes most scenarios twice (a label and a
+name version of one template with the same questions); holding out templates would leave
+a held-out template's twin, and its questions, in training. With scenarios, no held-out
+item's question text appears among the training items of its category.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from ..prompts import check_format, render
 
 logger = logging.getLogger(__name__)
 
-Strategy = Literal["stereotype", "all-wrong"]
+Strategy = Literal["balanced", "stereotype", "all-wrong"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 RejectedKind = Literal["biased", "other", "unknown"]
 
@@ -82,14 +88,16 @@ class PrefsConfig:
 
     targets: tuple[str, ...] = ("Gender_identity",)
     """Target attributes (BBQ categories or aliases such as ``gender``); resolved on creation."""
-    strategy: str = "stereotype"
-    """``stereotype`` (one pair per item) or ``all-wrong`` (one pair per wrong answer)."""
+    strategy: str = "balanced"
+    """``balanced`` ("unknown" chosen and rejected about equally often), ``stereotype``
+    (one pair per item, "unknown" never rejected) or ``all-wrong`` (one pair per wrong
+    answer); see :mod:`spillover.align.prefs`."""
     contexts: tuple[str, ...] = CONTEXTS
     """Context conditions to draw items from: ``ambig``, ``disambig`` or both."""
     heldout_frac: float = 0.2
-    """Fraction of each category's templates held out of training (0 disables the split)."""
+    """Fraction of each category's scenarios held out of training (0 disables the split)."""
     seed: int = 0
-    """Seed of the held-out template draw."""
+    """Seed of the held-out scenario draw."""
     prompt_format: str = "lm-eval"
     """Prompt format of :mod:`spillover.prompts` (``letters-chat`` needs a tokenizer)."""
 
@@ -116,7 +124,7 @@ class PrefsConfig:
         if not (0.0 <= self.heldout_frac < 1.0) or math.isnan(self.heldout_frac):
             raise ConfigError(
                 f"`heldout_frac`={self.heldout_frac}; expected a fraction in [0, 1) "
-                "(e.g. 0.2 holds out a fifth of each category's templates)"
+                "(e.g. 0.2 holds out a fifth of each category's scenarios)"
             )
         check_format(self.prompt_format)
 
@@ -163,23 +171,30 @@ class PairSet:
     """Training and held-out pairs, with the split and its provenance."""
 
     train: tuple[Pair, ...]
-    """Pairs from templates not held out."""
+    """Pairs from scenarios not held out."""
     heldout: tuple[Pair, ...]
-    """Pairs from held-out templates (never used for training)."""
+    """Pairs from held-out scenarios (never used for training)."""
     heldout_templates: Mapping[str, tuple[int, ...]]
-    """Held-out ``question_index`` values per category."""
+    """Held-out ``question_index`` values per category (every template of a held-out scenario)."""
     config: PrefsConfig
     """How the pairs were built."""
     counts: Mapping[str, Any] = field(default_factory=dict)
-    """Counts: items used, pairs per split and kind, skipped items."""
+    """Counts: items used, pairs per split, chosen and rejected answer kinds, skipped items."""
     provenance: Mapping[str, Any] = field(default_factory=dict)
     """BBQ provenance (source, digests, warnings) and the tokenizer used, if any."""
+    heldout_scenarios: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Held-out scenario ids per category."""
+    heldout_questions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """The question texts of the held-out items per category (none occurs in training)."""
 
     def split_info(self) -> dict[str, Any]:
         """The content of ``split.json``."""
         return {
             "format_version": FORMAT_VERSION,
+            "unit": "scenario",
+            "heldout_scenarios": {c: list(t) for c, t in self.heldout_scenarios.items()},
             "heldout_templates": {c: list(t) for c, t in self.heldout_templates.items()},
+            "heldout_questions": {c: list(t) for c, t in self.heldout_questions.items()},
             "counts": dict(self.counts),
             "seed": self.config.seed,
             "config": self.config.to_dict(),
@@ -191,30 +206,43 @@ class PairSet:
 # --------------------------------------------------------------------------- building
 
 
-def split_templates(
+def split_scenarios(
     items: Iterable[BBQItem], heldout_frac: float, seed: int
 ) -> dict[str, tuple[int, ...]]:
-    """Draw the held-out templates of each category.
+    """Draw the held-out scenarios of each category.
 
-    ``round(heldout_frac * n_templates)`` templates are held out per category,
-    at least one when ``heldout_frac > 0`` and never all of them. The draw
-    depends only on ``seed``, the category and its set of templates.
+    ``round(heldout_frac * n_scenarios)`` scenarios are held out per category, at least
+    one when ``heldout_frac > 0`` and never all of them. The draw depends only on
+    ``seed``, the category and its set of scenarios.
 
     Returns:
-        Sorted held-out ``question_index`` values per category.
+        Sorted held-out scenario ids per category.
     """
     per_cat: dict[str, set[int]] = {}
     for it in items:
-        per_cat.setdefault(it.category, set()).add(it.question_index)
+        per_cat.setdefault(it.category, set()).add(int(it.scenario or 0))
     out: dict[str, tuple[int, ...]] = {}
     for cat in sorted(per_cat):
-        templates = sorted(per_cat[cat])
+        scenarios = sorted(per_cat[cat])
         k = 0
-        if heldout_frac > 0 and len(templates) > 1:
-            k = min(max(1, round(heldout_frac * len(templates))), len(templates) - 1)
+        if heldout_frac > 0 and len(scenarios) > 1:
+            k = min(max(1, round(heldout_frac * len(scenarios))), len(scenarios) - 1)
         rng = random.Random(f"{seed}:{cat}")
-        out[cat] = tuple(sorted(rng.sample(templates, k)))
+        out[cat] = tuple(sorted(rng.sample(scenarios, k)))
     return out
+
+
+def heldout_split(
+    items: Iterable[BBQItem], heldout_frac: float, seed: int
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Held-out scenarios and the templates they hold, per category of ``items``."""
+    pool = list(items)
+    scenarios = split_scenarios(pool, heldout_frac, seed)
+    templates: dict[str, set[int]] = {c: set() for c in scenarios}
+    for it in pool:
+        if it.scenario in scenarios.get(it.category, ()):
+            templates[it.category].add(it.question_index)
+    return scenarios, {c: tuple(sorted(t)) for c, t in templates.items()}
 
 
 def _kind(item: BBQItem, idx: int) -> RejectedKind:
@@ -225,16 +253,38 @@ def _kind(item: BBQItem, idx: int) -> RejectedKind:
     return "other"
 
 
-def _rejected_indices(item: BBQItem, strategy: str) -> list[int]:
+def _selected(items: Iterable[BBQItem], cfg: PrefsConfig) -> list[BBQItem]:
+    return [
+        it for it in items if it.category in cfg.targets and it.context_condition in cfg.contexts
+    ]
+
+
+def target_split(
+    items: Iterable[BBQItem], cfg: PrefsConfig
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The held-out scenarios and templates :func:`build_pairs` draws for ``cfg`` (cheap:
+    no prompt is rendered), so a run can sample its target items from them beforehand."""
+    return heldout_split(_selected(items, cfg), cfg.heldout_frac, cfg.seed)
+
+
+def _rejected_indices(item: BBQItem, strategy: str, seed: int) -> list[int]:
     wrong = [i for i in range(3) if i != item.label]
+    groups = [i for i in wrong if i != item.unknown_loc]  # wrong non-"unknown" answers
     if strategy == "all-wrong":
         return wrong
+    if strategy == "balanced":
+        if item.context_condition == "disambig":
+            return [item.unknown_loc, *groups]
+        if item.target_loc is not None and item.target_loc != item.label:
+            return [item.target_loc]
+        rng = random.Random(f"{seed}:{item.category}:{item.example_id}")
+        return [rng.choice(groups)]
     if item.target_loc is None:
         return []
     if item.target_loc != item.label:
         return [item.target_loc]
     # the biased answer is correct: reject the other group (not "unknown")
-    return [i for i in wrong if i != item.unknown_loc]
+    return groups
 
 
 def build_pairs(
@@ -244,7 +294,7 @@ def build_pairs(
     tokenizer: Any = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> PairSet:
-    """Build preference pairs from BBQ items and split them by template.
+    """Build preference pairs from BBQ items and split them by scenario.
 
     Args:
         items: BBQ items; those outside ``cfg.targets`` and ``cfg.contexts`` are ignored.
@@ -259,50 +309,82 @@ def build_pairs(
         ConfigError: a chat format without a chat template.
         DataError: no item matches the targets and contexts, or no pair results.
     """
-    selected = [
-        it for it in items if it.category in cfg.targets and it.context_condition in cfg.contexts
-    ]
+    selected = _selected(items, cfg)
     if not selected:
         raise DataError(
             f"no BBQ items for targets {', '.join(cfg.targets)} in contexts "
             f"{', '.join(cfg.contexts)}; load those categories first"
         )
-    heldout = split_templates(selected, cfg.heldout_frac, cfg.seed)
+    scenarios, heldout = target_split(selected, cfg)
     train: list[Pair] = []
     held: list[Pair] = []
     skipped = 0
     for it in selected:
-        rejected = _rejected_indices(it, cfg.strategy)
+        rejected = _rejected_indices(it, cfg.strategy, cfg.seed)
         if not rejected:
             skipped += 1
             continue
         rendered = render(it, cfg.prompt_format, tokenizer=tokenizer)
         cont = {rendered.order[j]: rendered.continuations[j] for j in range(3)}
-        dest = held if it.question_index in heldout.get(it.category, ()) else train
-        for idx in rejected:
-            dest.append(
-                Pair(
-                    prompt=rendered.prompt,
-                    chosen=cont[it.label],
-                    rejected=cont[idx],
-                    category=it.category,
-                    example_id=it.example_id,
-                    question_index=it.question_index,
-                    context_condition=it.context_condition,
-                    question_polarity=it.question_polarity,
-                    strategy=cfg.strategy,
-                    rejected_kind=_kind(it, idx),
-                )
-            )
+        dest = held if it.scenario in scenarios.get(it.category, ()) else train
+        dest.extend(_pair(it, rendered.prompt, cont, idx, cfg.strategy) for idx in rejected)
     if not train:
         raise DataError(
             "no training pairs: every selected item was skipped or held out "
             f"({skipped} skipped for lack of a biased answer); lower --heldout-frac or "
-            "use --strategy all-wrong"
+            "use --strategy balanced"
         )
     if skipped:
         logger.info("skipped %d item(s) without a known biased answer (target_loc NA)", skipped)
-    counts: dict[str, Any] = {
+    by_key = {it.key: it for it in selected}
+    questions = {
+        c: tuple(
+            sorted({it.question for it in selected if it.category == c and it.question_index in t})
+        )
+        for c, t in heldout.items()
+    }
+    counts = _counts(selected, train, held, scenarios, heldout, by_key, cfg, skipped)
+    prov: dict[str, Any] = {"bbq": dict(provenance) if provenance is not None else None}
+    if tokenizer is not None:
+        prov["tokenizer"] = getattr(tokenizer, "name_or_path", None)
+    return PairSet(tuple(train), tuple(held), heldout, cfg, counts, prov, scenarios, questions)
+
+
+def _pair(it: BBQItem, prompt: str, cont: Mapping[int, str], idx: int, strategy: str) -> Pair:
+    return Pair(
+        prompt=prompt,
+        chosen=cont[it.label],
+        rejected=cont[idx],
+        category=it.category,
+        example_id=it.example_id,
+        question_index=it.question_index,
+        context_condition=it.context_condition,
+        question_polarity=it.question_polarity,
+        strategy=strategy,
+        rejected_kind=_kind(it, idx),
+    )
+
+
+def _counts(
+    selected: Sequence[BBQItem],
+    train: Sequence[Pair],
+    held: Sequence[Pair],
+    scenarios: Mapping[str, tuple[int, ...]],
+    heldout: Mapping[str, tuple[int, ...]],
+    by_key: Mapping[tuple[str, int], BBQItem],
+    cfg: PrefsConfig,
+    skipped: int,
+) -> dict[str, Any]:
+    def chosen(pairs: Sequence[Pair]) -> dict[str, int]:
+        kinds = Counter(
+            _kind(it, it.label) for p in pairs for it in [by_key[(p.category, p.example_id)]]
+        )
+        return dict(sorted(kinds.items()))
+
+    def scenario_count(cat: str) -> int:
+        return len({it.scenario for it in selected if it.category == cat})
+
+    return {
         "items": len(selected),
         "skipped_no_target": skipped,
         "train_pairs": len(train),
@@ -311,15 +393,14 @@ def build_pairs(
             c: len({p.question_index for p in train if p.category == c}) for c in cfg.targets
         },
         "heldout_templates": {c: len(heldout.get(c, ())) for c in cfg.targets},
+        "train_scenarios": {c: scenario_count(c) - len(scenarios.get(c, ())) for c in cfg.targets},
+        "heldout_scenarios": {c: len(scenarios.get(c, ())) for c in cfg.targets},
+        "chosen_kind": {"train": chosen(train), "heldout": chosen(held)},
         "rejected_kind": {
-            "train": dict(Counter(p.rejected_kind for p in train)),
-            "heldout": dict(Counter(p.rejected_kind for p in held)),
+            "train": dict(sorted(Counter(p.rejected_kind for p in train).items())),
+            "heldout": dict(sorted(Counter(p.rejected_kind for p in held).items())),
         },
     }
-    prov: dict[str, Any] = {"bbq": dict(provenance) if provenance is not None else None}
-    if tokenizer is not None:
-        prov["tokenizer"] = getattr(tokenizer, "name_or_path", None)
-    return PairSet(tuple(train), tuple(held), heldout, cfg, counts, prov)
 
 
 # --------------------------------------------------------------------------- files
@@ -384,8 +465,10 @@ def heldout_templates(
 ) -> dict[str, set[int]]:
     """Held-out templates per category, from ``split.json`` (a path, its folder, or its content).
 
-    Evaluation uses this to report the target attribute on held-out templates
-    separately from the templates the model was trained on.
+    Every template of a held-out scenario is listed (split files written before
+    scenarios, with ``"unit"`` absent, list held-out templates alone). Evaluation uses
+    this to report the target attribute on held-out scenarios separately from those the
+    model was trained on.
     """
     info = split_json if isinstance(split_json, Mapping) else read_split(split_json)
     return {str(c): {int(t) for t in ts} for c, ts in info["heldout_templates"].items()}

@@ -301,6 +301,10 @@ def trl_config(
         "fp16": False,
         "use_cpu": device == "cpu",
         "report_to": [] if cfg.report_to == "none" else [cfg.report_to],
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1): a share of the steps
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
         "logging_steps": cfg.logging_steps,
         "logging_first_step": True,
         "save_strategy": "no",
@@ -312,6 +316,9 @@ def trl_config(
     }
     if cfg.method in DPO_LOSSES:
         kwargs["loss_type"] = [DPO_LOSSES[cfg.method]]
+        if cfg.rpo_alpha:  # RPO: the preference loss plus rpo_alpha x NLL of the chosen answer
+            kwargs["loss_type"].append("sft")
+            kwargs["loss_weights"] = [1.0, cfg.rpo_alpha]
         kwargs["precompute_ref_log_probs"] = cfg.precompute_ref
         smoothing = cfg.label_smoothing
         if smoothing is None:

@@ -101,23 +101,27 @@ def prefs_command(
     pairs = build_pairs(data.items, cfg, tokenizer=tokenizer, provenance=data.provenance())
     write_pairs(pairs, out_path, overwrite=overwrite)
     table = Table(title=f"Preference pairs -> {out_path}", show_edge=False)
-    for col in ("category", "train templates", "held-out templates", "held out"):
+    for col in ("category", "train scenarios", "held-out scenarios", "held-out templates"):
         table.add_column(col)
     for cat in cfg.targets:
-        held = pairs.heldout_templates.get(cat, ())
         table.add_row(
             cat,
-            str(pairs.counts["train_templates"].get(cat, 0)),
-            str(len(held)),
-            ", ".join(map(str, held)),
+            str(pairs.counts["train_scenarios"].get(cat, 0)),
+            str(pairs.counts["heldout_scenarios"].get(cat, 0)),
+            ", ".join(map(str, pairs.heldout_templates.get(cat, ()))),
         )
     console.print(table)
+    counts = pairs.counts
     console.print(
-        f"{pairs.counts['train_pairs']} training pairs, {pairs.counts['heldout_pairs']} held-out "
-        f"pairs from {pairs.counts['items']} items ({pairs.counts['skipped_no_target']} skipped: "
-        "no known biased answer)",
+        f"{counts['train_pairs']} training pairs, {counts['heldout_pairs']} held-out "
+        f"pairs from {counts['items']} items ({counts['skipped_no_target']} skipped: "
+        f"no known biased answer); strategy {cfg.strategy}",
         highlight=False,
     )
+    for role in ("chosen", "rejected"):
+        kinds = counts[f"{role}_kind"]["train"]
+        text = ", ".join(f"{k} {kinds.get(k, 0)}" for k in ("unknown", "biased", "other"))
+        console.print(f"training pairs, {role} answer: {text}", highlight=False)
 
 
 # --------------------------------------------------------------------------- align

@@ -148,40 +148,49 @@ class _StageProgress:
 def _print_summary(run_dir: Path) -> None:
     import json
 
-    from ..rundir import COMPARISON_FILE
-    from ..runs import significant_strata
+    from ..rundir import COMPARISON_FILE, HELDOUT_TARGET_FILE
+    from ..stats import Comparison
 
     comp_path = run_dir / COMPARISON_FILE
     if not comp_path.is_file():
         return
-    comp = json.loads(comp_path.read_text(encoding="utf-8"))
-    rows = significant_strata(comp)
-    for w in comp.get("warnings") or []:
-        warn(str(w))
+    comp = Comparison.from_json(json.loads(comp_path.read_text(encoding="utf-8")), str(comp_path))
+    target_path = run_dir / HELDOUT_TARGET_FILE
+    if target_path.is_file():
+        mix = json.loads(target_path.read_text(encoding="utf-8")).get("answer_mix") or {}
+        if mix.get("collapsed"):
+            console.print(
+                "[bold red]collapse guard[/]: on the target's held-out scenarios "
+                f"{'; '.join(mix['reasons'])}. {mix['advice']}.",
+                highlight=False,
+            )
+    for w in comp.warnings:
+        warn(w)
+    for flag in sorted(comp.flags, key=lambda f: f.kind != "over_abstention"):
+        label = flag.kind.replace("_", "-")
+        console.print(f"[yellow]{label}[/]: {flag.message}", highlight=False)
+    rows = [
+        r
+        for r in comp.rows
+        if {"significant_degradation", "significant_improvement"} & set(r.flags)
+    ]
     table = Table(title=f"Significant changes after correction: {run_dir.name or run_dir}")
-    for col in ("category", "context", "n", "Δ accuracy", "p adj.", "change"):
+    for col in ("category", "context", "n", "Δ accuracy", "p adj.", "p adj. item", "change"):
         table.add_column(
             col, justify="left" if col in ("category", "context", "change") else "right"
         )
-    for s in rows:
-        flags = s.get("flags") or []
-        change = "[red]degraded[/]" if "significant_degradation" in flags else "[blue]improved[/]"
-        delta = s.get("delta_accuracy")
-        padj = s.get("p_adjusted")
+    for r in rows:
+        change = "[red]degraded[/]" if "significant_degradation" in r.flags else "[blue]improved[/]"
         table.add_row(
-            str(s.get("category")),
-            str(s.get("context_condition")),
-            str(s.get("n")),
-            f"{100 * delta:+.1f} pp" if isinstance(delta, (int, float)) else "—",
-            f"{padj:.3g}" if isinstance(padj, (int, float)) else "—",
+            r.category,
+            r.context_condition,
+            str(r.n),
+            f"{100 * r.delta_accuracy:+.1f} pp",
+            f"{r.p_adjusted:.3g}" if r.p_adjusted is not None else "—",
+            f"{r.p_adjusted_item:.3g}" if r.p_adjusted_item is not None else "—",
             change,
         )
     if rows:
         console.print(table)
     else:
         console.print(f"{run_dir}: no stratum changed significantly after correction")
-    for flag in comp.get("flags") or []:
-        console.print(
-            f"[yellow]Simpson flag[/] ({flag.get('kind')}): {flag.get('explanation') or flag.get('message', '')}",
-            highlight=False,
-        )

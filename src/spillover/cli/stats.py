@@ -116,7 +116,7 @@ def compare_command(
     ] = None,
     **options: Any,
 ) -> None:
-    """Paired comparison of a base and an aligned run (McNemar tests, effects, Simpson flags)."""
+    """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
     from .._io import atomic_write_json, atomic_write_text
     from ..stats import load_and_compare
 
@@ -145,9 +145,14 @@ def _print_comparison(result: Comparison) -> None:
             f"only in BASE and {dropped['aligned_only']} only in ALIGNED"
         )
     cfg = result.config
+    test = (
+        f"{cfg.cluster}-clustered sign-flip test"
+        if summary["test"] == "signflip"
+        else f"item-level {summary['test']} McNemar"
+    )
     table = Table(
         title=(
-            f"BASE vs ALIGNED: {summary['test']} McNemar, {cfg.correction} within each level "
+            f"BASE vs ALIGNED: {test}, {cfg.correction} within each level "
             f"(primary family: {summary['family']}, {summary['family_size']} tests); "
             "accuracy in points, bias x100"
         )
@@ -160,6 +165,8 @@ def _print_comparison(result: Comparison) -> None:
         ("Δacc [95% CI]", "right"),
         ("b/c", "right"),
         ("p adj", "right"),
+        ("p adj item", "right"),
+        ("Δunknown", "right"),
         ("Δbias", "right"),
         ("flags", "left"),
     ):
@@ -189,6 +196,8 @@ def _print_comparison(result: Comparison) -> None:
             dci,
             f"{rec['b']}/{rec['c']}",
             _pval(rec["p_adjusted"]),
+            _pval(rec["p_adjusted_item"]),
+            f"{100 * rec['delta_unknown_rate']:+.1f}",
             dbias,
             ", ".join(rec["flags"]),
             style=style,

@@ -34,6 +34,7 @@ from .items import (
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
 from .parse import parse_items_jsonl, parse_metadata_csv
+from .scenarios import assign_scenarios
 from .select import Selection, read_item_list, select_items
 from .sources import (
     BBQ_SHA256,
@@ -72,6 +73,7 @@ __all__ = [
     "Polarity",
     "Selection",
     "SourceKind",
+    "assign_scenarios",
     "bbq_cache_dir",
     "default_cache_root",
     "fetch_bbq",

@@ -94,6 +94,14 @@ class BBQItem:
     """Subcategory, None where the file says ``None`` or nothing."""
     flags: tuple[str, ...] = ()
     """Data quirks: ``target_loc_na`` (metadata says NA), ``metadata_missing`` (no metadata row)."""
+    scenario: int | None = None
+    """Scenario id within the category (templates joined by a shared question, see
+    :func:`spillover.data.assign_scenarios`); an item built by hand without one is its
+    template's own scenario (``question_index``)."""
+
+    def __post_init__(self) -> None:
+        if self.scenario is None:
+            object.__setattr__(self, "scenario", self.question_index)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -124,6 +132,7 @@ ITEM_FRAME_COLUMNS: tuple[str, ...] = (
     "target_loc",
     "unknown_loc",
     "subcategory",
+    "scenario",
 )
 """Columns of :meth:`BBQData.frame`: what later stages join predictions with."""
 

@@ -99,7 +99,7 @@ class BBQData:
         its = self.items if items is None else tuple(items)
         df = pd.DataFrame({col: [getattr(it, col) for it in its] for col in ITEM_FRAME_COLUMNS})
         df["target_loc"] = df["target_loc"].astype("Int64")
-        for col in ("example_id", "question_index", "label", "unknown_loc"):
+        for col in ("example_id", "question_index", "label", "unknown_loc", "scenario"):
             df[col] = df[col].astype("int64")
         return df
 
@@ -193,7 +193,7 @@ def load_bbq(
     return _load_from(found, cats, source, cache, allow_unverified, cache)
 
 
-_PARSED_FORMAT = 1
+_PARSED_FORMAT = 2
 """Version of the parsed-items cache layout; bump when parsing or :class:`BBQItem` changes."""
 _ITEM_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BBQItem))
 
@@ -293,6 +293,7 @@ def summarize(data: BBQData) -> dict[str, Any]:
             for pol in POLARITIES:
                 row[f"{ctx}_{pol}"] = counts[(cat, ctx, pol)]
         row["templates"] = len({it.question_index for it in its})
+        row["scenarios"] = len({it.scenario for it in its})
         row["target_loc"] = sum(it.has_target for it in its)
         row["target_loc_na"] = sum("target_loc_na" in it.flags for it in its)
         row["metadata_missing"] = sum("metadata_missing" in it.flags for it in its)

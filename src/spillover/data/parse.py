@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import json
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 from ..errors import DataError
 from .items import CATEGORIES, CONTEXTS, POLARITIES, BBQItem, LabelType
+from .scenarios import assign_scenarios
 from .sources import METADATA_FILE
 
 _REQUIRED_FIELDS = (
@@ -262,4 +264,8 @@ def parse_all(
                         f"{rec['example_id']} is its 'unknown' answer ({found[name]}:{line})"
                     )
             items.append(BBQItem(**rec, target_loc=target, label_type=ltype, flags=tuple(flags)))
-    return items
+    scenarios = assign_scenarios((it.category, it.question_index, it.question) for it in items)
+    return [
+        dataclasses.replace(it, scenario=scenarios[(it.category, it.question_index)])
+        for it in items
+    ]

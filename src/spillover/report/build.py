@@ -22,7 +22,7 @@ from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import DataError
-from ..rundir import COMPARISON_FILE, LOG_HISTORY_FILE, MANIFEST_FILE
+from ..rundir import COMPARISON_FILE, HELDOUT_TARGET_FILE, LOG_HISTORY_FILE, MANIFEST_FILE
 from ..stats import Comparison
 from .config import ReportConfig
 from .figures import (
@@ -45,6 +45,7 @@ from .tables import (
     table_main,
     table_significant,
 )
+from .target import alignment_lines
 from .values import (
     ABSENT,
     CONTEXT_LABELS,
@@ -55,6 +56,7 @@ from .values import (
     grid,
     interval,
     is_fine,
+    method_text,
     sort_key,
     targets_of,
     text,
@@ -80,8 +82,10 @@ class _Report:
     table_effects: dict[str, Any]
     provenance: list[list[str]]
     position: dict[str, Any] | None
+    alignment: list[dict[str, str]]
     n_strata: int
     embed_png: bool
+    method: str
 
 
 def _warnings(comparison: Comparison, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -155,11 +159,13 @@ def _figures(
         )
         figures["forest"] = forest(comparison, targets, alpha, cfg)
         cells = grid(comparison)
-        for i, flag in enumerate(comparison.flags[: cfg.max_flag_panels]):
-            flag_figures[i] = flag_panel(i + 1, flag, cells, alpha, cfg)
-        if len(comparison.flags) > cfg.max_flag_panels:
+        # a panel compares an aggregate with its strata: over-abstention flags have none
+        drawable = [i for i, flag in enumerate(comparison.flags) if flag.strata]
+        for i in drawable[: cfg.max_flag_panels]:
+            flag_figures[i] = flag_panel(i + 1, comparison.flags[i], cells, alpha, cfg)
+        if len(drawable) > cfg.max_flag_panels:
             notes.append(
-                f"{len(comparison.flags)} Simpson flags; panels drawn for the first "
+                f"{len(drawable)} masking or reversal flags; panels drawn for the first "
                 f"{cfg.max_flag_panels} (all are listed)."
             )
         if history:
@@ -188,6 +194,9 @@ def _build(run_dir: Path, cfg: ReportConfig) -> _Report:
     if history_obj is not None and not history:
         notes.append("The training log history is empty: curves skipped.")
     position = load_position_bias(run_dir, notes, load_warnings)
+    target_obj = load_optional_json(
+        run_dir / HELDOUT_TARGET_FILE, "Held-out target comparison", notes, load_warnings
+    )
     warnings = list(dict.fromkeys([*_warnings(comparison, manifest), *load_warnings]))
     alpha = cfg.alpha if cfg.alpha is not None else comparison.config.alpha
     targets = targets_of(comparison)
@@ -213,8 +222,10 @@ def _build(run_dir: Path, cfg: ReportConfig) -> _Report:
         table_effects=table_effects(strata, alpha),
         provenance=provenance_rows(manifest, comparison),
         position=_position_table(position) if position is not None else None,
+        alignment=alignment_lines(target_obj if isinstance(target_obj, dict) else None, manifest),
         n_strata=len(strata),
         embed_png="png" in cfg.figure_formats,
+        method=method_text(comparison),
     )
 
 

@@ -231,8 +231,9 @@ def _heatmap_cell(
         label = f"{v:+.1f}{mark}"
     else:
         lo, hi = rec.delta_bias_score_ci_low, rec.delta_bias_score_ci_high
-        mark = "†" if lo is not None and hi is not None and (lo > 0 or hi < 0) else ""
-        label = f"{v:+.3f}{mark}"
+        excludes = lo is not None and hi is not None and (lo > 0 or hi < 0)
+        mark = "†" if excludes and not rec.bias_low_support else ""
+        label = f"{v:+.3f}{mark}" + ("\nlow n" if rec.bias_low_support else "")
     dark = abs(float(norm(v)) - 0.5) > 0.32
     ax.text(
         j,
@@ -253,8 +254,9 @@ def _heatmap_text(is_acc: bool, alpha: float) -> tuple[str, str, str, str]:
             "Each cell is the aligned model's accuracy minus the base model's, in percentage "
             "points, on one BBQ attribute (row) and context condition (column). Blue: the "
             "aligned model answers more items correctly; red: fewer. The colour scale is "
-            f"centred at 0. * adjusted p < {alpha:g}, ** adjusted p < {alpha / 5:g} (McNemar "
-            "test, multiple-comparison corrected). The bottom row and the right column "
+            f"centred at 0. * adjusted p < {alpha:g}, ** adjusted p < {alpha / 5:g} (the "
+            "comparison's test, scenario-clustered by default, multiple-comparison corrected). "
+            "The bottom row and the right column "
             "aggregate over attributes and contexts; compare them with the cells they "
             "summarise to spot gains that hide losses."
         )
@@ -268,8 +270,9 @@ def _heatmap_text(is_acc: bool, alpha: float) -> tuple[str, str, str, str]:
         "Each cell is the change in the BBQ bias score (aligned − base). Red: answers "
         "lean more towards the stereotyped option after alignment; blue: less. Hatched grey "
         "cells are undefined (for example no non-unknown answer to score); they are not "
-        "zero. † the 95% confidence interval of the change excludes 0 (not corrected for "
-        "multiple comparisons)."
+        "zero. † the 95% cluster-bootstrap interval of the change excludes 0 (not corrected for "
+        "multiple comparisons); never shown for a score resting on fewer than 10 non-unknown "
+        "answers ('low n'), where one answer moves it by 20 points or more."
     )
     return (
         "Δ bias score, aligned − base",
@@ -329,7 +332,7 @@ def forest(
     caption = (
         "Change in accuracy (aligned − base) with its 95% confidence interval, one panel per "
         "context condition, one row per attribute. Diamonds mark strata whose corrected "
-        f"McNemar p-value is below {alpha:g} (red: loss, blue: gain); grey circles are not "
+        f"p-value (the comparison's test) is below {alpha:g} (red: loss, blue: gain); grey circles are not "
         "significant. Shaded rows are the alignment target(s); every other row is a possible "
         "spillover. The intervals are not multiplicity-adjusted, so an interval can exclude 0 "
         "while the corrected test is not significant."

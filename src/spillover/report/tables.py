@@ -7,6 +7,7 @@ from typing import Any
 
 from ..stats import Comparison, StratumRecord
 from .values import (
+    ABSENT,
     AGGREGATE,
     UNDEFINED,
     cell,
@@ -34,8 +35,18 @@ _TEST_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("statistic", "statistic", "num"),
     ("p_value", "p", "p"),
     ("p_adjusted", "p adj.", "p"),
+    ("p_adjusted_item", "p adj. (item-level)", "p"),
+    ("p_adjusted_clustered", "p adj. (clustered)", "p"),
+    ("n_clusters", "clusters", "int"),
+    ("mdc_accuracy", "detectable Δ (80% power)", "pts"),
     ("correction", "correction", "str"),
     ("family_size", "family", "int"),
+)
+_UNKNOWN_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("unknown_rate_base", "unknown base", "pct"),
+    ("unknown_rate_aligned", "unknown aligned", "pct"),
+    ("delta_unknown_rate", "Δ unknown", "pp"),
+    ("p_adjusted_unknown", "Δ unknown p adj.", "p"),
 )
 
 
@@ -47,13 +58,18 @@ def table_main(strata: Sequence[StratumRecord], alpha: float) -> dict[str, Any]:
     """Every stratum's 2x2 table, accuracies, interval and test."""
     header = ["category", "context", "polarity"]
     header += [h for _, h, _ in _MAIN_COLUMNS] + ["Δ acc. 95% CI"]
-    header += [h for _, h, _ in _TEST_COLUMNS] + ["flags"]
+    header += [h for _, h, _ in _TEST_COLUMNS] + [h for _, h, _ in _UNKNOWN_COLUMNS] + ["flags"]
     rows = []
     for rec in strata:
         cells = _keys(rec)
         cells += [cell(rec, k, f) for k, _, f in _MAIN_COLUMNS]
         cells.append(interval(rec, "delta_accuracy_ci_low", "delta_accuracy_ci_high", "pp"))
-        cells += [cell(rec, k, f) for k, _, f in _TEST_COLUMNS]
+        cells += [
+            ABSENT if k == "mdc_accuracy" and getattr(rec, k) is None and not is_fine(rec)
+            else cell(rec, k, f)
+            for k, _, f in _TEST_COLUMNS
+        ]  # fmt: skip
+        cells += [cell(rec, k, f) for k, _, f in _UNKNOWN_COLUMNS]
         cells.append(", ".join(rec.flags))
         rows.append({"cells": cells, "cls": direction(rec, alpha) or ""})
     return {"header": header, "rows": rows}
@@ -124,7 +140,7 @@ def summary_lines(
 ) -> list[dict[str, str]]:
     """Plain-language bullet points: ``{"text": ..., "cls": "bad"|"good"|""}``."""
     fine = [r for r in comparison.rows if is_fine(r)]
-    out: list[dict[str, str]] = []
+    out: list[dict[str, str]] = _abstention_lines(comparison)
     if targets:
         out.append({"text": f"Alignment target: {', '.join(targets)}.", "cls": ""})
     else:
@@ -135,6 +151,7 @@ def summary_lines(
         )
     else:
         out += _strata_lines(fine, targets, alpha, correction_name(comparison))
+    out += _robustness_lines(fine, comparison)
     overall = grid(comparison).get((AGGREGATE, AGGREGATE))
     if overall is not None:
         d = cell(overall, "delta_accuracy", "pp")
@@ -146,17 +163,85 @@ def summary_lines(
                 "cls": "",
             }
         )
-    if comparison.flags:
-        kinds = sorted({f.kind for f in comparison.flags})
+    simpson = [f for f in comparison.flags if f.kind in ("masking", "reversal")]
+    if simpson:
+        kinds = sorted({f.kind for f in simpson})
         out.append(
             {
-                "text": f"{len(comparison.flags)} Simpson's-paradox flag(s) ({', '.join(kinds)}): "
-                "an aggregate hides or reverses what its strata show. See “Simpson flags”.",
+                "text": f"{len(simpson)} Simpson's-paradox flag(s) ({', '.join(kinds)}): "
+                "an aggregate hides or reverses what its strata show. See “Flags”.",
                 "cls": "bad",
             }
         )
     else:
         out.append({"text": "No Simpson's-paradox flag (masking or reversal).", "cls": ""})
+    abstaining = [f for f in comparison.flags if f.kind == "over_abstention"]
+    if abstaining:
+        out.append(
+            {
+                "text": f"{len(abstaining)} stratum(s) of disambiguated items with significantly "
+                "more 'unknown' answers (over_abstention). See “Flags”.",
+                "cls": "bad",
+            }
+        )
+    return out
+
+
+def _abstention_lines(comparison: Comparison) -> list[dict[str, str]]:
+    """First, when it fires: over-abstention over all disambiguated items."""
+    pooled = grid(comparison).get((AGGREGATE, "disambig"))
+    if pooled is None or "over_abstention" not in pooled.flags:
+        return []
+    return [
+        {
+            "text": (
+                f"Over-abstention: the aligned model answers 'unknown' on "
+                f"{100 * pooled.unknown_rate_aligned:.0f}% of disambiguated items, up from "
+                f"{100 * pooled.unknown_rate_base:.0f}% (adjusted p "
+                f"{cell(pooled, 'p_adjusted_unknown', 'p')}). In disambiguated contexts the "
+                "answer is never 'unknown': gains in ambiguous contexts are abstention, not "
+                "fairness, until shown otherwise."
+            ),
+            "cls": "bad",
+        }
+    ]
+
+
+def _robustness_lines(
+    fine: Sequence[StratumRecord], comparison: Comparison
+) -> list[dict[str, str]]:
+    """What the tests can and cannot show: item-level-only findings, and power."""
+    out: list[dict[str, str]] = []
+    cfg = comparison.config
+    only = [r for r in fine if "item_level_only" in r.flags]
+    if only:
+        names = ", ".join(f"{r.category} · {r.context_condition}" for r in only)
+        out.append(
+            {
+                "text": f"Significant at the item level only, not with the "
+                f"{cfg.cluster if cfg.clustered else 'scenario'}-clustered test: not robust "
+                f"to the clustering of BBQ's items: {names}.",
+                "cls": "",
+            }
+        )
+    mdcs = sorted(r.mdc_accuracy for r in fine if r.mdc_accuracy is not None)
+    if mdcs:
+        mid = mdcs[len(mdcs) // 2]
+        out.append(
+            {
+                "text": (
+                    f"Power: with these items, a stratum's loss of accuracy is detected with 80% "
+                    f"power only from about {100 * mid:.0f} points (median over strata; "
+                    f"{100 * mdcs[0]:.0f} to {100 * mdcs[-1]:.0f}). No significant change in a "
+                    "stratum does not mean no change: see 'detectable Δ' in the tables."
+                ),
+                "cls": "",
+            }
+        )
+    elif fine:
+        out.append(
+            {"text": "Power: too few scenarios for any stratum to detect a change.", "cls": "bad"}
+        )
     return out
 
 

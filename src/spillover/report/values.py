@@ -69,6 +69,8 @@ def fmt_number(x: float, fmt: str) -> str:
         return f"{x * 100:.1f}%"
     if fmt == "pp":
         return f"{x * 100:+.1f} pp"
+    if fmt == "pts":
+        return f"{x * 100:.1f} pp"
     if fmt == "int":
         return f"{round(x):,}"
     if fmt == "p":
@@ -164,6 +166,18 @@ def correction_name(comparison: Comparison) -> str:
     """The correction's display name (``Holm``, ``Benjamini–Hochberg``, ...)."""
     name = comparison.config.correction
     return _CORRECTION_NAMES.get(name, name)
+
+
+def method_text(comparison: Comparison) -> str:
+    """The comparison's tests in words, for the report's first line."""
+    cfg = comparison.config
+    if cfg.resolved_test == "signflip":
+        return (
+            f"{cfg.cluster}-clustered sign-flip tests (the item-level mid-p McNemar test "
+            "beside them)"
+        )
+    beside = " (the scenario-clustered test beside them)" if cfg.cluster == "item" else ""
+    return f"item-level {cfg.resolved_test} McNemar tests{beside}"
 
 
 def grid(comparison: Comparison) -> dict[tuple[str, str], StratumRecord]:

@@ -46,7 +46,7 @@ DEFAULT_STUDY: Mapping[str, Any] = {
         "correction": "holm",
         "alpha": 0.05,
         "bootstrap": 1000,
-        "cluster": "template",
+        "cluster": "scenario",
     },
 }
 """The embedded default study (``spillover run`` without a config; also configs/default.yaml)."""

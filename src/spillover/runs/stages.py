@@ -220,48 +220,63 @@ def _compare_key(ctx: Context) -> dict[str, Any]:
 
 
 def _run_compare(ctx: Context) -> StageResult:
+    from ..align import heldout_templates
     from ..stats import load_and_compare
 
     rd = ctx.run_dir
     ccfg = ctx.cfg.compare_for(ctx.sub)
+    held = heldout_templates(rd / PAIRS_DIR / "split.json")
     comparison = load_and_compare(
-        rd / PREDICTION_FILES["base"], rd / PREDICTION_FILES["aligned"], ctx.data, ccfg
+        rd / PREDICTION_FILES["base"],
+        rd / PREDICTION_FILES["aligned"],
+        ctx.data,
+        ccfg,
+        # no split (prefs.heldout_frac 0): nothing is held out, nothing is left out
+        heldout_only={c: held.get(c, set()) for c in ctx.sub.target}
+        if any(held.values())
+        else None,
     )
     comparison_json = rd / COMPARISON_FILE
     comparison_csv = comparison_json.with_suffix(".csv")
     atomic_write_json(comparison_json, comparison.to_json())
     atomic_write_text(comparison_csv, comparison.to_csv())
-    atomic_write_json(rd / HELDOUT_TARGET_FILE, heldout_target(ctx))
+    atomic_write_json(rd / HELDOUT_TARGET_FILE, target_summary(ctx, held))
     return StageResult((comparison_json, comparison_csv, rd / HELDOUT_TARGET_FILE))
 
 
-def heldout_target(ctx: Context) -> dict[str, Any]:
-    """The target's evaluated items on templates never trained on, compared alone: the
-    honest answer to "did the alignment work", free of memorised templates."""
-    from ..align import heldout_templates
-    from ..stats import compare_runs, join_with_bbq, read_predictions
+def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]:
+    """The target on held-out scenarios (the honest answer to "did the alignment work"),
+    its answer mix with the collapse guard, and, apart and labelled so, any evaluated
+    target items the model was trained on."""
+    from ..stats import answer_mix, compare_runs, join_with_bbq, read_predictions
 
     rd = ctx.run_dir
-    held = heldout_templates(rd / PAIRS_DIR / "split.json")
-    keys = {(cat, q) for cat, qs in held.items() for q in qs}
-
-    def on_heldout(path: Path) -> Any:
-        df = join_with_bbq(read_predictions(path), ctx.data)
-        pairs = zip(df["category"], df["question_index"].astype(int), strict=True)
-        return df[[k in keys for k in pairs]]
-
-    base = on_heldout(rd / PREDICTION_FILES["base"])
-    aligned = on_heldout(rd / PREDICTION_FILES["aligned"])
+    cfg = dataclasses.replace(ctx.cfg.compare_for(ctx.sub), bootstrap=0)
+    frames = []
+    for rel in (PREDICTION_FILES["base"], PREDICTION_FILES["aligned"]):
+        df = join_with_bbq(read_predictions(rd / rel, permutation=cfg.permutation), ctx.data)
+        df = df[df["category"].isin(ctx.sub.target)]
+        keys = zip(df["category"], df["question_index"].astype(int), strict=True)
+        on_held = [q in held.get(c, set()) for c, q in keys]
+        frames.append((df[on_held], df[[not h for h in on_held]]))
+    (hb, tb), (ha, ta) = frames
     summary: dict[str, Any] = {
         "targets": list(ctx.sub.target),
         "heldout_templates": {k: sorted(v) for k, v in held.items()},
-        "n_items": len(base),
+        "n_items": len(hb),
+        "n_in_sample": len(tb),
     }
-    if len(base):
-        cfg = dataclasses.replace(ctx.cfg.compare_for(ctx.sub), bootstrap=0)
-        summary["comparison"] = compare_runs(base, aligned, cfg).to_json()
+    if len(hb):
+        summary["comparison"] = compare_runs(hb, ha, cfg).to_json()
+        summary["answer_mix"] = answer_mix(hb, ha)
     else:
-        summary["note"] = "no evaluated target item lies on a held-out template (sample too small)"
+        summary["note"] = "no evaluated target item lies on a held-out scenario (sample too small)"
+    if len(tb):
+        summary["in_sample"] = {
+            "note": "target items on scenarios the model was trained on: in-sample, not "
+            "evidence of generalisation; left out of the main comparison",
+            "comparison": compare_runs(tb, ta, cfg).to_json(),
+        }
     return summary
 
 

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import yaml
 
 from .. import __version__
 from .._io import atomic_write_text
+from ..align import target_split
 from ..data import BBQData, BBQItem, load_bbq
 from ..errors import ConfigError, MissingDependencyError
 from ..rundir import (
@@ -47,10 +48,24 @@ def load_data(cfg: RunConfig) -> BBQData:
 def load_items(cfg: RunConfig, sub: SubRun, data: BBQData) -> tuple[BBQItem, ...]:
     """The evaluation items of a sub-run: a seeded stratified sample, a list, or all.
 
+    A sample draws the target's items from its held-out scenarios only (the split
+    :func:`spillover.align.build_pairs` will make), so every evaluated target item is
+    one the model never trained on; lists and full runs evaluate every item, and the
+    comparison leaves the target's in-sample items out of its main cells.
+
     Raises:
         ConfigError: the selection is empty or lists unknown items.
     """
-    items = tuple(cfg.selection_for(sub).apply(data.items))
+    selection = cfg.selection_for(sub)
+    pool: Sequence[BBQItem] = data.items
+    if selection.per_stratum is not None and cfg.prefs.heldout_frac > 0:
+        _, held = target_split(data.items, cfg.prefs_for(sub))
+        pool = [
+            it
+            for it in data.items
+            if it.category not in held or it.question_index in held[it.category]
+        ]
+    items = tuple(selection.apply(pool))
     if not items:
         raise ConfigError("the selection is empty; check `eval.categories`, `eval.contexts`")
     return items

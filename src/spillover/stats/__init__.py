@@ -27,13 +27,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
-from .config import CLUSTER_UNITS, CompareConfig
+from .config import CLUSTER_UNITS, COMPARE_TESTS, CompareConfig
 from .keys import ALL, DEFAULT_BY, KEY_ORDER, normalize_by
 from .records import (
     FLAG_DEGRADATION,
     FLAG_IMPROVEMENT,
+    FLAG_ITEM_LEVEL_ONLY,
+    FLAG_LOW_SUPPORT,
     FLAG_MASKING,
+    FLAG_OVER_ABSTENTION,
     FLAG_REVERSAL,
+    MIN_BIAS_SUPPORT,
     Comparison,
     Flag,
     StratumRecord,
@@ -54,7 +58,19 @@ from .tests import (
 
 if TYPE_CHECKING:
     from .bootstrap import bootstrap_cell_sums, percentile_interval
+    from .clustered import (
+        ClusterInterval,
+        ClusterTest,
+        Heterogeneity,
+        cluster_totals,
+        heterogeneity_test,
+        minimum_detectable_change,
+        signflip_distribution,
+        signflip_interval,
+        signflip_test,
+    )
     from .compare import compare_runs, load_and_compare
+    from .guard import COLLAPSE_SHARE, UNKNOWN_RISE, answer_mix
     from .io import (
         IDENTITY_PERMUTATION,
         JOINED_REQUIRED,
@@ -76,7 +92,19 @@ if TYPE_CHECKING:
 # records (as the command line does at start-up) stays cheap
 _LAZY = {
     "bootstrap": ("bootstrap_cell_sums", "percentile_interval"),
+    "clustered": (
+        "ClusterInterval",
+        "ClusterTest",
+        "Heterogeneity",
+        "cluster_totals",
+        "heterogeneity_test",
+        "minimum_detectable_change",
+        "signflip_interval",
+        "signflip_distribution",
+        "signflip_test",
+    ),
     "compare": ("compare_runs", "load_and_compare"),
+    "guard": ("COLLAPSE_SHARE", "UNKNOWN_RISE", "answer_mix"),
     "io": (
         "IDENTITY_PERMUTATION",
         "JOINED_REQUIRED",
@@ -104,41 +132,58 @@ __all__ = [
     "ALL",
     "CI_METHOD",
     "CLUSTER_UNITS",
+    "COLLAPSE_SHARE",
+    "COMPARE_TESTS",
     "CORRECTIONS",
     "DEFAULT_BY",
     "FLAG_DEGRADATION",
     "FLAG_IMPROVEMENT",
+    "FLAG_ITEM_LEVEL_ONLY",
+    "FLAG_LOW_SUPPORT",
     "FLAG_MASKING",
+    "FLAG_OVER_ABSTENTION",
     "FLAG_REVERSAL",
     "IDENTITY_PERMUTATION",
     "JOINED_REQUIRED",
     "KEY_ORDER",
+    "MIN_BIAS_SUPPORT",
     "PRED_REQUIRED",
     "SCORE_COLUMNS",
     "TESTS",
+    "UNKNOWN_RISE",
     "BiasScore",
+    "ClusterInterval",
+    "ClusterTest",
     "CompareConfig",
     "Comparison",
     "Flag",
+    "Heterogeneity",
     "McNemarResult",
     "MetricsReport",
     "OddsRatio",
     "StratumRecord",
     "adjust_pvalues",
+    "answer_mix",
     "bias_score",
     "bias_values",
     "bootstrap_cell_sums",
+    "cluster_totals",
     "compare_runs",
     "compute_metrics",
     "discordant_odds_ratio",
+    "heterogeneity_test",
     "join_with_bbq",
     "load_and_compare",
     "load_and_compute_metrics",
     "mcnemar_midp",
     "mcnemar_test",
+    "minimum_detectable_change",
     "normalize_by",
     "paired_difference_ci",
     "percentile_interval",
     "read_predictions",
     "resolve_test",
+    "signflip_distribution",
+    "signflip_interval",
+    "signflip_test",
 ]

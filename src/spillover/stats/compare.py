@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,51 +12,24 @@ import pandas as pd
 
 from ..data import CONTEXTS, BBQData
 from ..errors import ConfigError, DataError
-from .bootstrap import bootstrap_cell_sums, percentile_interval
+from .bootstrap import bootstrap_cell_sums
 from .config import CompareConfig
 from .flags import keys_of, simpson_flags
 from .io import KEY_COLUMNS, check_joined, join_with_bbq, read_predictions
 from .keys import ALL, KEY_ORDER, level_name
-from .metrics import (
-    Cells,
-    RowSpec,
-    bias_score,
-    bias_values,
-    item_indicators,
-    make_cells,
-    row_specs,
+from .metrics import Cells, RowSpec, make_cells, row_specs
+from .records import (
+    FLAG_DEGRADATION,
+    FLAG_IMPROVEMENT,
+    FLAG_ITEM_LEVEL_ONLY,
+    FLAG_LOW_SUPPORT,
+    Comparison,
+    StratumRecord,
 )
-from .records import FLAG_DEGRADATION, FLAG_IMPROVEMENT, Comparison, StratumRecord
-from .tests import (
-    CI_METHOD,
-    adjust_pvalues,
-    discordant_odds_ratio,
-    mcnemar_test,
-    paired_difference_ci,
-    resolve_test,
-)
+from .rows import Panel, fine_row_power, heterogeneity_fields, pair_stats, row_record
+from .tests import adjust_pvalues
 
 logger = logging.getLogger(__name__)
-
-SIDES = ("base", "aligned")
-PAIR_STATS: tuple[str, ...] = (
-    "n",
-    "both",
-    "b",
-    "c",
-    "neither",
-    "n_target",
-    *(
-        f"{s}_{side}"
-        for s in ("correct", "unknown", "correct_t", "biased", "nonunk_t")
-        for side in SIDES
-    ),
-)
-"""Per-cell sums of a comparison: pair counts, then per-side counts (see ``CELL_STATS``)."""
-_I = {name: i for i, name in enumerate(PAIR_STATS)}
-
-
-# --------------------------------------------------------------------------- pairing
 
 
 def _name(df: pd.DataFrame, default: str) -> str:
@@ -120,135 +93,23 @@ def _pair(
     return b, a, dropped
 
 
-def _pair_stats(b: pd.DataFrame, a: pd.DataFrame) -> np.ndarray:
-    ib, ia = item_indicators(b), item_indicators(a)
-    cb, ca = ib["correct"].astype(bool), ia["correct"].astype(bool)
-    cols = {
-        "n": ib["n"],
-        "both": (cb & ca).astype(np.int64),
-        "b": (cb & ~ca).astype(np.int64),
-        "c": (~cb & ca).astype(np.int64),
-        "neither": (~cb & ~ca).astype(np.int64),
-        "n_target": ib["n_target"],
-    }
-    for s in ("correct", "unknown", "correct_t", "biased", "nonunk_t"):
-        cols[f"{s}_base"] = ib[s]
-        cols[f"{s}_aligned"] = ia[s]
-    return np.stack([cols[name] for name in PAIR_STATS], axis=1)
-
-
-def _row_record(
-    spec: RowSpec,
-    tot: np.ndarray,
-    cfg: CompareConfig,
-    by: Sequence[str],
-    boot: np.ndarray | None,
-) -> dict[str, Any]:
-    t = {name: int(tot[i]) for name, i in _I.items()}
-    n = t["n"]
-    rec = spec.record_keys(by)
-    notes: list[str] = []
-    test = mcnemar_test(t["b"], t["c"], cfg.test)
-    lo, hi = paired_difference_ci(
-        t["both"], t["c"], t["b"], t["neither"], confidence=cfg.confidence
-    )
-    orr = discordant_odds_ratio(t["b"], t["c"], confidence=cfg.confidence)
-    if test.note:
-        notes.append(test.note)
-    elif orr.note:
-        notes.append(orr.note)
-    rec.update(
-        n=n,
-        n_both_correct=t["both"],
-        b=t["b"],
-        c=t["c"],
-        n_both_wrong=t["neither"],
-        acc_base=t["correct_base"] / n,
-        acc_aligned=t["correct_aligned"] / n,
-        delta_accuracy=(t["correct_aligned"] - t["correct_base"]) / n,
-        delta_accuracy_ci_low=lo,
-        delta_accuracy_ci_high=hi,
-        ci_method=CI_METHOD,
-        test=test.method,
-        statistic=test.statistic,
-        p_value=test.pvalue,
-        p_adjusted=None,
-        correction=cfg.correction,
-        family=level_name(spec.level),
-        family_size=None,
-        significant=None,
-        odds_ratio=orr.estimate,
-        odds_ratio_ci_low=orr.low,
-        odds_ratio_ci_high=orr.high,
-        unknown_rate_base=t["unknown_base"] / n,
-        unknown_rate_aligned=t["unknown_aligned"] / n,
-        n_target=t["n_target"],
-        bias_score_base=None,
-        bias_score_aligned=None,
-        delta_bias_score=None,
-        delta_bias_score_ci_low=None,
-        delta_bias_score_ci_high=None,
-        delta_accuracy_boot_ci_low=None,
-        delta_accuracy_boot_ci_high=None,
-    )
-    ctx = spec.context
-    if ctx is not None:
-        scores = {
-            side: bias_score(
-                ctx,
-                t["n_target"],
-                t[f"correct_t_{side}"],
-                t[f"biased_{side}"],
-                t[f"nonunk_t_{side}"],
-            )
-            for side in SIDES
-        }
-        for side in SIDES:
-            rec[f"bias_score_{side}"] = scores[side].value
-            if scores[side].note:
-                notes.append(f"{side}: {scores[side].note}")
-        if scores["base"].value is not None and scores["aligned"].value is not None:
-            rec["delta_bias_score"] = scores["aligned"].value - scores["base"].value
-    else:
-        notes.append("bias scores are per context: see this stratum's rows per context")
-    if boot is not None:
-        _bootstrap_fields(rec, boot, ctx, cfg, notes)
-    rec["flags"] = []
-    rec["note"] = "; ".join(notes) if notes else None
-    return rec
-
-
-def _bootstrap_fields(
-    rec: dict[str, Any],
-    boot: np.ndarray,
-    ctx: str | None,
-    cfg: CompareConfig,
-    notes: list[str],
-) -> None:
-    col = {name: boot[:, i] for name, i in _I.items()}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dacc = (col["correct_aligned"] - col["correct_base"]) / col["n"]
-    lo, hi, _ = percentile_interval(dacc, cfg.confidence)
-    rec["delta_accuracy_boot_ci_low"], rec["delta_accuracy_boot_ci_high"] = lo, hi
-    if ctx is None or rec["delta_bias_score"] is None:
-        return
-    vals = {
-        side: bias_values(
-            ctx,
-            col["n_target"],
-            col[f"correct_t_{side}"],
-            col[f"biased_{side}"],
-            col[f"nonunk_t_{side}"],
+def _clusters(b: pd.DataFrame, cfg: CompareConfig) -> tuple[np.ndarray, str | None]:
+    """The cluster index (0..G-1) of every item and the unit: the configured scenario or
+    template; with ``cluster`` item, scenarios where the frame has them (for the clustered
+    verdict beside the item-level one), else each item alone (unit None)."""
+    unit: str | None = cfg.cluster
+    if not cfg.clustered:
+        unit = "scenario" if "scenario" in b.columns else None
+    if unit is None:
+        return np.arange(len(b), dtype=np.int64), None
+    column = "scenario" if unit == "scenario" else "question_index"
+    if column not in b.columns:
+        raise DataError(
+            f"cluster {cfg.cluster!r} needs the {column!r} column; join the predictions with "
+            "BBQ first (join_with_bbq, or read them with load_and_compare)"
         )
-        for side in SIDES
-    }
-    lo, hi, undefined = percentile_interval(vals["aligned"] - vals["base"], cfg.confidence)
-    rec["delta_bias_score_ci_low"], rec["delta_bias_score_ci_high"] = lo, hi
-    if undefined:
-        notes.append(
-            f"{undefined} of {cfg.bootstrap} bootstrap resamples had an undefined bias score "
-            "and were left out of its interval"
-        )
+    keys = pd.MultiIndex.from_arrays([b["category"], b[column].astype("int64")])
+    return np.asarray(pd.factorize(keys)[0], dtype=np.int64), unit
 
 
 # --------------------------------------------------------------------------- main entry
@@ -265,9 +126,8 @@ def compare_runs(
         cfg: Options; defaults to :class:`CompareConfig`.
 
     Returns:
-        The comparison: a strata table with one row per stratum at every level of
-        ``cfg.by`` (finest first, ending with the overall row), Simpson's-paradox
-        flags and a summary.
+        The comparison: one record per stratum at every level of ``cfg.by`` (finest
+        first, ending with the overall row), flags and a summary.
 
     Raises:
         DataError: missing columns, duplicate keys, ``pred_index`` out of range,
@@ -276,99 +136,131 @@ def compare_runs(
         ConfigError: unknown target categories, or targets absent from the data.
 
     Notes:
-        Each stratum is a paired 2x2 table: ``b`` items only the base run gets
-        right, ``c`` items only the aligned run gets right. The McNemar-family
-        test is run on ``(b, c)``; the rows of one level form one family for the
-        multiple-testing correction (the finest level, e.g. 22 category x context
-        cells, is the primary family). ``delta_accuracy`` has Newcombe's paired
-        interval; ``odds_ratio = b / c`` an exact conditional interval; bias
-        scores and their differences come from the same counts as
-        :func:`compute_metrics`, with percentile bootstrap intervals when
-        ``cfg.bootstrap > 0``.
+        Each stratum is a paired 2x2 table: ``b`` items only the base run gets right,
+        ``c`` items only the aligned run gets right, ``delta_accuracy = (c - b) / n``.
+        By default the test is the scenario-clustered sign-flip test on the per-scenario
+        ``c_s - b_s`` and the interval its score interval (items of one scenario are not
+        independent, see :mod:`spillover.stats.clustered`); the item-level mid-p McNemar
+        test (the paper's analysis) and Newcombe's interval are reported beside them.
+        The rows of one level form one family for the multiple-testing correction (the
+        finest level, e.g. 22 category x context cells, is the primary family); each
+        p-value (chosen, item-level, clustered, unknown rate) is corrected within it.
+        ``odds_ratio = b / c`` has an exact conditional interval; bias scores and their
+        differences come from the same counts as :func:`compute_metrics`, with cluster
+        bootstrap intervals when ``cfg.bootstrap > 0``.
 
     References:
         McNemar, Psychometrika 12:153-157 (1947); Fagerland, Lydersen & Laake,
         BMC Med Res Methodol 13:91 (2013); Newcombe, Stat Med 17:2635-2650
-        (1998); Holm, Scand J Stat 6:65-70 (1979); Benjamini & Hochberg, JRSS B
-        57:289-300 (1995); Parrish et al., Findings of ACL 2022.
+        (1998); Durkalski et al., Stat Med 22:2417-2428 (2003); Holm, Scand J Stat
+        6:65-70 (1979); Benjamini & Hochberg, JRSS B 57:289-300 (1995); Parrish et
+        al., Findings of ACL 2022.
     """
     cfg = cfg or CompareConfig()
     b, a, dropped = _pair(base_df, aligned_df, cfg.intersect)
     by = cfg.by
-    cell_keys = tuple(k for k in KEY_ORDER if k in by or k == "context_condition")
-    cells = make_cells(b, cell_keys)
-    stats = _pair_stats(b, a)
-    sums = np.stack([cells.sums(stats[:, j]) for j in range(stats.shape[1])], axis=1)
-    boot = _bootstrap(b, stats, cells, cfg)
+    cells = make_cells(b, tuple(k for k in KEY_ORDER if k in by or k == "context_condition"))
+    stats = pair_stats(b, a)
+    cluster, unit = _clusters(b, cfg)
+    panel = Panel.build(stats, cells, cluster, unit, _bootstrap(b, stats, cells, cluster, cfg))
     specs = row_specs(cells, by)
-    records = []
-    for spec in specs:
-        rep = boot[:, spec.cells, :].sum(axis=1) if boot is not None else None
-        records.append(_row_record(spec, sums[spec.cells].sum(axis=0), cfg, by, rep))
-    _adjust(records, specs, cfg)
     finest = tuple(by)
+    records = [row_record(s, panel, cfg, by, s.level == finest) for s in specs]
+    _adjust(records, specs, cfg)
+    _power_and_heterogeneity(records, specs, panel, finest, cfg)
     flags = simpson_flags(records, specs, finest, by, cfg)
-    rows = [_typed(rec) for rec in records]
-    summary = _summary(records, specs, finest, by, cfg, dropped, b, cells, sums)
-    summary["n_flags"] = {
-        "masking": sum(f.kind == "masking" for f in flags),
-        "reversal": sum(f.kind == "reversal" for f in flags),
-    }
-    return Comparison(rows=rows, flags=flags, summary=summary, config=cfg)
+    summary = _summary(records, specs, finest, by, cfg, dropped, b, cells, panel)
+    summary["n_flags"] = {kind: sum(f.kind == kind for f in flags) for kind in _FLAG_KINDS}
+    return Comparison(rows=[_typed(r) for r in records], flags=flags, summary=summary, config=cfg)
+
+
+_FLAG_KINDS = ("masking", "reversal", "over_abstention")
 
 
 def _typed(rec: Mapping[str, Any]) -> StratumRecord:
     values = dict(rec)
-    values.setdefault("question_polarity", None)
-    values.setdefault("label_type", None)
     values["flags"] = tuple(values["flags"])
     return StratumRecord(**values)
 
 
 def _bootstrap(
-    b: pd.DataFrame, stats: np.ndarray, cells: Cells, cfg: CompareConfig
+    b: pd.DataFrame, stats: np.ndarray, cells: Cells, cluster: np.ndarray, cfg: CompareConfig
 ) -> np.ndarray | None:
     if cfg.bootstrap <= 0:
         return None
-    if cfg.cluster == "template":
-        if "question_index" not in b.columns:
-            raise DataError(
-                "--cluster template needs the 'question_index' column (join with BBQ first)"
-            )
-        group = pd.factorize(b["category"])[0]
-        cluster = b["question_index"].to_numpy(dtype=np.int64)
+    if not cfg.clustered:
         return bootstrap_cell_sums(
-            stats,
-            cells.item_cell,
-            cells.count,
-            replicates=cfg.bootstrap,
-            seed=cfg.seed,
-            cluster="template",
-            item_group=group,
-            item_cluster=cluster,
+            stats, cells.item_cell, cells.count, replicates=cfg.bootstrap, seed=cfg.seed
         )
     return bootstrap_cell_sums(
-        stats, cells.item_cell, cells.count, replicates=cfg.bootstrap, seed=cfg.seed
+        stats,
+        cells.item_cell,
+        cells.count,
+        replicates=cfg.bootstrap,
+        seed=cfg.seed,
+        cluster="template",  # whole clusters (scenarios or templates) within each category
+        item_group=pd.factorize(b["category"])[0],
+        item_cluster=cluster,
     )
 
 
+_FAMILIES = (
+    ("p_value", "p_adjusted", "significant"),
+    ("p_value_item", "p_adjusted_item", "significant_item"),
+    ("p_value_clustered", "p_adjusted_clustered", "significant_clustered"),
+    ("p_value_unknown", "p_adjusted_unknown", "significant_unknown"),
+)
+
+
 def _adjust(records: list[dict[str, Any]], specs: Sequence[RowSpec], cfg: CompareConfig) -> None:
+    """Correct each p-value within its level's family; set the significance flags."""
     families: dict[tuple[str, ...], list[int]] = {}
     for i, spec in enumerate(specs):
         families.setdefault(spec.level, []).append(i)
     for members in families.values():
-        adjusted, reject = adjust_pvalues(
-            [records[i]["p_value"] for i in members], cfg.correction, cfg.alpha
-        )
-        for j, i in enumerate(members):
+        for raw, adjusted_key, decision in _FAMILIES:
+            if records[members[0]][raw] is None:
+                continue
+            adjusted, reject = adjust_pvalues(
+                [records[i][raw] for i in members], cfg.correction, cfg.alpha
+            )
+            for j, i in enumerate(members):
+                records[i][adjusted_key] = float(adjusted[j])
+                records[i][decision] = bool(reject[j])
+        for i in members:
             rec = records[i]
-            rec["p_adjusted"] = float(adjusted[j])
             rec["family_size"] = len(members)
-            rec["significant"] = bool(reject[j])
-            if reject[j] and rec["delta_accuracy"] < 0:
+            if rec["significant"] and rec["delta_accuracy"] < 0:
                 rec["flags"].append(FLAG_DEGRADATION)
-            elif reject[j] and rec["delta_accuracy"] > 0:
+            elif rec["significant"] and rec["delta_accuracy"] > 0:
                 rec["flags"].append(FLAG_IMPROVEMENT)
+            if rec["significant_item"] and rec["significant_clustered"] is False:
+                rec["flags"].append(FLAG_ITEM_LEVEL_ONLY)
+            if rec["bias_low_support"]:
+                rec["flags"].append(FLAG_LOW_SUPPORT)
+
+
+def _power_and_heterogeneity(
+    records: list[dict[str, Any]],
+    specs: Sequence[RowSpec],
+    panel: Panel,
+    finest: tuple[str, ...],
+    cfg: CompareConfig,
+) -> None:
+    """Minimum detectable changes of the finest rows (at the family's first correction
+    step) and, with clusters, heterogeneity of the strata under each aggregate."""
+    fine = [j for j, s in enumerate(specs) if s.level == finest]
+    step = cfg.alpha if cfg.correction == "none" else cfg.alpha / max(1, len(fine))
+    for j in fine:
+        fine_row_power(records[j], specs[j], panel, step)
+    if panel.unit is None:
+        return
+    for i, spec in enumerate(specs):
+        if spec.level == finest:
+            continue
+        cells = set(spec.cells.tolist())
+        children = [specs[j] for j in fine if set(specs[j].cells.tolist()) <= cells]
+        heterogeneity_fields(records[i], children, panel, cfg.seed)
 
 
 def _brief(r: Mapping[str, Any], by: Sequence[str]) -> dict[str, Any]:
@@ -398,7 +290,7 @@ def _summary(
     dropped: dict[str, Any],
     items: pd.DataFrame,
     cells: Cells,
-    sums: np.ndarray,
+    panel: Panel,
 ) -> dict[str, Any]:
     fine = [r for r, s in zip(records, specs, strict=True) if s.level == finest]
     overall = records[-1]
@@ -406,7 +298,8 @@ def _summary(
     summary: dict[str, Any] = {
         "n_items": overall["n"],
         "dropped": dropped,
-        "test": resolve_test(cfg.test),
+        "test": cfg.resolved_test,
+        "cluster": cfg.cluster,
         "correction": cfg.correction,
         "alpha": cfg.alpha,
         "family": level_name(finest),
@@ -418,7 +311,7 @@ def _summary(
         },
     }
     if cfg.targets:
-        summary["spillover"] = _spillover(fine, contexts, cfg, items, cells, sums)
+        summary["spillover"] = _spillover(fine, contexts, cfg, items, cells, panel)
     return summary
 
 
@@ -428,7 +321,7 @@ def _spillover(
     cfg: CompareConfig,
     items: pd.DataFrame,
     cells: Cells,
-    sums: np.ndarray,
+    panel: Panel,
 ) -> dict[str, Any]:
     """The target and untargeted categories, pooled per context and with their changes."""
     assert cfg.targets is not None
@@ -444,7 +337,7 @@ def _spillover(
     ctx = cells.keys["context_condition"].to_numpy()
     pooled_keys = (
         "n", "b", "c", "acc_base", "acc_aligned", "delta_accuracy", "delta_accuracy_ci_low",
-        "delta_accuracy_ci_high", "test", "p_value", "bias_score_base", "bias_score_aligned",
+        "delta_accuracy_ci_high", "test", "p_value", "p_value_item", "delta_unknown_rate", "bias_score_base", "bias_score_aligned",
         "delta_bias_score",
     )  # fmt: skip
     groups: dict[str, Any] = {}
@@ -456,7 +349,7 @@ def _spillover(
             if idx.size == 0:
                 continue
             spec = RowSpec((), {"category": ALL, "context_condition": c}, idx)
-            rec = _row_record(spec, sums[idx].sum(axis=0), cfg, ("context_condition",), None)
+            rec = row_record(spec, panel, cfg, ("context_condition",), False)
             rows = [
                 r
                 for r in fine
@@ -476,6 +369,8 @@ def load_and_compare(
     aligned_path: str | os.PathLike[str],
     bbq: BBQData,
     cfg: CompareConfig | None = None,
+    *,
+    heldout_only: Mapping[str, Collection[int]] | None = None,
 ) -> Comparison:
     """Read two prediction files, join them with BBQ and compare them.
 
@@ -484,6 +379,10 @@ def load_and_compare(
         aligned_path: Predictions of the aligned model.
         bbq: Loaded BBQ; its warnings are carried into the result.
         cfg: Options; defaults to :class:`CompareConfig`.
+        heldout_only: Per category, the templates (``question_index``) to keep; the
+            category's other items are left out, with a note in ``warnings``. A run
+            passes the target's held-out templates, so the target's cells never pool
+            items the model was trained on.
 
     Returns:
         The :class:`Comparison`, with ``warnings`` holding BBQ's warnings and any
@@ -498,6 +397,31 @@ def load_and_compare(
     aligned = read_predictions(aligned_path, permutation=cfg.permutation)
     jb = join_with_bbq(base, bbq)
     ja = join_with_bbq(aligned, bbq)
+    notes: list[str] = []
+    if heldout_only:
+        jb, ja, notes = _keep_heldout(jb, ja, heldout_only)
     result = compare_runs(jb, ja, cfg)
-    result.warnings = [*bbq.warnings, *jb.attrs["notes"], *ja.attrs["notes"]]
+    result.warnings = [*bbq.warnings, *jb.attrs["notes"], *ja.attrs["notes"], *notes]
     return result
+
+
+def _keep_heldout(
+    jb: pd.DataFrame, ja: pd.DataFrame, heldout_only: Mapping[str, Collection[int]]
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    notes: list[str] = []
+    out = []
+    for df in (jb, ja):
+        keys = zip(df["category"], df["question_index"].astype(int), strict=True)
+        keep = np.array(
+            [c not in heldout_only or q in heldout_only[c] for c, q in keys], dtype=bool
+        )
+        kept = df[keep]
+        kept.attrs = dict(df.attrs)
+        out.append((kept, df[~keep]))
+    dropped = out[0][1]
+    for cat, n in dropped.groupby("category", sort=True).size().items():
+        notes.append(
+            f"{n} {cat} item(s) on scenarios the aligned model was trained on are left out "
+            "of this comparison (they are not evidence of generalisation)"
+        )
+    return out[0][0], out[1][0], notes

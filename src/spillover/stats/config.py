@@ -10,10 +10,13 @@ from .._checks import check_choice
 from ..data import resolve_category
 from ..errors import ConfigError
 from .keys import normalize_by
-from .tests import CORRECTIONS, TESTS, resolve_test
+from .tests import CORRECTIONS, TESTS
 
-CLUSTER_UNITS: tuple[str, ...] = ("item", "template")
-"""Bootstrap resampling units."""
+CLUSTER_UNITS: tuple[str, ...] = ("scenario", "template", "item")
+"""Units the statistics treat as independent: BBQ scenarios (the default), templates, or
+items (the paper's item-level analysis)."""
+COMPARE_TESTS: tuple[str, ...] = ("auto", "signflip", *(t for t in TESTS if t != "auto"))
+"""``auto``, the clustered ``signflip`` test, or an item-level McNemar variant."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,9 @@ class CompareConfig:
     """
 
     test: str = "auto"
-    """McNemar-family test per stratum: exact, midp, chi2, chi2-cc, or auto (= midp;
-    docs/stats.md)."""
+    """Test per stratum: signflip (scenario-clustered sign-flip mid-p test), an item-level
+    McNemar variant (exact, midp, chi2, chi2-cc), or auto (signflip, or midp with cluster
+    item). Item-level mid-p and clustered p-values are reported beside it either way."""
     correction: str = "holm"
     """Multiple-testing correction within each level's family of rows: holm, bh,
     bonferroni or none."""
@@ -42,8 +46,10 @@ class CompareConfig:
     """Bootstrap replicates for intervals on bias-score (and accuracy) differences; 0 = none."""
     seed: int = 0
     """Seed of the bootstrap."""
-    cluster: str = "template"
-    """Bootstrap unit: template (question_index clusters within each category) or item."""
+    cluster: str = "scenario"
+    """Independent unit of tests, intervals and bootstrap: scenario (templates sharing a
+    question, within each category), template (question_index) or item (the paper's
+    analysis)."""
     confidence: float = 0.95
     """Level of every interval."""
     targets: tuple[str, ...] | None = None
@@ -54,7 +60,7 @@ class CompareConfig:
     identity)."""
 
     def __post_init__(self) -> None:
-        check_choice("test", self.test, TESTS)
+        check_choice("test", self.test, COMPARE_TESTS)
         check_choice("correction", self.correction, CORRECTIONS)
         if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
             raise ConfigError(f"`alpha`={self.alpha!r}; expected a number between 0 and 1")
@@ -69,6 +75,11 @@ class CompareConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"`seed`={self.seed!r}; expected a non-negative integer")
         check_choice("cluster", self.cluster, CLUSTER_UNITS)
+        if self.test == "signflip" and self.cluster == "item":
+            raise ConfigError(
+                "`test`='signflip' needs clusters; with `cluster`='item' use an item-level "
+                "test (midp, exact, chi2, chi2-cc) or auto"
+            )
         object.__setattr__(self, "by", normalize_by(self.by))
         if self.targets is not None:
             names = [self.targets] if isinstance(self.targets, str) else list(self.targets)
@@ -88,8 +99,20 @@ class CompareConfig:
         out = dataclasses.asdict(self)
         out["by"] = list(self.by)
         out["targets"] = list(self.targets) if self.targets else None
-        out["test_resolved"] = resolve_test(self.test)
+        out["test_resolved"] = self.resolved_test
         return out
+
+    @property
+    def resolved_test(self) -> str:
+        """The test ``auto`` stands for: ``signflip`` with clusters, ``midp`` per item."""
+        if self.test == "auto":
+            return "midp" if self.cluster == "item" else "signflip"
+        return self.test
+
+    @property
+    def clustered(self) -> bool:
+        """Whether tests and intervals treat clusters (not items) as independent."""
+        return self.cluster != "item"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareConfig:

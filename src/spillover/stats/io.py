@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,8 +37,12 @@ SCORE_COLUMNS: tuple[str, str, str] = ("score_0", "score_1", "score_2")
 PERMUTATION_COLUMN = "permutation"
 """Optional column: which answer-order permutation a row was evaluated under."""
 
-IDENTITY_PERMUTATION = "0"
-"""The permutation value that means "options in BBQ's own order"."""
+IDENTITY_PERMUTATION = "012"
+"""The permutation id of BBQ's own answer order (ids name the original answer shown at each
+position, as the evaluator writes them: ``"012"``, ``"120"``, ``"201"``, ...)."""
+
+_LEGACY_IDENTITY = "0"
+# files written before permutation ids were kept as strings call the identity 0
 
 ITEM_COLUMNS: tuple[str, ...] = tuple(c for c in ITEM_FRAME_COLUMNS if c not in KEY_COLUMNS)
 """Item attributes that :func:`join_with_bbq` takes from BBQ (authoritative)."""
@@ -118,7 +123,9 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, Locator]:
 
 def _read_csv(path: Path) -> tuple[pd.DataFrame, Locator]:
     try:
-        df = pd.read_csv(path, dtype={"category": str}, keep_default_na=True)
+        df = pd.read_csv(
+            path, dtype={"category": str, PERMUTATION_COLUMN: str}, keep_default_na=True
+        )
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: no predictions (the file is empty)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -242,10 +249,25 @@ def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
 
 
 def _permutation_strings(col: pd.Series) -> pd.Series:
-    num = pd.to_numeric(col, errors="coerce")
-    if num.notna().all() and bool((num == np.round(num)).all()):
-        return num.astype(np.int64).astype(str)
-    return col.astype(str)
+    """Permutation ids as the strings written: a CSV or JSON reader's number ``12`` is the id
+    ``"012"`` again (three digits padded back when they then form a permutation of 012), and
+    the legacy identity ``0`` is ``"012"``; other ids are kept as text."""
+
+    def one(value: Any) -> Any:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return value
+        if isinstance(value, (int, np.integer, float, np.floating)) and float(value).is_integer():
+            text = str(int(value))
+        else:
+            text = str(value).strip()
+        if text == _LEGACY_IDENTITY:
+            return IDENTITY_PERMUTATION
+        padded = text.zfill(3)
+        if text.isdigit() and len(text) < 3 and sorted(padded) == ["0", "1", "2"]:
+            return padded
+        return text
+
+    return col.map(one).astype(object)
 
 
 def _pick_permutation(

@@ -22,6 +22,13 @@ FLAG_IMPROVEMENT = "significant_improvement"
 FLAG_DEGRADATION = "significant_degradation"
 FLAG_MASKING = "masking"
 FLAG_REVERSAL = "reversal"
+FLAG_OVER_ABSTENTION = "over_abstention"
+FLAG_ITEM_LEVEL_ONLY = "item_level_only"
+FLAG_LOW_SUPPORT = "low_support"
+
+MIN_BIAS_SUPPORT = 10
+"""Fewest non-unknown answers (on each side) a bias score may rest on before it is marked
+low-support and never starred: with fewer, one answer moves s_DIS by 20 points or more."""
 
 _SPLIT_KEYS = ("question_polarity", "label_type")
 """Stratification keys a record carries only when the comparison is split by them."""
@@ -62,27 +69,52 @@ class StratumRecord:
     delta_accuracy: float
     """``acc_aligned - acc_base = (c - b) / n``."""
     delta_accuracy_ci_low: float
-    """Lower limit of the paired interval of ``delta_accuracy`` (``ci_method``)."""
+    """Lower limit of the default interval of ``delta_accuracy`` (``ci_method``)."""
     delta_accuracy_ci_high: float
     """Upper limit of that interval."""
     ci_method: str
-    """Interval method of ``delta_accuracy`` (``newcombe-10``)."""
+    """``cluster-signflip`` (scenario- or template-clustered) or ``newcombe-10`` (items)."""
+    delta_accuracy_newcombe_low: float
+    """Lower limit of Newcombe's item-level paired interval (method 10)."""
+    delta_accuracy_newcombe_high: float
+    """Upper limit of Newcombe's interval."""
     test: str
-    """McNemar-family test used (``exact``, ``midp``, ``chi2``, ``chi2-cc``)."""
+    """The test behind ``p_value``: ``signflip`` (clustered) or an item-level McNemar variant."""
     statistic: float
-    """Its statistic."""
+    """Its statistic (``c - b`` for signflip, ``min(b, c)`` for exact/mid-p, chi-square)."""
     p_value: float
-    """Raw two-sided p-value."""
+    """Raw two-sided p-value of ``test``."""
     p_adjusted: float | None
-    """p-value adjusted within the row's family (``correction``)."""
+    """``p_value`` adjusted within the row's family (``correction``)."""
     correction: str
-    """Multiple-testing correction of ``p_adjusted``."""
+    """Multiple-testing correction of the adjusted p-values."""
     family: str
     """The family the row was corrected in (its level)."""
     family_size: int | None
     """Number of tests in that family."""
     significant: bool | None
     """``p_adjusted`` below alpha (the correction's own decision)."""
+    p_value_item: float
+    """Item-level mid-p McNemar p-value (the paper's analysis), always."""
+    p_adjusted_item: float | None
+    """``p_value_item`` adjusted within the family."""
+    significant_item: bool | None
+    """The item-level verdict after correction."""
+    p_value_clustered: float | None
+    """Clustered sign-flip mid-p p-value; None with ``cluster`` item."""
+    p_adjusted_clustered: float | None
+    """``p_value_clustered`` adjusted within the family."""
+    significant_clustered: bool | None
+    """The clustered verdict after correction."""
+    cluster_unit: str
+    """What the clustered statistics treat as independent: scenario, template or item."""
+    n_clusters: int
+    """Clusters (scenarios, templates or items) with at least one of the row's items."""
+    n_informative_clusters: int
+    """Clusters whose items changed on balance (``c_s != b_s``)."""
+    mdc_accuracy: float | None
+    """Smallest accuracy change (proportion) the clustered test detects with 80 % power
+    at the family's first correction step (finest rows only)."""
     odds_ratio: float | None
     """Discordant-pair odds ratio ``b / c``; None when infinite or undefined."""
     odds_ratio_ci_low: float | None
@@ -93,8 +125,26 @@ class StratumRecord:
     """Share of base answers that are the "unknown" option."""
     unknown_rate_aligned: float
     """Share of aligned answers that are the "unknown" option."""
+    delta_unknown_rate: float
+    """``unknown_rate_aligned - unknown_rate_base``."""
+    delta_unknown_ci_low: float
+    """Lower limit of its interval (same method as ``ci_method``)."""
+    delta_unknown_ci_high: float
+    """Upper limit."""
+    p_value_unknown: float
+    """Two-sided p-value of the unknown-rate change (same test family as ``p_value``)."""
+    p_adjusted_unknown: float | None
+    """``p_value_unknown`` adjusted within the family."""
+    significant_unknown: bool | None
+    """The unknown-rate change is significant after correction."""
     n_target: int
     """Items with a known biased answer (the bias scores' items)."""
+    n_non_unknown_base: int
+    """Of those, base answers other than "unknown" (the bias score's denominator)."""
+    n_non_unknown_aligned: int
+    """Aligned answers other than "unknown" among them."""
+    bias_low_support: bool
+    """A bias score rests on fewer than ``MIN_BIAS_SUPPORT`` non-unknown answers."""
     bias_score_base: float | None
     """Base bias score (s_AMB or s_DIS by context; None for rows mixing contexts)."""
     bias_score_aligned: float | None
@@ -102,15 +152,22 @@ class StratumRecord:
     delta_bias_score: float | None
     """Aligned minus base bias score."""
     delta_bias_score_ci_low: float | None
-    """Lower bootstrap limit of ``delta_bias_score`` (None without bootstrap)."""
+    """Lower bootstrap limit of ``delta_bias_score`` (clusters resampled; None without)."""
     delta_bias_score_ci_high: float | None
     """Upper bootstrap limit."""
     delta_accuracy_boot_ci_low: float | None
     """Lower bootstrap limit of ``delta_accuracy`` (None without bootstrap)."""
     delta_accuracy_boot_ci_high: float | None
     """Upper bootstrap limit."""
+    heterogeneity_q: float | None
+    """Aggregate rows: Q of equal accuracy changes across the finest strata under it."""
+    heterogeneity_df: int | None
+    """Its degrees of freedom (strata minus one)."""
+    heterogeneity_p: float | None
+    """Its p-value (wild cluster bootstrap)."""
     flags: tuple[str, ...]
-    """``significant_degradation`` / ``significant_improvement``, ``masking``, ``reversal``."""
+    """``significant_degradation`` / ``significant_improvement``, ``item_level_only``,
+    ``over_abstention``, ``low_support``, ``masking``, ``reversal``."""
     note: str | None
     """Why a value is undefined or special, joined with ``; ``."""
 
@@ -172,14 +229,16 @@ def _checked(value: Any, kind: str, where: str) -> Any:
 
 @dataclass(frozen=True)
 class Flag:
-    """An aggregate whose change disagrees with the strata under it (Simpson's paradox)."""
+    """A finding the report leads with: an aggregate whose change disagrees with the strata
+    under it (Simpson's paradox), or over-abstention."""
 
     kind: str
-    """``masking``: the aggregate's accuracy improves while strata under it degrade
-    significantly; ``reversal``: the aggregate's bias-score change has the opposite
-    sign to all, or a weighted majority, of its strata's changes."""
+    """``masking``: the aggregate shows no significant loss of accuracy while strata under
+    it lose significantly; ``reversal``: the aggregate's s_DIS change (its interval
+    excluding 0) has the opposite sign to every defined change of its strata;
+    ``over_abstention``: the unknown rate rises significantly in disambiguated contexts."""
     metric: str
-    """Metric concerned: ``accuracy`` or ``bias_score``."""
+    """Metric concerned: ``accuracy``, ``bias_score`` or ``unknown_rate``."""
     aggregate: dict[str, str]
     """Keys of the aggregate row (``"all"`` where not split)."""
     aggregate_n: int
@@ -189,12 +248,14 @@ class Flag:
     strata: tuple[dict[str, Any], ...]
     """The disagreeing strata: keys, ``n``, ``weight``, ``delta`` and counts."""
     scope: str
-    """``any`` (masking: at least one stratum), ``all`` or ``weighted_majority`` (reversal)."""
+    """``any`` (masking: at least one stratum), ``all`` (reversal) or ``row``."""
     weight_share: float
     """Share of the aggregate's weight carried by the disagreeing strata."""
     aggregate_ci: tuple[float | None, float | None] | None
-    """Interval of ``aggregate_delta`` (Newcombe for accuracy, bootstrap for bias; None
-    when not computed): a reversal whose aggregate interval spans 0 may be noise."""
+    """Interval of ``aggregate_delta`` (the default interval for accuracy and the unknown
+    rate, the cluster bootstrap for bias scores)."""
+    heterogeneity_p: float | None
+    """p-value of equal accuracy changes across the strata under the aggregate."""
     message: str
     """The flag in one sentence."""
 

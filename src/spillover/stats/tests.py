@@ -20,7 +20,7 @@ from ..errors import ConfigError
 TestName = Literal["exact", "midp", "chi2", "chi2-cc"]
 """A concrete McNemar-family test."""
 TestChoice = Literal["exact", "midp", "chi2", "chi2-cc", "auto"]
-"""A test, or ``auto`` (see :func:`resolve_test`)."""
+"""An item-level test, or ``auto`` (see :func:`resolve_test`)."""
 Correction = Literal["holm", "bh", "bonferroni", "none"]
 """Multiple-testing correction."""
 

@@ -1,0 +1,97 @@
+"""The report's first section: what the alignment did to its target, and what a run can show.
+
+Read from ``stats/heldout_target.json`` (the target's items on held-out scenarios, their
+comparison and the collapse guard) and the manifest (which model ran). The sentences are
+generated from those records, as the summary's are from the comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..stats import ALL, Comparison, StratumRecord
+from .values import fmt_p
+
+SMALL_MODEL_CAVEAT = (
+    "The model is the embedded SmolLM2-135M-Instruct, which answers BBQ near chance: this run "
+    "demonstrates the pipeline; it is not evidence about spillover. Run a 7-8B model "
+    "(configs/paper.yaml) for conclusions."
+)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f} %"
+
+
+def _context_line(rec: StratumRecord) -> str:
+    verdict = "significant" if rec.significant else "not significant"
+    p = fmt_p(rec.p_value) if rec.p_value == rec.p_value else "n/a"
+    return (
+        f"{rec.context_condition}: accuracy {_pct(rec.acc_base)} -> {_pct(rec.acc_aligned)} "
+        f"({100 * rec.delta_accuracy:+.1f} points, p = {p}, {verdict}; {rec.n} items, "
+        f"{rec.n_clusters} scenarios), 'unknown' answers {_pct(rec.unknown_rate_base)} -> "
+        f"{_pct(rec.unknown_rate_aligned)}"
+    )
+
+
+def _is_small_model(manifest: Mapping[str, Any] | None) -> bool:
+    if manifest is None:
+        return False
+    sub = manifest.get("sub_run")
+    names = [sub.get("model")] if isinstance(sub, Mapping) else []
+    for m in manifest.get("models") or []:
+        if isinstance(m, Mapping):
+            names += [m.get("model"), m.get("name"), m.get("hub_id")]
+    return any(isinstance(n, str) and "smollm2-135m" in n.lower() for n in names)
+
+
+def alignment_lines(
+    summary: Mapping[str, Any] | None, manifest: Mapping[str, Any] | None
+) -> list[dict[str, str]]:
+    """Sentences of "what the alignment did": the collapse guard first, then the target on
+    held-out scenarios per context with its size, the in-sample items apart, the caveats."""
+    lines: list[dict[str, str]] = []
+    if _is_small_model(manifest):
+        lines.append({"cls": "", "text": SMALL_MODEL_CAVEAT})
+    if summary is None:
+        return lines
+    mix = summary.get("answer_mix")
+    if isinstance(mix, Mapping) and mix.get("collapsed"):
+        reasons = "; ".join(str(r) for r in mix.get("reasons") or [])
+        lines.insert(
+            0,
+            {
+                "cls": "bad",
+                "text": f"Collapse guard: on the target's held-out scenarios {reasons}. "
+                f"The spillover below describes a collapsed model, not a fairer one; "
+                f"{mix.get('advice')}.",
+            },
+        )
+    targets = ", ".join(summary.get("targets") or [])
+    comp = summary.get("comparison")
+    if comp is None:
+        lines.append({"cls": "", "text": f"Target ({targets}): {summary.get('note', '')}"})
+    else:
+        rows = Comparison.from_json(comp, "stats/heldout_target.json").rows
+        pooled = [r for r in rows if r.category == ALL and r.context_condition != ALL]
+        n = summary.get("n_items", 0)
+        head = (
+            f"Target ({targets}) on scenarios held out of training ({n} items; the honest "
+            "test of whether the alignment worked):"
+        )
+        lines.append(
+            {"cls": "", "text": " ".join([head, *(_context_line(r) + "." for r in pooled)])}
+        )
+    in_sample = summary.get("in_sample")
+    if isinstance(in_sample, Mapping):
+        lines.append(
+            {
+                "cls": "",
+                "text": f"{summary.get('n_in_sample', 0)} evaluated target items lie on "
+                "scenarios the model was trained on: in-sample, not evidence of "
+                "generalisation; they are left out of every table below "
+                "(stats/heldout_target.json keeps their comparison).",
+            }
+        )
+    return lines
