@@ -483,7 +483,7 @@ def test_cli_writes_predictions(tiny_dir: Path, mini_bbq: Path, tmp_path: Path) 
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--prompt-format", "yaml", "--all"], "prompt_format"),
+        (["--prompt-format", "yaml", "--all"], "--prompt-format='yaml'"),
         (["--per-stratum", "2", "--items", "ITEMS"], "exactly one of"),
         (["--all", "--model", "MISSING"], "no such folder"),
         (["--all", "--adapter", "NOADAPTER"], "adapter_config.json"),

@@ -74,13 +74,13 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
         "smollm2-135m": Preset(
             model="smollm2-135m",
             note="CPU-friendly: 135M parameters train in float32 without checkpointing; "
-            "a high LoRA learning rate so a short run moves the model.",
+            "learning rate and beta chosen by bench/preset_sweep.py on held-out scenarios.",
             values={
                 "lora_r": 16,
                 "lora_alpha": 32,
                 "lora_dropout": 0.05,
                 "target_modules": LLAMA_LIKE_MODULES,
-                "learning_rate": 5e-4,
+                "learning_rate": 1e-4,
                 "beta": 0.1,
                 "batch_size": 8,
                 "grad_accum": 1,

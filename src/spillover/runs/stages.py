@@ -182,14 +182,9 @@ def _run_prefs(ctx: Context) -> StageResult:
 
 
 def _align_key(ctx: Context) -> dict[str, Any]:
-    return {
-        **_base(ctx),
-        "align": dict(ctx.cfg.align),
-        "method": ctx.sub.method,
-        "seed": ctx.sub.seed,
-        "device": ctx.cfg.device,
-        "pairs": _digest(ctx, f"{PAIRS_DIR}/train.parquet"),
-    }
+    # the resolved config (preset values included), so a changed preset retrains
+    resolved = dataclasses.asdict(ctx.cfg.align_for(ctx.sub, ADAPTER_DIR))
+    return {**_base(ctx), "align": resolved, "pairs": _digest(ctx, f"{PAIRS_DIR}/train.parquet")}
 
 
 def _run_align(ctx: Context) -> StageResult:
