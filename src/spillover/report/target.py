@@ -28,9 +28,9 @@ def _context_line(rec: StratumRecord) -> str:
     verdict = "significant" if rec.significant else "not significant"
     p = fmt_p(rec.p_value) if rec.p_value == rec.p_value else "n/a"
     return (
-        f"{rec.context_condition}: accuracy {_pct(rec.acc_base)} -> {_pct(rec.acc_aligned)} "
+        f"{rec.context_condition}: accuracy {_pct(rec.acc_base)} → {_pct(rec.acc_aligned)} "
         f"({100 * rec.delta_accuracy:+.1f} points, p = {p}, {verdict}; {rec.n} items, "
-        f"{rec.n_clusters} scenarios), 'unknown' answers {_pct(rec.unknown_rate_base)} -> "
+        f"{rec.n_clusters} scenarios), 'unknown' answers {_pct(rec.unknown_rate_base)} → "
         f"{_pct(rec.unknown_rate_aligned)}"
     )
 
