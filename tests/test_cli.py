@@ -52,6 +52,9 @@ def test_data_info_on_mini(mini_dir: Path, tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     assert summary["n_items"] == 180 and summary["verified"] is False
     assert "UNVERIFIED" in summary["warnings"][0]
+    # off a terminal (a batch log) the table keeps its natural width: no name cut to "…"
+    assert "Disability_status" in result.output and "Sexual_orientation" in result.output
+    assert "amb nonneg" in result.output and "…" not in result.output
 
 
 def _bad_copy(mini_dir: Path, tmp_path: Path, line: str) -> Path:

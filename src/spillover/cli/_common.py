@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -30,6 +31,22 @@ from ..errors import SpilloverError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_table(table: Any) -> None:
+    """Print a table on :data:`console`; off a terminal (a log, a pipe) at its natural width,
+    so names are not cut to ``…`` at rich's default 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width  # rich caps print(width=...) at the console's own width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
 
 DEBUG_ENV = "SPILLOVER_DEBUG"
 """Set to 1 to see the traceback of every error (as ``--debug`` does)."""

@@ -29,7 +29,15 @@ from rich.table import Table
 from ..align import PRESET_FIELDS, AlignConfig, PrefsConfig
 from ..data import BBQSource
 from ..errors import ConfigError
-from ._common import AllowUnverifiedOption, BBQDirOption, console, err_console, path_text, warn
+from ._common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    console,
+    err_console,
+    path_text,
+    print_table,
+    warn,
+)
 from ._options import Opt, config_options, with_options
 
 PREFS_OPTIONS = config_options(PrefsConfig, exclude=("targets",))
@@ -110,7 +118,7 @@ def prefs_command(
             str(pairs.counts["heldout_scenarios"].get(cat, 0)),
             ", ".join(map(str, pairs.heldout_templates.get(cat, ()))),
         )
-    console.print(table)
+    print_table(table)
     counts = pairs.counts
     console.print(
         f"{counts['train_pairs']} training pairs, {counts['heldout_pairs']} held-out "

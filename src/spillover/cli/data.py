@@ -15,6 +15,7 @@ from ._common import (
     CacheDirOption,
     console,
     download_progress,
+    print_table,
     warn,
 )
 
@@ -110,7 +111,7 @@ def data_info(
         table.add_row(*(str(row[c]) for c in cols))
     per = summary["per_category"]
     table.add_row("total", *(str(sum(r[c] for r in per)) for c in cols[1:]), style="bold")
-    console.print(table)
+    print_table(table)
     n_ver = sum(f["verified"] for f in summary["files"].values())
     status = "all verified" if summary["verified"] else "NOT ALL VERIFIED"
     console.print(

@@ -31,6 +31,7 @@ from ._common import (
     console,
     err_console,
     path_text,
+    print_table,
     warn,
 )
 from ._options import config_options, with_options
@@ -166,7 +167,7 @@ def _print_summary(
         table.add_column(col, justify="right")
     for row in summarize_predictions(preds):
         table.add_row(*(_fmt(row[c]) for c in (*cols, *extra)))
-    console.print(table)
+    print_table(table)
     stats = read_metadata(out).get("scorer_stats", {})
     if stats.get("boundary_merges") or stats.get("split_requests"):
         err_console.print(

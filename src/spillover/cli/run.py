@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._common import console, err_console, warn
+from ._common import console, err_console, print_table, warn
 
 # labels of the stages (the stage table's), and of the sweep's combined report
 _EXTRA_LABELS = {"combined-report": "write combined report"}
@@ -191,6 +191,6 @@ def _print_summary(run_dir: Path) -> None:
             change,
         )
     if rows:
-        console.print(table)
+        print_table(table)
     else:
         console.print(f"{run_dir}: no stratum changed significantly after correction")

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from ..data import BBQSource
 from ..stats import DEFAULT_BY, CompareConfig
-from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, warn
+from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
 from ._options import config_options, with_options
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def _print_metrics(report: MetricsReport) -> None:
         if has_mass:
             row.append(_num(rec["unknown_mass"]))
         table.add_row(*row)
-    console.print(table)
+    print_table(table)
 
 
 @with_options(COMPARE_OPTIONS)
@@ -202,7 +202,7 @@ def _print_comparison(result: Comparison) -> None:
             ", ".join(rec["flags"]),
             style=style,
         )
-    console.print(table)
+    print_table(table)
     for flag in result.flags:
         console.print(Text(f"{flag.kind}: {flag.message}", style="bold"), soft_wrap=False)
     if "spillover" in summary:
