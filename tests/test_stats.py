@@ -859,3 +859,30 @@ def test_collapse_guard_names_each_shortcut_and_spares_a_healthy_model() -> None
         _mix_frame([0] * 10 + [1] * 2 + [0] * 8, ctx), _mix_frame([0] * 18 + [1, 1], ctx)
     )
     assert edge["aligned"]["position_share"][0] == 0.9 and not edge["collapsed"]
+
+
+def test_load_and_compare_leaves_out_trained_on_templates(mini_dir: Path, tmp_path: Path) -> None:
+    """`heldout_only`: a listed category keeps only its listed templates, the others stay whole,
+    and a warning counts what was left out."""
+    from spillover.data import load_bbq
+    from spillover.stats import CompareConfig, load_and_compare
+
+    data = load_bbq(mini_dir, allow_unverified=True)
+    frame = data.frame()
+    preds = frame[["category", "example_id"]].assign(pred_index=frame["label"])
+    preds.to_csv(tmp_path / "base.csv", index=False)
+    preds.to_csv(tmp_path / "aligned.csv", index=False)
+    gender = frame[frame["category"] == "Gender_identity"]
+    keep = {int(q) for q in sorted(gender["question_index"].unique())[:1]}
+    n_gender_kept = int(gender["question_index"].isin(keep).sum())
+    cfg = CompareConfig(bootstrap=0, targets=("Gender_identity",))
+    result = load_and_compare(
+        tmp_path / "base.csv", tmp_path / "aligned.csv", data, cfg,
+        heldout_only={"Gender_identity": keep},
+    )  # fmt: skip
+    rows = {(r.category, r.context_condition): r.n for r in result.rows}
+    n_gender = sum(n for (c, ctx), n in rows.items() if c == "Gender_identity" and ctx != "all")
+    assert n_gender == n_gender_kept < len(gender)
+    assert rows[("all", "all")] == len(frame) - (len(gender) - n_gender_kept)
+    note = f"{len(gender) - n_gender_kept} Gender_identity item(s) on scenarios the aligned model"
+    assert any(w.startswith(note) for w in result.warnings)

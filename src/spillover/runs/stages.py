@@ -243,7 +243,7 @@ def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]
     """The target on held-out scenarios (the honest answer to "did the alignment work"),
     its answer mix with the collapse guard, and, apart and labelled so, any evaluated
     target items the model was trained on."""
-    from ..stats import answer_mix, compare_runs, join_with_bbq, read_predictions
+    from ..stats import answer_mix, compare_runs, join_with_bbq, on_templates, read_predictions
 
     rd = ctx.run_dir
     cfg = dataclasses.replace(ctx.cfg.compare_for(ctx.sub), bootstrap=0)
@@ -251,9 +251,8 @@ def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]
     for rel in (PREDICTION_FILES["base"], PREDICTION_FILES["aligned"]):
         df = join_with_bbq(read_predictions(rd / rel, permutation=cfg.permutation), ctx.data)
         df = df[df["category"].isin(ctx.sub.target)]
-        keys = zip(df["category"], df["question_index"].astype(int), strict=True)
-        on_held = [q in held.get(c, set()) for c, q in keys]
-        frames.append((df[on_held], df[[not h for h in on_held]]))
+        on_held = on_templates(df, {c: held.get(c, set()) for c in ctx.sub.target})
+        frames.append((df[on_held], df[~on_held]))
     (hb, tb), (ha, ta) = frames
     summary: dict[str, Any] = {
         "targets": list(ctx.sub.target),

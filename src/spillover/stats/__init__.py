@@ -69,7 +69,7 @@ if TYPE_CHECKING:
         signflip_interval,
         signflip_test,
     )
-    from .compare import compare_runs, load_and_compare
+    from .compare import compare_runs, load_and_compare, on_templates
     from .guard import COLLAPSE_SHARE, UNKNOWN_RISE, answer_mix
     from .io import (
         IDENTITY_PERMUTATION,
@@ -103,7 +103,7 @@ _LAZY = {
         "signflip_distribution",
         "signflip_test",
     ),
-    "compare": ("compare_runs", "load_and_compare"),
+    "compare": ("compare_runs", "load_and_compare", "on_templates"),
     "guard": ("COLLAPSE_SHARE", "UNKNOWN_RISE", "answer_mix"),
     "io": (
         "IDENTITY_PERMUTATION",
@@ -179,6 +179,7 @@ __all__ = [
     "mcnemar_test",
     "minimum_detectable_change",
     "normalize_by",
+    "on_templates",
     "paired_difference_ci",
     "percentile_interval",
     "read_predictions",

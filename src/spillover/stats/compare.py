@@ -405,23 +405,25 @@ def load_and_compare(
     return result
 
 
+def on_templates(df: pd.DataFrame, templates: Mapping[str, Collection[int]]) -> np.ndarray:
+    """Which rows of a joined frame lie outside the listed categories or on their listed
+    templates (``question_index``): the rows a held-out comparison keeps."""
+    keys = zip(df["category"], df["question_index"].astype(int), strict=True)
+    return np.array([c not in templates or q in templates[c] for c, q in keys], dtype=bool)
+
+
 def _keep_heldout(
     jb: pd.DataFrame, ja: pd.DataFrame, heldout_only: Mapping[str, Collection[int]]
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    notes: list[str] = []
-    out = []
+    kept = []
     for df in (jb, ja):
-        keys = zip(df["category"], df["question_index"].astype(int), strict=True)
-        keep = np.array(
-            [c not in heldout_only or q in heldout_only[c] for c, q in keys], dtype=bool
-        )
-        kept = df[keep]
-        kept.attrs = dict(df.attrs)
-        out.append((kept, df[~keep]))
-    dropped = out[0][1]
-    for cat, n in dropped.groupby("category", sort=True).size().items():
-        notes.append(
-            f"{n} {cat} item(s) on scenarios the aligned model was trained on are left out "
-            "of this comparison (they are not evidence of generalisation)"
-        )
-    return out[0][0], out[1][0], notes
+        part = df[on_templates(df, heldout_only)]
+        part.attrs = dict(df.attrs)
+        kept.append(part)
+    dropped = jb[~on_templates(jb, heldout_only)]
+    notes = [
+        f"{n} {cat} item(s) on scenarios the aligned model was trained on are left out "
+        "of this comparison (they are not evidence of generalisation)"
+        for cat, n in dropped.groupby("category", sort=True).size().items()
+    ]
+    return kept[0], kept[1], notes
