@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
 import http.server
+import io
 import json
 import os
+import re
 import shutil
+import stat
+import struct
 import threading
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from cli_runner import invoke
 from spillover.data import (
     BBQ_SHA256,
     CATEGORIES,
@@ -28,6 +36,7 @@ from spillover.data import (
     select_items,
     summarize,
 )
+from spillover.data import load as bbq_load
 from spillover.errors import ConfigError, DataError
 
 # Per category: (ambig, disambig) item counts of the official release.
@@ -289,22 +298,19 @@ def test_cache_is_used_without_a_folder(
 
 
 def test_parsed_items_cached_by_content(mini_dir: Path, tmp_path: Path) -> None:
-    import marshal
-
     cache = tmp_path / "cache"
     first = load_bbq(mini_dir, cache_dir=cache, allow_unverified=True)
-    (cached,) = (cache / "bbq" / "parsed").glob("*.marshal")
+    (cached,) = (cache / "bbq" / "parsed").glob("*.items")
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cached.parent.stat().st_mode) == 0o700
+    written = cached.stat()
     again = load_bbq(mini_dir, cache_dir=cache, allow_unverified=True)
     assert again.items == first.items and again.files == first.files
-
-    # the cache is what a second load reads: plant a changed question in it
-    fields, rows = marshal.loads(cached.read_bytes())
-    qpos = list(fields).index("question")
-    rows = [(*r[:qpos], "PLANTED", *r[qpos + 1 :]) for r in rows]
-    cached.write_bytes(marshal.dumps((fields, rows)))
-    assert {
-        it.question for it in load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).items
-    } == {"PLANTED"}
+    # a valid entry is read, not parsed again and rewritten
+    assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == (
+        written.st_ino,
+        written.st_mtime_ns,
+    )
 
     # a changed data file has another digest, so another cache entry: parsed afresh
     root = copy_mini(mini_dir, tmp_path / "bbq")
@@ -312,12 +318,207 @@ def test_parsed_items_cached_by_content(mini_dir: Path, tmp_path: Path) -> None:
     age.write_text(age.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     fresh = load_bbq(root, cache_dir=cache, allow_unverified=True)
     assert fresh.items == first.items
-    assert len(list((cache / "bbq" / "parsed").glob("*.marshal"))) == 2
+    assert len(list((cache / "bbq" / "parsed").glob("*.items"))) == 2
 
-    # an unreadable entry is ignored and rewritten
-    cached.write_bytes(b"not marshal")
-    assert load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).items == first.items
-    assert marshal.loads(cached.read_bytes())[1][0][qpos] != "PLANTED"
+
+def test_parsed_cache_layout_lists_every_item_field() -> None:
+    assert tuple(bbq_load._KINDS) == tuple(f.name for f in dataclasses.fields(BBQItem))
+
+
+def test_parsed_cache_folder_made_private(mini_dir: Path, tmp_path: Path) -> None:
+    parsed = tmp_path / "cache" / "bbq" / "parsed"
+    parsed.mkdir(parents=True, mode=0o755)
+    os.chmod(parsed, 0o755)
+    stale = parsed / f"{'0' * 32}.marshal"  # an entry of the previous layout
+    stale.write_bytes(b"old")
+    load_bbq(mini_dir, cache_dir=tmp_path / "cache", allow_unverified=True)
+    assert stat.S_IMODE(parsed.stat().st_mode) == 0o700
+    assert not stale.exists()
+    assert [stat.S_IMODE(p.stat().st_mode) for p in parsed.iterdir()] == [0o600]
+
+
+# --------------------------------------------------------------------------- parsed cache
+
+_START = len(bbq_load._PARSED_MAGIC) + bbq_load._PARSED_HEADER.size
+_N_MINI = 180
+
+
+def _write_entry(path: Path, payload: bytes, digest: bytes) -> None:
+    header = bbq_load._PARSED_MAGIC + bbq_load._PARSED_HEADER.pack(len(payload), digest)
+    path.write_bytes(header + payload)
+
+
+def _sign(key: bytes, payload: bytes) -> bytes:
+    return hashlib.sha256(key + payload).digest()
+
+
+Tamper = Callable[[Path, bytes], None]
+Mutate = Callable[[Path], None]
+
+
+def _forge(change: Callable[[dict[str, list[object]]], None], *, resign: bool = True) -> Tamper:
+    """Rewrite the entry with ``change`` applied to its fields: with a digest that matches
+    (as someone who can write the cache could), or keeping the old one."""
+
+    def tamper(path: Path, key: bytes) -> None:
+        blob = path.read_bytes()
+        col, why = bbq_load._decode_items(memoryview(blob)[_START:], _N_MINI)
+        assert col is not None, why
+        change(col)
+        items = [BBQItem(*values) for values in zip(*col.values(), strict=True)]
+        payload = bbq_load._encode_items(items)
+        old = bbq_load._PARSED_HEADER.unpack_from(blob, len(bbq_load._PARSED_MAGIC))[1]
+        _write_entry(path, payload, _sign(key, payload) if resign else old)
+
+    return tamper
+
+
+def _patch_number(section: int, value: int, index: int = 0) -> Tamper:
+    """Set one int64 of the payload (in the table of section sizes when ``section`` is -1),
+    then sign the entry again."""
+
+    def tamper(path: Path, key: bytes) -> None:
+        payload = bytearray(path.read_bytes()[_START:])
+        sizes = struct.unpack_from(f"={bbq_load._SECTIONS}q", payload)
+        at = 0 if section < 0 else 8 * bbq_load._SECTIONS + sum(sizes[:section])
+        struct.pack_into("=q", payload, at + 8 * index, value)
+        _write_entry(path, bytes(payload), _sign(key, bytes(payload)))
+
+    return tamper
+
+
+def _field(name: str) -> int:
+    return list(bbq_load._KINDS).index(name)
+
+
+def _age(col: dict[str, list[object]]) -> list[int]:
+    return [i for i, c in enumerate(col["category"]) if c == "Age"]
+
+
+def _flip_age_labels(col: dict[str, list[object]]) -> None:
+    for i in _age(col):
+        col["label"][i] = (int(col["label"][i]) + 1) % 3  # type: ignore[call-overload]
+
+
+def _script_contexts(col: dict[str, list[object]]) -> None:
+    col["context"] = [f"<script>alert(1)</script>{c}" for c in col["context"]]
+
+
+def _negative_id(col: dict[str, list[object]]) -> None:
+    col["example_id"][_age(col)[0]] = -5
+
+
+def _drop_an_age_item(col: dict[str, list[object]]) -> None:
+    last = _age(col)[-1]
+    for values in col.values():
+        del values[last]
+
+
+def _move_targets(col: dict[str, list[object]]) -> None:
+    # the other answer that is not "unknown": still a valid value, but not the metadata's
+    col["target_loc"] = [
+        t if t is None else 3 - t - u  # type: ignore[operator]
+        for t, u in zip(col["target_loc"], col["unknown_loc"], strict=True)
+    ]
+
+
+def _raw(data: Callable[[bytes], bytes]) -> Tamper:
+    def tamper(path: Path, key: bytes) -> None:
+        path.write_bytes(data(path.read_bytes()))
+
+    return tamper
+
+
+def _claims_huge_length(path: Path, key: bytes) -> None:
+    blob = path.read_bytes()
+    _, digest = bbq_load._PARSED_HEADER.unpack_from(blob, len(bbq_load._PARSED_MAGIC))
+    path.write_bytes(
+        bbq_load._PARSED_MAGIC + bbq_load._PARSED_HEADER.pack(2**62, digest) + blob[_START:]
+    )
+
+
+def _too_big(path: Path, key: bytes) -> None:
+    with path.open("r+b") as fh:
+        fh.truncate(bbq_load._PARSED_MAX_BYTES + 1)  # sparse: no disk used
+
+
+def _group_writable(path: Path, key: bytes) -> None:
+    os.chmod(path, 0o664)
+
+
+def _symlinked(path: Path, key: bytes) -> None:
+    real = path.with_name("elsewhere")
+    path.rename(real)
+    path.symlink_to(real)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_forge(_flip_age_labels, resign=False), "content does not match its SHA-256"),
+        (_forge(_flip_age_labels), "differs from Age.jsonl in 'label'"),
+        (_forge(_script_contexts), "in 'context'"),
+        (_forge(_negative_id), "'example_id' holds a value the parser never makes"),
+        (_forge(_drop_an_age_item), "items do not match the 180 records of the category files"),
+        (_forge(_move_targets), "differs from additional_metadata.csv"),
+        (_patch_number(_field("context"), 10**9), "'context' holds a value the parser never"),
+        (_patch_number(_field("label"), 7), "'label' holds a value the parser never makes"),
+        (_patch_number(-1, 2**62), "its sections do not add up to its size"),
+        (_patch_number(bbq_load._SECTIONS - 4, 2**62), "its tuple table is inconsistent"),
+        (_claims_huge_length, "where its header says 4,611,686,018,427,387,904"),
+        (_raw(lambda b: b[: len(b) // 2]), "where its header says"),
+        (_raw(lambda b: b"not an entry"), "not a parsed-BBQ entry"),
+        (_raw(lambda b: b[:_START] + b"\x00" + b[_START:]), "where its header says"),
+        (_too_big, "67,108,865 bytes, more than the 67,108,864 accepted"),
+        (_group_writable, "owned or writable by another user"),
+        (_symlinked, "(a symlink)"),
+    ],
+    ids=[
+        "labels-old-digest",
+        "labels-new-digest",
+        "script-contexts",
+        "negative-id",
+        "dropped-item",
+        "moved-targets",
+        "string-code-out-of-range",
+        "label-7",
+        "section-claims-huge-size",
+        "tuple-claims-huge-size",
+        "header-claims-huge-length",
+        "truncated",
+        "garbage",
+        "extra-byte",
+        "too-big",
+        "group-writable",
+        "symlink",
+    ],
+)
+def test_tampered_parsed_cache_is_parsed_again(
+    mini_dir: Path, tmp_path: Path, tamper: Tamper, reason: str
+) -> None:
+    cache = tmp_path / "cache"
+    out = tmp_path / "info.json"
+    args = ["data", "info", "--bbq-dir", str(mini_dir), "--allow-unverified"]
+    args += ["--cache-dir", str(cache), "--json", str(out)]
+    assert invoke(args).exit_code == 0
+    expected = json.loads(out.read_text(encoding="utf-8"))
+    items = load_bbq(mini_dir, cache_dir=tmp_path / "other", allow_unverified=True).items
+    (entry,) = (cache / "bbq" / "parsed").glob("*.items")
+    checks = load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).files
+    tamper(entry, bbq_load._parsed_key(checks, CATEGORIES))
+    others = {p.name: p.read_bytes() for p in entry.parent.iterdir() if p != entry}
+
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "ignoring the parsed-BBQ cache entry" in text and reason in text
+    assert json.loads(out.read_text(encoding="utf-8")) == expected
+    assert "(all verified)" not in text  # the mini data is unverified: no false claim
+    # the entry was rewritten as a valid, private file and is used from now on
+    assert not entry.is_symlink() and stat.S_IMODE(entry.stat().st_mode) == 0o600
+    assert {p.name: p.read_bytes() for p in entry.parent.iterdir() if p != entry} == others
+    assert "ignoring" not in invoke(args).output
+    assert load_bbq(mini_dir, cache_dir=cache, allow_unverified=True).items == items
 
 
 def test_env_folder_wins(mini_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -464,3 +665,344 @@ def test_one_changed_byte_refused(full_bbq_dir: Path, tmp_path: Path, name: str)
         DataError, match=rf"{name}: SHA-256 mismatch: expected {BBQ_SHA256[name]}, got "
     ):
         load_bbq(root, categories=cat or ["religion"])
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every entry under ``root``: bytes of files, link targets, kinds of the rest."""
+    out: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        mode = path.lstat().st_mode
+        rel = str(path.relative_to(root))
+        if stat.S_ISLNK(mode):
+            out[rel] = ("link", os.readlink(path))
+        elif stat.S_ISREG(mode):
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = stat.S_IFMT(mode)
+    return out
+
+
+def _one_line_error(result: object) -> str:
+    output = getattr(result, "output", "")
+    assert getattr(result, "exit_code", None) == 1, output
+    assert "Traceback" not in output
+    tail = output[output.index("error:") :].strip()
+    assert "\n" not in " ".join(tail.split("\n  "))  # one message (rich may wrap it)
+    return " ".join(tail.split())
+
+
+def _set_line3(change: Callable[[dict[str, object]], object]) -> Mutate:
+    """Replace line 3 of Age.jsonl with ``change(record)`` (a dict is dumped as JSON)."""
+
+    def mutate(root: Path) -> None:
+        path = root / "data" / "Age.jsonl"
+        lines = path.read_bytes().split(b"\n")
+        new = change(json.loads(lines[2]))
+        lines[2] = new if isinstance(new, bytes) else json.dumps(new).encode()
+        path.write_bytes(b"\n".join(lines))
+
+    return mutate
+
+
+def _line3_raw(old: bytes, new: bytes) -> Mutate:
+    return _set_line3(lambda r: json.dumps(r).encode().replace(old, new, 1))
+
+
+def _meta_replace(old: bytes, new: bytes) -> Mutate:
+    def mutate(root: Path) -> None:
+        path = root / METADATA_FILE
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new, 1))
+
+    return mutate
+
+
+def _meta_without(keep: Callable[[int], bool]) -> Mutate:
+    """Keep only the metadata records whose index (0 = first after the header) passes."""
+
+    def mutate(root: Path) -> None:
+        path = root / METADATA_FILE
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+        with path.open("w", encoding="utf-8", newline="") as fh:
+            csv.writer(fh).writerows([rows[0], *(r for i, r in enumerate(rows[1:]) if keep(i))])
+
+    return mutate
+
+
+def _age_as(make: Callable[[Path], None]) -> Mutate:
+    def mutate(root: Path) -> None:
+        path = root / "data" / "Age.jsonl"
+        path.unlink()
+        make(path)
+
+    return mutate
+
+
+def _meta_folder(root: Path) -> None:
+    (root / METADATA_FILE).unlink()
+    (root / METADATA_FILE).mkdir()
+
+
+_ROW2 = b'"Race_x_gender","1","0","1","label"'
+_DEEP = b"[" * 50_000 + b"]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (
+            _set_line3(lambda r: {**r, "example_id": 99999999999999999999}),
+            "Age.jsonl:3: field 'example_id'=99999999999999999999; expected an integer in "
+            "[0, 2**63)",
+        ),
+        (
+            _line3_raw(b'"example_id": 2', b'"example_id": 1e20'),
+            "Age.jsonl:3: field 'example_id'=1e+20",
+        ),
+        (_set_line3(lambda r: {**r, "example_id": True}), "Age.jsonl:3: field 'example_id'=True"),
+        (
+            _set_line3(lambda r: {**r, "question_index": "99999999999999999999"}),
+            "Age.jsonl:3: field 'question_index'='99999999999999999999'",
+        ),
+        (
+            _line3_raw(b"grandson", b"grand\xffson"),
+            "Age.jsonl:3: field 'answer_info.ans1[0]' is not valid UTF-8",
+        ),
+        (
+            _set_line3(lambda r: {**r, "context": "x" * 200_000}),
+            "Age.jsonl:3: field 'context' is 200,000 characters long; expected at most 131,072",
+        ),
+        (
+            # a JSON value nested 50,000 deep (the line stays under the length bound)
+            _line3_raw(b'"example_id": 2', b'"x": ' + _DEEP + b', "example_id": 2'),
+            "Age.jsonl:3: JSON nested too deeply",
+        ),
+        (
+            _line3_raw(b'"example_id": 2', b'"example_id": ' + b"9" * 5000),
+            "Age.jsonl:3: malformed JSON: a number with too many digits",
+        ),
+        (
+            _meta_without(lambda i: i < 40),
+            f"{METADATA_FILE}: no metadata row for 140 of 180 items, every item of "
+            "Disability_status, Gender_identity",
+        ),
+        (_meta_without(lambda i: i not in (5, 6)), "no metadata row for 2 of 180 items"),
+        (
+            _meta_replace(b"drug use", b"drug \xff use"),
+            f"{METADATA_FILE}:2: field 'Relevant_social_values' is not valid UTF-8",
+        ),
+        (
+            _meta_replace(b"drug use", b"x" * 200_000),
+            f"{METADATA_FILE}:2: field 'Relevant_social_values' is longer than 131,072 characters",
+        ),
+        (
+            _meta_replace(_ROW2, _ROW2.replace(b'"0"', b'"99999999999999999999"')),
+            f"{METADATA_FILE}:2: field 'example_id'='99999999999999999999'; expected an integer",
+        ),
+        (
+            _meta_replace(_ROW2, _ROW2.replace(b'"0"', b'"1e20"')),
+            f"{METADATA_FILE}:2: field 'example_id'='1e20'",
+        ),
+        (_age_as(lambda p: p.mkdir()), "Age.jsonl: is a folder; expected a regular BBQ file"),
+        (_age_as(lambda p: p.symlink_to(p.name)), "Age.jsonl: symlink loop"),
+        (
+            _age_as(lambda p: p.symlink_to("gone.jsonl")),
+            "Age.jsonl: broken symlink (to gone.jsonl)",
+        ),
+        (_age_as(lambda p: os.mkfifo(p)), "Age.jsonl: not a regular file"),
+        (_meta_folder, f"{METADATA_FILE}: is a folder"),
+    ],
+    ids=[
+        "id-overflow",
+        "id-1e20",
+        "id-true",
+        "template-overflow",
+        "jsonl-bad-utf8",
+        "jsonl-long-field",
+        "jsonl-deep",
+        "jsonl-long-number",
+        "meta-truncated",
+        "meta-2-missing",
+        "meta-bad-utf8",
+        "meta-long-field",
+        "meta-id-overflow",
+        "meta-id-1e20",
+        "file-is-folder",
+        "symlink-loop",
+        "broken-symlink",
+        "fifo",
+        "meta-is-folder",
+    ],
+)
+def test_bad_bbq_files_one_line_nothing_written(
+    mini_dir: Path, tmp_path: Path, mutate: Mutate, needle: str
+) -> None:
+    root = copy_mini(mini_dir, tmp_path / "bbq")
+    mutate(root)
+    before = _tree(root)
+    out, cache = tmp_path / "info.json", tmp_path / "cache"
+    args = ["data", "info", "--bbq-dir", str(root), "--allow-unverified"]
+    message = _one_line_error(invoke([*args, "--cache-dir", str(cache), "--json", str(out)]))
+    assert needle in message
+    assert _tree(root) == before
+    assert not out.exists() and not cache.exists()
+
+
+def test_metadata_bom_and_a_missing_row_accepted(
+    mini_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = load_bbq(mini_dir, cache_dir=tmp_path / "c1", allow_unverified=True)
+    root = copy_mini(mini_dir, tmp_path / "bom")
+    meta = root / METADATA_FILE
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
+    age = root / "data" / "Age.jsonl"
+    age.write_bytes(b"\xef\xbb\xbf" + age.read_bytes())
+    assert load_bbq(root, cache_dir=tmp_path / "c2", allow_unverified=True).items == plain.items
+    # parsed, cached, and the entry then read back (its spot checks handle the BOM)
+    with caplog.at_level("WARNING"):
+        assert load_bbq(root, cache_dir=tmp_path / "c2", allow_unverified=True).items == plain.items
+    assert not caplog.records
+
+    one = copy_mini(mini_dir, tmp_path / "one")
+    _meta_without(lambda i: i != 5)(one)  # 1 of 180 items (0.6 %) without metadata: a quirk
+    data = load_bbq(one, cache_dir=tmp_path / "c3", allow_unverified=True)
+    missing = [it for it in data.items if "metadata_missing" in it.flags]
+    assert len(missing) == 1 and missing[0].target_loc is None
+
+
+@pytest.mark.fulldata
+def test_full_metadata_covers_every_item(full_bbq) -> None:  # type: ignore[no-untyped-def]
+    # the 1 % rule can never fire on the pinned files: no item lacks metadata
+    assert not [it for it in full_bbq.items if "metadata_missing" in it.flags]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
+def test_unreadable_file_named(mini_dir: Path, tmp_path: Path) -> None:
+    root = copy_mini(mini_dir, tmp_path / "bbq")
+    age = root / "data" / "Age.jsonl"
+    age.chmod(0)
+    try:
+        args = ["data", "info", "--bbq-dir", str(root), "--allow-unverified"]
+        result = invoke([*args, "--cache-dir", str(tmp_path / "c")])
+        assert f"{age}: cannot read (Permission denied)" in _one_line_error(result)
+    finally:
+        age.chmod(0o644)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        (
+            "items.csv",
+            b"category,example_id\nAge,\xff1\n",
+            "items.csv:2: field 'example_id' is not valid UTF-8",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": "Age", "example_id": 1}\n{"category": "A\xffge", "example_id": 1}\n',
+            "items.jsonl:2: field 'category' is not valid UTF-8",
+        ),
+        (
+            "items.csv",
+            b"category,example_id\nAge,1e20\n",
+            "items.csv:2: field 'example_id'='1e20'; expected an integer in [0, 2**63)",
+        ),
+        ("items.csv", b"category,example_id\nAge,true\n", "items.csv:2: field 'example_id'='true'"),
+        (
+            "items.csv",
+            b"category,example_id\nAge,99999999999999999999\n",
+            "items.csv:2: field 'example_id'='99999999999999999999'",
+        ),
+        ("items.csv", b"category,example_id\nAge,-1\n", "items.csv:2: field 'example_id'='-1'"),
+        (
+            "items.jsonl",
+            b'{"category": "Age", "example_id": 1e20}\n',
+            "items.jsonl:1: field 'example_id'=1e+20",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": "Age", "example_id": true}\n',
+            "items.jsonl:1: field 'example_id'=True",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": "Age", "example_id": 1.5}\n',
+            "items.jsonl:1: field 'example_id'=1.5",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": 5, "example_id": 1}\n',
+            "items.jsonl:1: field 'category'=5; expected a category name",
+        ),
+        (
+            "items.csv",
+            b"category,example_id\n" + b"A" * 200_000 + b",1\n",
+            "items.csv:2: field 'category' is longer than 131,072 characters",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": "' + b"A" * 200_000 + b'", "example_id": 1}\n',
+            "items.jsonl:1: field 'category' is 200,000 characters long",
+        ),
+        (
+            "items.jsonl",
+            b'{"category": "Age", "example_id": 1, "x": ' + _DEEP + b"}\n",
+            "items.jsonl:1: JSON nested too deeply",
+        ),
+        (
+            "items.csv",
+            b"cat,example_id\nAge,1\n",
+            "items.csv:1: missing column(s) 'category' in header",
+        ),
+    ],
+    ids=[
+        "csv-bad-utf8",
+        "jsonl-bad-utf8",
+        "csv-1e20",
+        "csv-true",
+        "csv-overflow",
+        "csv-negative",
+        "jsonl-1e20",
+        "jsonl-true",
+        "jsonl-fraction",
+        "jsonl-category-number",
+        "csv-long-field",
+        "jsonl-long-field",
+        "jsonl-deep",
+        "csv-no-column",
+    ],
+)
+def test_bad_item_lists_named(tmp_path: Path, name: str, content: bytes, needle: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_item_list(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_item_list_bom_folder_and_absent_keys(mini_dir: Path, tmp_path: Path) -> None:
+    from spillover.data import Selection
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfcategory,example_id\r\nAge,1\r\n")
+    assert read_item_list(bom) == [("Age", 1)]
+    with pytest.raises(DataError, match=r"folder\.csv: is a folder; expected a CSV or JSONL"):
+        (tmp_path / "folder.csv").mkdir()
+        read_item_list(tmp_path / "folder.csv")
+
+    items = load_bbq(mini_dir, cache_dir=tmp_path / "c", allow_unverified=True).items
+    listed = tmp_path / "items.csv"
+    listed.write_text("category,example_id\nAge,1\nAge,99999\nreligion,77777\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{re.escape(str(listed))}:3: Age/99999 is not in BBQ \(and 1 more listed item",
+    ):
+        Selection(items=str(listed)).apply(items)
+    listed.write_text("category,example_id\nAge,1\n", encoding="utf-8")
+    assert [it.key for it in Selection(items=str(listed)).apply(items)] == [("Age", 1)]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +11,15 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .items import CATEGORIES, CONTEXTS, POLARITIES, BBQItem, resolve_categories, resolve_category
-from .parse import line_error
+from .parse import (
+    as_id,
+    csv_rows,
+    decode_utf8,
+    line_error,
+    load_json_line,
+    short_repr,
+)
+from .sources import read_limited
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +86,24 @@ class Selection:
             DataError: the item list is unreadable.
             ConfigError: listed keys are not in ``items``.
         """
+        keys = None
+        if self.items is not None:
+            entries = read_item_entries(self.items)
+            available = {it.key for it in items}
+            absent = [(key, line) for key, line in entries if key not in available]
+            if absent:
+                (cat, eid), line = absent[0]
+                more = f" (and {len(absent) - 1} more listed item(s))" if len(absent) > 1 else ""
+                raise ConfigError(
+                    f"{self.items}:{line}: {cat}/{eid} is not in BBQ{more}; expected keys of "
+                    "loaded BBQ items (check the category and example_id, and --categories)"
+                )
+            keys = [key for key, _ in entries]
         chosen = select_items(
             items,
             categories=self.categories,
             contexts=self.contexts,
-            keys=self.keys(),
+            keys=keys,
             per_stratum=self.per_stratum,
             seed=self.seed,
         )
@@ -96,55 +114,66 @@ class Selection:
         return ordered[: self.limit]
 
 
+MAX_ITEM_LIST_BYTES = 64 << 20
+"""Largest item list read (all of BBQ's keys take about 2 MB)."""
+
+
 def read_item_list(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """Read ``category,example_id`` keys from a CSV or JSONL file.
 
-    Category names may be aliases. Raises DataError naming file and line.
+    Category names may be aliases; a leading byte-order mark is accepted.
+
+    Raises:
+        DataError: naming file, line and field (unreadable file, invalid UTF-8, an
+            over-long line or field, a bad category or example id).
     """
+    return [key for key, _ in read_item_entries(path)]
+
+
+def read_item_entries(path: str | os.PathLike[str]) -> list[tuple[tuple[str, int], int]]:
+    """Like :func:`read_item_list`, with the line each key was read from."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise DataError(f"{p}: item list not found")
-    keys: list[tuple[str, int]] = []
-    text = p.read_text(encoding="utf-8")
+    data = read_limited(p, limit=MAX_ITEM_LIST_BYTES, what="CSV or JSONL item list")
+    entries: list[tuple[tuple[str, int], int]] = []
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        text = decode_utf8(data, p, kind="jsonl")
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise line_error(
-                    p, lineno, f"malformed JSON: {exc.msg} at column {exc.colno}"
-                ) from None
+            rec = load_json_line(line, p, lineno)
             if not isinstance(rec, dict):
                 raise line_error(p, lineno, "expected a JSON object with category and example_id")
-            keys.append(_item_key(rec, p, lineno))
+            entries.append((_item_key(rec, p, lineno), lineno))
     else:
-        reader = csv.DictReader(io.StringIO(text))
-        for col in ("category", "example_id"):
-            if col not in (reader.fieldnames or []):
-                raise line_error(p, 1, f"missing column {col!r} in header")
-        for row in reader:
-            keys.append(_item_key(row, p, reader.line_num))
-    if not keys:
+        text = decode_utf8(data, p, kind="csv")
+        for lineno, row in csv_rows(text, p, ("category", "example_id")):
+            entries.append((_item_key(row, p, lineno), lineno))
+    if not entries:
         raise DataError(f"{p}: the item list is empty")
-    return keys
+    return entries
 
 
 def _item_key(rec: Mapping[str, Any], path: Path, line: int) -> tuple[str, int]:
     for col in ("category", "example_id"):
         if col not in rec or rec[col] in (None, ""):
             raise line_error(path, line, f"missing field {col!r}")
+    if not isinstance(rec["category"], str):
+        raise line_error(
+            path, line, f"field 'category'={short_repr(rec['category'])}; expected a category name"
+        )
     try:
-        cat = resolve_category(str(rec["category"]))
+        cat = resolve_category(rec["category"])
     except ConfigError as exc:
         raise line_error(path, line, f"field 'category': {exc}") from None
-    try:
-        eid = int(rec["example_id"])
-    except (TypeError, ValueError):
+    eid = as_id(rec["example_id"])
+    if eid is None:
         raise line_error(
-            path, line, f"field 'example_id'={rec['example_id']!r}; expected an integer"
-        ) from None
+            path,
+            line,
+            f"field 'example_id'={short_repr(rec['example_id'])}; expected an integer in [0, 2**63)",
+        )
     return (cat, eid)
 
 

