@@ -117,3 +117,60 @@ def test_console_script_runs(mini_dir: Path) -> None:
     err = proc.stderr.strip().splitlines()
     assert err[0].startswith("error: ") and "SHA-256 mismatch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _one_line_error(result: object) -> str:
+    output = getattr(result, "output", "")
+    assert getattr(result, "exit_code", None) == 1, output
+    assert "Traceback" not in output
+    tail = output[output.index("error:") :].strip()
+    assert "\n" not in " ".join(tail.split("\n  "))  # one message (rich may wrap it)
+    return " ".join(tail.split())
+
+
+def test_os_errors_are_one_line(mini_dir: Path) -> None:
+    result = invoke(
+        [
+            "data",
+            "info",
+            "--bbq-dir",
+            str(mini_dir),
+            "--allow-unverified",
+            "--json",
+            "/proc/no-such-dir/info.json",
+        ]
+    )
+    assert "/proc/no-such-dir" in _one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("exc", "needles"),
+    [
+        (PermissionError(13, "Permission denied", "/data/p.csv"), ["/data/p.csv", "permissions"]),
+        (IsADirectoryError(21, "Is a directory", "/data/x"), ["/data/x", "not a folder"]),
+        (
+            OSError(18, "Invalid cross-device link", "/a", None, "/b"),
+            ["/a -> /b", "Invalid cross-device link"],
+        ),
+        (
+            UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"),
+            ["not valid utf-8", "offset 2", "save it as UTF-8"],
+        ),
+        (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+        (OverflowError("int too large to convert"), ["out of range", "int too large"]),
+        (MemoryError(), ["ran out of memory"]),
+    ],
+)
+def test_environment_errors_read_as_one_line(exc: BaseException, needles: list[str]) -> None:
+    from spillover.cli._common import environment_error
+
+    message = environment_error(exc)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_debug_shows_the_traceback(mini_dir: Path) -> None:
+    result = invoke(["--debug", "data", "info", "--bbq-dir", str(mini_dir)])
+    assert result.exit_code == 1 and result.exception is not None
+    assert type(result.exception).__name__ == "DataError"

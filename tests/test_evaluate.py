@@ -385,6 +385,65 @@ def test_resume_refuses_a_different_config(tiny: Any, tmp_path: Path) -> None:
         evaluate_model(tiny, ITEMS[:2], EvalConfig(precision="model"), out=out)
 
 
+class _StopAfter(Exception):
+    pass
+
+
+def _interrupted(
+    tiny: Any, items: Sequence[BBQItem], cfg: EvalConfig, out: Path, rows: int
+) -> None:
+    """Run an evaluation that stops (by its progress callback) once ``rows`` rows are done."""
+
+    def stop(done: int, total: int) -> None:
+        if done >= rows:
+            raise _StopAfter
+
+    with pytest.raises(_StopAfter):
+        evaluate_model(tiny, items, cfg, out=out, progress=stop)
+
+
+@pytest.mark.parametrize("fault", ["other chunk", "other run", "edited rows", "garbage"])
+def test_resume_redoes_a_shard_it_cannot_verify(tiny: Any, tmp_path: Path, fault: str) -> None:
+    """A shard replaced by another valid shard, or edited, is scored again, never merged."""
+    cfg = EvalConfig(precision="model", chunk_items=2)
+    items = ITEMS[:6]
+    want = [(p.category, p.example_id, p.pred_index) for p in evaluate_model(tiny, items, cfg)]
+    out = tmp_path / "p.parquet"
+    _interrupted(tiny, items, cfg, out, rows=5)  # stops in the third chunk: two shards written
+    folder = shard_dir(out)
+    first, second = folder / "00000.parquet", folder / "00001.parquet"
+    assert first.is_file() and second.is_file()
+    if fault == "other chunk":  # a valid shard of this run, in the wrong place
+        first.write_bytes(second.read_bytes())
+    elif fault == "other run":  # a valid shard of a run over other items, same config
+        other = tmp_path / "other.parquet"
+        _interrupted(tiny, ITEMS[6:12], cfg, other, rows=3)
+        first.write_bytes((shard_dir(other) / "00000.parquet").read_bytes())
+    elif fault == "edited rows":  # the right metadata, another item's rows
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(first)
+        ids = table.column("example_id").to_pylist()
+        ids[0] = ids[1]
+        col = table.schema.get_field_index("example_id")
+        table = table.set_column(col, "example_id", pa_array(ids, table.schema.field(col).type))
+        pq.write_table(table, first)
+    else:
+        first.write_bytes(b"PAR1 not a parquet file")
+    preds = evaluate_model(tiny, items, cfg, out=out)
+    assert [(p.category, p.example_id, p.pred_index) for p in preds] == want
+    df = read_predictions_table(out)
+    keys = list(zip(df["category"], df["example_id"], strict=True))
+    assert len(keys) == len(set(keys)) == len(items)  # no duplicate, none missing
+    assert not folder.exists()
+
+
+def pa_array(values: list[Any], type_: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, type=type_)
+
+
 def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -609,7 +609,9 @@ def test_metrics_cli_writes_strict_json(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     text = out.read_text()
     assert "NaN" not in text
-    records = json.loads(text)
+    payload = json.loads(text)
+    assert payload["warnings"] == ["UNVERIFIED BBQ file x: test warning"]
+    records = payload["strata"]
     assert isinstance(records, list)
     rel_d = next(
         r for r in records if r["category"] == "Religion" and r["context_condition"] == "disambig"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +64,63 @@ def test_embedded_model_forward_on_cpu() -> None:
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
     assert lm.tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
     assert lm.tokenizer.pad_token is not None
+
+
+def _unsafe_model(tmp_path: Path, kind: str) -> Path:
+    """A model folder transformers must refuse: its own code, or a pickle that runs code."""
+    import shutil
+
+    import torch
+
+    from tiny_models import make_tiny
+
+    folder = make_tiny(tmp_path / kind)
+    sentinel = tmp_path / "ran"
+    if kind == "custom code":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["auto_map"] = {"AutoConfig": "cfg_x.XConfig", "AutoModelForCausalLM": "mod_x.X"}
+        cfg["model_type"] = "x-custom"
+        (folder / "config.json").write_text(json.dumps(cfg))
+        for name in ("cfg_x.py", "mod_x.py"):
+            (folder / name).write_text(f"open({str(sentinel)!r}, 'w').close()\n")
+    else:
+
+        class Payload:
+            def __reduce__(self) -> tuple[Any, ...]:
+                return (shutil.copyfile, (str(folder / "config.json"), str(sentinel)))
+
+        (folder / "model.safetensors").unlink()
+        torch.save({"w": Payload()}, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [("custom code", "its own Python code"), ("pickle", "refused by safe loading")],
+)
+def test_unsafe_model_folders_are_refused_in_one_line(
+    tmp_path: Path, mini_dir: Path, kind: str, needle: str
+) -> None:
+    from cli_runner import invoke
+
+    folder = _unsafe_model(tmp_path, kind)
+    with pytest.raises(ModelError, match=needle):
+        models.load_model(str(folder), device="cpu")
+    out = tmp_path / "p.parquet"
+    res = invoke(
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--bbq-dir",
+            str(mini_dir),
+            "--allow-unverified",
+            "--per-stratum",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert needle in " ".join(res.output.split())
+    assert not (tmp_path / "ran").exists() and not out.exists()  # nothing ran, nothing written

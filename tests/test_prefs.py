@@ -141,6 +141,7 @@ def test_write_read_roundtrip(tmp_path: Path) -> None:
     ps = build_pairs(small_items(), PrefsConfig(targets=("gender",), seed=1))
     out = write_pairs(ps, tmp_path / "pairs")
     assert sorted(p.name for p in out.iterdir()) == [
+        ".spillover-owned",
         "heldout.parquet",
         "split.json",
         "train.parquet",
@@ -279,3 +280,79 @@ def tiny_plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-plain"), chat=False)
+
+
+def _prefs(mini_dir: Path, out: Path | str, *extra: str) -> object:
+    return invoke(
+        [
+            "prefs",
+            "--target",
+            "gender",
+            "--bbq-dir",
+            str(mini_dir),
+            "--allow-unverified",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("user folder", "a folder spillover did not make"),
+        ("file", "exists and is not a folder"),
+        ("cwd", "working directory or one of its parents"),
+        ("proc", "/proc/spillover-pairs"),
+    ],
+)
+def test_cli_overwrite_replaces_only_its_own_folders(
+    mini_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, needle: str
+) -> None:
+    """`--overwrite` never deletes what spillover did not make; failures are one line."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    (work / "mine").mkdir()
+    (work / "mine" / "results.csv").write_text("a,b\n")
+    monkeypatch.chdir(work)
+    out: Path | str = {"user folder": work / "mine", "file": work / "notes.txt", "cwd": "."}.get(
+        case, "/proc/spillover-pairs"
+    )
+    before = _tree(tmp_path)
+    res = _prefs(mini_dir, out, "--overwrite")
+    assert res.exit_code == 1, res.output
+    tail = res.output[res.output.index("error:") :].strip()
+    assert needle in " ".join(tail.split()) and "Traceback" not in res.output
+    assert _tree(tmp_path) == before  # nothing written, nothing deleted
+
+
+def test_cli_overwrite_replaces_its_own_pairs(mini_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pairs"
+    assert _prefs(mini_dir, out).exit_code == 0
+    first = _tree(out)
+    assert ".spillover-owned" in first
+    again = _prefs(mini_dir, out)
+    assert again.exit_code == 1 and "pass --overwrite" in again.output
+    (tmp_path / ".pairs.tmpstale").mkdir()  # the scratch folder of a killed earlier write
+    res = _prefs(mini_dir, out, "--overwrite", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert _tree(out) != first and sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
+def test_pairs_files_carry_the_unverified_warning(mini_dir: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from spillover.align import PAIRS_META_KEY
+
+    out = tmp_path / "pairs"
+    assert _prefs(mini_dir, out).exit_code == 0
+    for name in ("train.parquet", "heldout.parquet"):
+        meta = json.loads(pq.read_schema(out / name).metadata[PAIRS_META_KEY])
+        assert meta["warnings"] and "UNVERIFIED" in meta["warnings"][0]
+    assert "UNVERIFIED" in json.loads((out / "split.json").read_text())["warnings"][0]

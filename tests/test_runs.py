@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -303,6 +304,12 @@ def test_tiny_run_end_to_end_and_resume(
     run_study(cfg, out, on_event=lambda stage, status, info: again.append((stage, status)))
     assert [st for _, st in again] == ["skip"] * len(STAGES)
     assert json.loads((out / "manifest.json").read_text())["models"] == manifest["models"]
+    # a deleted figure (a broken link in the report) is made again, by the report stage only
+    figure = sorted((out / "figures").glob("*.png"))[0]
+    figure.unlink()
+    mended: list[tuple[str, str]] = []
+    run_study(cfg, out, on_event=lambda s, st, i: mended.append((s, st)))
+    assert [s for s, st in mended if st == "done"] == ["report"] and figure.is_file()
     # --force compare reruns compare and report only, with the same result
     forced: list[tuple[str, str]] = []
     run_study(cfg, out, force=["compare"], on_event=lambda s, st, i: forced.append((s, st)))
@@ -393,3 +400,297 @@ def test_sigkill_during_aligned_eval_resumes_to_identical_comparison(
         pd.read_parquet(clean / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),
         pd.read_parquet(killed / "eval/aligned/predictions.parquet").drop(columns=["adapter"]),
     )
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def _listing(root: Path) -> list[str]:
+    """Every path under ``root`` (relative), to show nothing was written or deleted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _bomb(levels: int) -> str:
+    """A "billion laughs" document: each anchor lists the previous one ten times."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder (``runs/`` lands here) with the caches outside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SPILLOVER_CACHE", str(tmp_path / "cache"))
+    return work
+
+
+def _study_text(mini_dir: Path, body: str) -> str:
+    return f"bbq:\n  dir: {mini_dir}\n  allow_unverified: true\n{body}"
+
+
+def _one_line_error(result: Any, *needles: str) -> None:
+    """Check exit code 1, one ``error:`` line holding every needle, no traceback."""
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# (YAML body after the 3-line bbq section, needles of the error line); line numbers count
+# those 3 lines
+REFUSED: list[tuple[str, str, tuple[str, ...]]] = [
+    ("alias-bomb", _bomb(9), ("study.yaml:", "expands to more than 10,000 values")),
+    ("recursive-alias", "eval: &e\n  x: *e\n", ("study.yaml:4:", "recursive alias")),
+    ("deep", "a: " + "[" * 40 + "]" * 40 + "\n", ("study.yaml:4:", "nested deeper than 32")),
+    ("too-deep-to-parse", "a: " + "[" * 3000 + "]" * 3000 + "\n", ("study.yaml", "too deeply")),
+    ("nul", 'name: "a\\0b"\n', ("study.yaml:4:", "NUL character")),
+    ("dup-top", "seed: 0\nseed: 1\n", ("study.yaml:5:", "duplicate key `seed` (first at line 4)")),
+    (
+        "dup-nested",
+        "eval:\n  per_stratum: 2\n  per_stratum: 3\n",
+        ("study.yaml:6:", "duplicate key `eval.per_stratum` (first at line 5)"),
+    ),
+    ("dup-section", "eval: {}\neval: {}\n", ("study.yaml:5:", "duplicate key `eval`")),
+    ("name-abs", "name: /tmp/x\n", ("study.yaml:4:", "`name`='/tmp/x'", "plain folder name")),
+    ("name-up", "name: ../../x\n", ("study.yaml:4:", "`name`='../../x'")),
+    ("name-sep", "name: a/b\n", ("study.yaml:4:", "`name`='a/b'")),
+    ("name-dots", "name: a..b\n", ("study.yaml:4:", "`name`='a..b'")),
+    ("name-hidden", "name: .x\n", ("study.yaml:4:", "`name`='.x'")),
+    ("name-empty", "name: ''\n", ("study.yaml:4:", "`name`=''")),
+    ("name-space", "name: my study\n", ("study.yaml:4:", "`name`='my study'")),
+    ("name-int", "name: 5\n", ("study.yaml:4:", "`name`=5")),
+    ("name-long", f"name: {'n' * 101}\n", ("study.yaml:4:", "up to 100")),
+    ("seed-negative", "seed: -1\n", ("study.yaml:4:", "`seed`=-1", "0..4294967295")),
+    ("seed-big", "seed: 4294967296\n", ("study.yaml:4:", "`seed`=4294967296")),
+    ("seed-list", "seed: [0, -1]\n", ("study.yaml:4:", "`seed`=-1")),
+    ("seed-twice", "seed: [0, 0]\n", ("study.yaml:4:", "`seed` lists 0 twice")),
+    ("device-tpu", "device: tpu\n", ("study.yaml:4:", "`device`='tpu'", "cuda:N")),
+    ("device-index", "device: cuda:x\n", ("study.yaml:4:", "`device`='cuda:x'")),
+    ("device-int", "device: 3\n", ("study.yaml:4:", "`device`=3")),
+    ("target-empty", "target: []\n", ("study.yaml:4:", "`target` is an empty list")),
+    (
+        "target-twice",
+        "target: [gender, Gender_identity]\n",
+        ("`target` lists Gender_identity twice",),
+    ),
+    ("model-missing", "model: ./no-such-model\n", ("study.yaml:4:", "no such folder")),
+    ("model-not-a-model", "model: .\n", ("study.yaml:4:", "not a model folder")),
+    (
+        "model-folders",
+        "model: [org-a/m, org-b/m]\n",
+        ("study.yaml:4:", "share the sub-run folder name `m`"),
+    ),
+    ("eval-list", "eval: []\n", ("study.yaml:4:", "`eval` must be a mapping")),
+    ("align-int", "align: 3\n", ("study.yaml:4:", "`align` must be a mapping")),
+    ("report-str", "report: html\n", ("study.yaml:4:", "`report` must be a mapping")),
+    ("report-pdf", "report:\n  formats: [pdf]\n", ("study.yaml:5:", "`report.formats`=['pdf']")),
+    ("report-dpi", "report:\n  dpi: 5000\n", ("study.yaml:5:", "`report.dpi`=5000")),
+    (
+        "batch-negative",
+        "eval:\n  batch_tokens: -5\n",
+        ("study.yaml:5:", "`eval.batch_tokens`=-5", "64..1048576"),
+    ),
+    ("batch-huge", "eval:\n  batch_tokens: 1000000000\n", ("study.yaml:5:", "64..1048576")),
+    ("chunk-zero", "eval:\n  chunk_items: 0\n", ("study.yaml:5:", "`eval.chunk_items`=0")),
+    ("limit-zero", "eval:\n  limit: 0\n", ("study.yaml:5:", "`eval.limit`=0")),
+    (
+        "bootstrap-huge",
+        "compare:\n  bootstrap: 1000000000\n",
+        ("study.yaml:5:", "`compare.bootstrap`=1000000000", "100,000"),
+    ),
+    ("bootstrap-string", "compare:\n  bootstrap: 1e9\n", ("study.yaml:5:", "`compare.bootstrap`")),
+    (
+        "permutation",
+        "compare:\n  permutation: '021'\n",
+        ("study.yaml:5:", "`compare.permutation`='021'", "scores 012"),
+    ),
+    ("heldout", "prefs:\n  heldout_frac: 1.5\n", ("study.yaml:5:", "`prefs.heldout_frac`=1.5")),
+    ("align-type", "align:\n  max_steps: 1e3\n", ("study.yaml:5:", "`align.max_steps`", "'1e3'")),
+    ("align-bool", "align:\n  merge: maybe\n", ("study.yaml:5:", "`align.merge`")),
+    ("align-epochs", "align:\n  epochs: .inf\n", ("study.yaml:5:", "`align.epochs`=inf")),
+    (
+        "align-per-method",
+        "method: [dpo, kto]\nalign:\n  batch_size: 1\n",
+        ("study.yaml:6:", "`align.batch_size`=1 with method 'kto'", "method `kto`"),
+    ),
+    (
+        "align-device",
+        "device: cpu\nalign:\n  load_in_4bit: true\n",
+        ("study.yaml:6:", "`align.load_in_4bit`=True with `device`='cpu'"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "needles"), [(b, n) for _, b, n in REFUSED], ids=[i for i, _, _ in REFUSED]
+)
+def test_bad_run_config_is_one_line_before_any_work(
+    workdir: Path, mini_dir: Path, body: str, needles: tuple[str, ...]
+) -> None:
+    cfg = workdir / "study.yaml"
+    cfg.write_text(_study_text(mini_dir, body), encoding="utf-8")
+    before = _listing(workdir)
+    for args in (["--dry-run"], []):
+        start = time.perf_counter()
+        result = invoke(["run", str(cfg), *args])
+        assert time.perf_counter() - start < 5
+        _one_line_error(result, *needles)
+        assert _listing(workdir) == before  # no runs/<name>, no config.yaml
+
+
+def test_alias_bomb_fails_fast(workdir: Path) -> None:
+    cfg = workdir / "bomb.yaml"
+    cfg.write_text(_bomb(9), encoding="utf-8")  # 10^9 values once expanded
+    start = time.perf_counter()
+    result = invoke(["run", str(cfg), "--dry-run"])
+    assert time.perf_counter() - start < 1.0
+    _one_line_error(result, "bomb.yaml:", "expands to more than 10,000 values")
+
+
+def test_anchors_aliases_and_merge_keys_are_accepted(tmp_path: Path, mini_dir: Path) -> None:
+    text = _study_text(
+        mini_dir,
+        "eval:\n  per_stratum: 2\n  contexts: &both [ambig, disambig]\n"
+        "prefs:\n  contexts: *both\n"
+        "report:\n  formats: [html]\n  figure_formats: [png]\n"
+        "compare: {<<: {bootstrap: 100, alpha: 0.1}, alpha: 0.05}\n",
+    )
+    cfg = RunConfig.load(write_cfg(tmp_path, text))
+    assert cfg.selection.per_stratum == 2 and cfg.report.formats == ("html",)
+    assert cfg.prefs.contexts == ("ambig", "disambig")
+    assert cfg.compare.bootstrap == 100 and cfg.compare.alpha == 0.05
+
+
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (lambda d: d / "missing.yaml", ("missing.yaml: config file not found",)),
+        (lambda d: d, ("is a folder; expected a YAML config file",)),
+        (
+            lambda d: _write_bytes(d / "latin1.yaml", b"name: caf\xe9\n"),
+            ("latin1.yaml:1: not UTF-8 text (byte 0xe9)",),
+        ),
+        (
+            lambda d: _write_bytes(d / "big.yaml", b"# " + b"x" * (1 << 20) + b"\n"),
+            ("big.yaml: config file larger than 1024 KiB",),
+        ),
+        (
+            lambda d: _write_bytes(d / "top.yaml", b"- a\n- b\n"),
+            ("top.yaml:1: expected a mapping of config keys",),
+        ),
+    ],
+    ids=["missing", "folder", "not-utf8", "too-large", "top-list"],
+)
+def test_unreadable_config_file_is_one_line(
+    workdir: Path, make: Any, needles: tuple[str, ...]
+) -> None:
+    path = make(workdir)
+    before = _listing(workdir)
+    for args in (["--dry-run"], []):
+        _one_line_error(invoke(["run", str(path), *args]), *needles)
+        assert _listing(workdir) == before
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_dry_run_writes_nothing_and_warns_of_unverified_data(workdir: Path, mini_dir: Path) -> None:
+    cfg = workdir / "study.yaml"
+    cfg.write_text(_study_text(mini_dir, "name: planned\n"), encoding="utf-8")
+    before = _listing(workdir)
+    result = invoke(["run", str(cfg), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: UNVERIFIED BBQ data" in text and "dry run: nothing was executed" in text
+    assert "-> runs/planned" in text
+    assert _listing(workdir) == before
+
+
+def test_dry_run_checks_force_and_out(workdir: Path, mini_dir: Path) -> None:
+    cfg = workdir / "study.yaml"
+    cfg.write_text(_study_text(mini_dir, ""), encoding="utf-8")
+    _one_line_error(invoke(["run", str(cfg), "--dry-run", "--force", "trian"]), "`--force` trian")
+    (workdir / "notes.txt").write_text("mine\n", encoding="utf-8")
+    (workdir / "a-file").write_text("x", encoding="utf-8")
+    before = _listing(workdir)
+    for args in (["--dry-run"], []):
+        _one_line_error(
+            invoke(["run", str(cfg), "--out", str(workdir), *args]),
+            f"{workdir}: the folder is not empty and holds no spillover run",
+        )
+        _one_line_error(
+            invoke(["run", str(cfg), "--out", str(workdir / "a-file"), *args]),
+            "a-file: the run directory is a file",
+        )
+        assert _listing(workdir) == before
+    assert (workdir / "notes.txt").read_text(encoding="utf-8") == "mine\n"
+
+
+def test_run_failing_at_the_first_stage_leaves_no_folder(workdir: Path, mini_dir: Path) -> None:
+    model = workdir / "weightless"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    (workdir / "runs" / "earlier").mkdir(parents=True)  # another run's folder is left alone
+    cfg = workdir / "study.yaml"
+    body = f"name: broken\nmodel: {model}\neval:\n  per_stratum: 1\n"
+    cfg.write_text(_study_text(mini_dir, body), encoding="utf-8")
+    before = _listing(workdir)
+    result = invoke(["run", str(cfg)])
+    assert result.exit_code == 1 and "could not load model" in result.output
+    assert "Traceback" not in result.output
+    assert _listing(workdir) == before  # no runs/broken, no config.yaml
+    # a new parent folder made by the run goes too
+    result = invoke(["run", str(cfg), "--out", str(workdir / "new" / "run")])
+    assert result.exit_code == 1 and _listing(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["/models/.hidden", ".hidden", "org/" + "m" * 300, "../../etc", "a/b/..", "/"],
+)
+def test_sub_run_folders_are_plain_names(model: str) -> None:
+    from spillover.data import CATEGORIES
+    from spillover.runs import SubRun
+
+    slug = SubRun(model, CATEGORIES, "sigmoid_norm", 2**32 - 1).slug
+    assert "/" not in slug and not slug.startswith(".") and slug not in (".", "..")
+    assert len(slug.encode("utf-8")) <= 255
+
+
+def test_heldout_target_summary_carries_the_data_warnings(mini_dir: Path, tmp_path: Path) -> None:
+    from spillover.data import load_bbq
+    from spillover.rundir import PREDICTION_FILES
+    from spillover.runs import Context, load_items
+    from spillover.runs.stages import target_summary
+
+    data = load_bbq(mini_dir, allow_unverified=True)
+    assert data.warnings
+    cfg = RunConfig.from_mapping(
+        {"eval": {"per_stratum": 2}, "compare": {"bootstrap": 0}, "bbq": {"dir": str(mini_dir)}}
+    )
+    sub = cfg.sub_runs()[0]
+    items = load_items(cfg, sub, data)
+    preds = pd.DataFrame(
+        {
+            "category": [it.category for it in items],
+            "example_id": [it.example_id for it in items],
+            "pred_index": [it.label for it in items],
+        }
+    )
+    for rel in PREDICTION_FILES.values():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        preds.to_parquet(tmp_path / rel)
+    ctx = Context(cfg, tmp_path, sub, tmp_path, data, items, lambda *a: None)
+    targets = {it.question_index for it in items if it.category == "Gender_identity"}
+    summary = target_summary(ctx, {"Gender_identity": targets})
+    assert summary["warnings"] == list(data.warnings)
+    assert summary["n_items"] > 0
+    assert summary["comparison"]["warnings"][: len(data.warnings)] == list(data.warnings)
+    json.dumps(summary, allow_nan=False)

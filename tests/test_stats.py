@@ -886,3 +886,436 @@ def test_load_and_compare_leaves_out_trained_on_templates(mini_dir: Path, tmp_pa
     assert rows[("all", "all")] == len(frame) - (len(gender) - n_gender_kept)
     note = f"{len(gender) - n_gender_kept} Gender_identity item(s) on scenarios the aligned model"
     assert any(w.startswith(note) for w in result.warnings)
+
+
+# --------------------------------------------------------------------------- hardening
+
+# Every bad prediction file, output path or option below ends in one line naming the
+# place at fault, exit code 1, and no file written or changed.
+
+_GOOD = b'{"category": "Age", "example_id": 0, "pred_index": 1}\n'
+_GOOD_CSV = b"category,example_id,pred_index\nAge,0,1\n"
+
+
+def _jsonl(second: str) -> bytes:
+    return _GOOD + second.encode() + b"\n"
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder or a link)."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        plain = p.is_file() and not p.is_symlink()
+        out[str(p.relative_to(root))] = p.read_bytes() if plain else None
+    return out
+
+
+def _one_error_line(res) -> str:  # type: ignore[no-untyped-def]
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return str(lines[0])
+
+
+def _mini_preds(mini_dir: Path) -> pd.DataFrame:
+    from spillover.data import load_bbq
+
+    frame = load_bbq(mini_dir, allow_unverified=True).frame()
+    return frame[["category", "example_id"]].assign(pred_index=frame["label"])
+
+
+_BAD_PREDICTIONS = [
+    # (id, file name, content, needle)
+    (
+        "jsonl-bool",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 1, "pred_index": true}'),
+        "p.jsonl:2: field 'pred_index'=True is a boolean; expected 0, 1 or 2",
+    ),
+    (
+        "csv-true",
+        "p.csv",
+        _GOOD_CSV + b"Age,1,true\n",
+        "p.csv:3: field 'pred_index'='true' is a boolean",
+    ),
+    (
+        "csv-True-column",
+        "p.csv",
+        b"category,example_id,pred_index\nAge,0,True\nAge,1,False\n",
+        "p.csv:2: field 'pred_index'=True is a boolean",
+    ),
+    (
+        "jsonl-bool-id",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": false, "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=False is a boolean; expected a non-negative integer",
+    ),
+    (
+        "id-1e20",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 1e20, "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=1e+20; expected a non-negative integer of at most "
+        "9,007,199,254,740,991",
+    ),
+    (
+        "id-1e20-csv",
+        "p.csv",
+        _GOOD_CSV + b"Age,1e20,0\n",
+        "p.csv:3: field 'example_id'=1e+20; expected a non-negative integer of at most",
+    ),
+    (
+        "id-2**64",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 18446744073709551616, "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=18446744073709551616; expected a non-negative integer",
+    ),
+    (
+        "id-400-digits",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 1' + "0" * 400 + ', "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=<an integer of 401 digits>; expected a non-negative",
+    ),
+    (
+        "id-fraction",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 1.5, "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=1.5; expected a non-negative integer",
+    ),
+    (
+        "id-Infinity",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": Infinity, "pred_index": 0}'),
+        "p.jsonl:2: field 'example_id'=inf; expected a non-negative integer",
+    ),
+    (
+        "pred-NaN",
+        "p.jsonl",
+        _jsonl('{"category": "Age", "example_id": 1, "pred_index": NaN}'),
+        "p.jsonl:2: field 'pred_index'=nan; expected 0, 1 or 2",
+    ),
+    (
+        "score-huge-int",
+        "p.jsonl",
+        _GOOD.replace(b"}", b', "score_0": -1, "score_1": -2, "score_2": -3}')
+        + b'{"category": "Age", "example_id": 1, "pred_index": 0, "score_0": 1'
+        + b"0" * 400
+        + b', "score_1": 0, "score_2": 0}\n',
+        "p.jsonl:2: field 'score_0'=<an integer of 401 digits>; expected a log-probability",
+    ),
+    (
+        "label-huge-int",
+        "p.jsonl",
+        _jsonl(
+            '{"category": "Age", "example_id": 1, "pred_index": 0, "label": 1' + "0" * 400 + "}"
+        ),
+        "prediction row(s) carry a 'label' that disagrees with BBQ",
+    ),
+    (
+        "permutation-null",
+        "p.jsonl",
+        _GOOD.replace(b"}", b', "permutation": "012"}')
+        + b'{"category": "Age", "example_id": 1, "pred_index": 0, "permutation": null}\n',
+        "p.jsonl:2: field 'permutation'=nan; expected a permutation id such as '012'",
+    ),
+    (
+        "permutation-Infinity",
+        "p.jsonl",
+        _GOOD.replace(b"}", b', "permutation": "012"}')
+        + b'{"category": "Age", "example_id": 1, "pred_index": 0, "permutation": Infinity}\n',
+        "p.jsonl:2: field 'permutation'=inf; expected a permutation id",
+    ),
+    (
+        "utf8-jsonl",
+        "p.jsonl",
+        _GOOD + b'{"category": "Ag\xff", "example_id": 1, "pred_index": 0}\n',
+        "p.jsonl:2: not valid UTF-8 (byte b'\\xff'",
+    ),
+    ("utf8-csv", "p.csv", _GOOD_CSV + b"Age,1,0\nAg\xe9,2,0\n", "p.csv:4: not valid UTF-8"),
+    (
+        "deep-json",
+        "p.jsonl",
+        _GOOD + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+        "p.jsonl:2: JSON nested too deeply to read",
+    ),
+    (
+        "long-field-jsonl",
+        "p.jsonl",
+        _jsonl(
+            '{"category": "Age", "example_id": 1, "pred_index": 0, "note": "' + "x" * 100_001 + '"}'
+        ),
+        "p.jsonl:2: field 'note' holds 100,001 characters; expected at most 100,000",
+    ),
+    (
+        "long-field-csv",
+        "p.csv",
+        b"category,example_id,pred_index,note\nAge,0,1,ok\nAge,1,0," + b"x" * 100_001 + b"\n",
+        "p.csv:3: field 'note' holds 100,001 characters; expected at most 100,000",
+    ),
+    (
+        "long-name-csv",
+        "p.csv",
+        b"category,example_id,pred_index," + b"n" * 100_001 + b"\nAge,0,1,ok\n",
+        "p.csv:1: a column name of 100,001 characters",
+    ),
+    (
+        "not-in-bbq-csv",
+        "p.csv",
+        _GOOD_CSV + b"Age,1,0\nAge,99999,0\nAge,99998,0\n",
+        "p.csv:4: 2 prediction(s) name items that are not in BBQ (e.g. Age/99999, Age/99998)",
+    ),
+    (
+        "not-in-bbq-jsonl",
+        "p.jsonl",
+        _GOOD + b"\n\n" + b'{"category": "Age", "example_id": 99999, "pred_index": 0}\n',
+        "p.jsonl:4: 1 prediction(s) name items that are not in BBQ (e.g. Age/99999)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [pytest.param(n, c, s, id=i) for i, n, c, s in _BAD_PREDICTIONS],
+)
+def test_bad_prediction_file_is_one_line(mini_dir, tmp_path, name, content, needle):
+    pred = tmp_path / name
+    pred.write_bytes(content)
+    before = _snapshot(tmp_path)
+    res = invoke(["metrics", pred, "--bbq-dir", mini_dir, "--allow-unverified",
+                  "--json", tmp_path / "m.json"])  # fmt: skip
+    assert needle in _one_error_line(res)
+    assert _snapshot(tmp_path) == before
+
+
+def test_bad_prediction_parquet_is_one_line(mini_dir, tmp_path):
+    pred = tmp_path / "p.parquet"
+    cases = [
+        ({"example_id": [0, 1], "pred_index": [True, False]},
+         "p.parquet:row 1: field 'pred_index'=True is a boolean"),
+        ({"example_id": [0.0, 1e20], "pred_index": [1, 0]},
+         "p.parquet:row 2: field 'example_id'=1e+20; expected a non-negative integer of at most"),
+        ({"example_id": [0, 99999], "pred_index": [1, 0]},
+         "p.parquet:row 2: 1 prediction(s) name items that are not in BBQ (e.g. Age/99999)"),
+    ]  # fmt: skip
+    for columns, needle in cases:
+        pd.DataFrame({"category": ["Age", "Age"], **columns}).to_parquet(pred)
+        before = _snapshot(tmp_path)
+        res = invoke(["metrics", pred, "--bbq-dir", mini_dir, "--allow-unverified",
+                      "--json", tmp_path / "m.json"])  # fmt: skip
+        assert needle in _one_error_line(res)
+        assert _snapshot(tmp_path) == before
+
+
+def test_not_in_bbq_names_the_line_after_a_permutation_is_picked(mini_dir, tmp_path):
+    rows = [f"Age,{e},0,{p}" for e in (0, 1) for p in ("012", "120")] + ["Age,99999,0,012"]
+    pred = tmp_path / "p.csv"
+    pred.write_text("category,example_id,pred_index,permutation\n" + "\n".join(rows) + "\n")
+    res = invoke(["metrics", pred, "--bbq-dir", mini_dir, "--allow-unverified"])
+    assert "p.csv:6: 1 prediction(s) name items that are not in BBQ" in _one_error_line(res)
+
+
+def test_unreadable_prediction_file_is_one_line_exit_1(mini_dir, tmp_path):
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    cases = [
+        (folder, "folder.csv: is a folder; expected a prediction file"),
+        (loop, "loop.csv: cannot read the prediction file (Too many levels of symbolic links)"),
+        (tmp_path / "missing.csv", "missing.csv: prediction file not found"),
+    ]
+    for path, needle in cases:
+        before = _snapshot(tmp_path)
+        res = invoke(["compare", path, path, "--bbq-dir", mini_dir, "--allow-unverified",
+                      "--json", tmp_path / "c.json"])  # fmt: skip
+        assert needle in _one_error_line(res)
+        assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_prediction_file_without_read_permission(mini_dir, tmp_path):
+    pred = tmp_path / "p.csv"
+    _mini_preds(mini_dir).to_csv(pred, index=False)
+    pred.chmod(0o200)
+    try:
+        res = invoke(["metrics", pred, "--bbq-dir", mini_dir, "--allow-unverified"])
+        line = _one_error_line(res)
+    finally:
+        pred.chmod(0o600)
+    assert "p.csv: cannot read the prediction file (Permission denied)" in line
+
+
+def _compare_args(mini_dir: Path, tmp_path: Path) -> list[object]:
+    preds = _mini_preds(mini_dir)
+    preds.to_csv(tmp_path / "base.csv", index=False)
+    preds.assign(pred_index=(preds["pred_index"] + 1) % 3).to_csv(
+        tmp_path / "aligned.csv", index=False
+    )
+    return ["compare", tmp_path / "base.csv", tmp_path / "aligned.csv", "--bbq-dir", mini_dir,
+            "--allow-unverified", "--bootstrap", "0"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("outputs", "needle"),
+    [
+        pytest.param(["--json", "ok.json", "--csv", "/proc/c.csv"],
+                     "--csv /proc/c.csv: cannot write", id="proc"),
+        pytest.param(["--json", "new/sub/c.json", "--csv", "/proc/x/c.csv"],
+                     "--csv /proc/x/c.csv: cannot write", id="proc-after-new-folders"),
+        pytest.param(["--json", "ok.json", "--csv", "file.txt/c.csv"],
+                     "--csv file.txt/c.csv: file.txt is not a folder", id="beside-a-file"),
+        pytest.param(["--json", "file.txt/deeper/x.json"],
+                     "--json file.txt/deeper/x.json: file.txt is not a folder", id="under-a-file"),
+        pytest.param(["--json", "ok.json", "--csv", "folder"],
+                     "--csv folder: is a folder; expected a file path", id="onto-a-folder"),
+        pytest.param(["--json", "ok.json", "--csv", "./ok.json"],
+                     "--json and --csv both name ok.json", id="same-file"),
+        # a FIFO of the test's own, not a device: a regression must not replace /dev/null
+        pytest.param(["--json", "fifo"],
+                     "--json fifo: exists and is not a regular file", id="fifo"),
+    ],
+)  # fmt: skip
+def test_compare_writes_all_outputs_or_none(mini_dir, tmp_path, monkeypatch, outputs, needle):
+    args = _compare_args(mini_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.json").write_bytes(b"old results\n")
+    (tmp_path / "file.txt").write_bytes(b"a file\n")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    before = _snapshot(tmp_path)
+    assert needle in _one_error_line(invoke([*args, *outputs]))
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_compare_refuses_a_read_only_folder(mini_dir, tmp_path):
+    args = _compare_args(mini_dir, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    before = _snapshot(tmp_path)
+    locked.chmod(0o500)
+    try:
+        res = invoke([*args, "--json", tmp_path / "ok.json", "--csv", locked / "c.csv"])
+        line = _one_error_line(res)
+    finally:
+        locked.chmod(0o700)
+    assert "c.csv: cannot write (Permission denied)" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_metrics_refuses_an_unwritable_output_before_any_work(mini_dir, tmp_path):
+    pred = tmp_path / "p.csv"
+    _mini_preds(mini_dir).to_csv(pred, index=False)
+    before = _snapshot(tmp_path)
+    for target, needle in [
+        ("/proc/m.json", "--json /proc/m.json: cannot write"),
+        (tmp_path / "p.csv" / "m.json", "p.csv is not a folder"),
+        (tmp_path, "is a folder; expected a file path"),
+    ]:
+        res = invoke(["metrics", pred, "--bbq-dir", mini_dir, "--allow-unverified",
+                      "--json", target])  # fmt: skip
+        assert needle in _one_error_line(res)
+        assert _snapshot(tmp_path) == before
+
+
+def test_compare_outputs_replace_existing_files_together(mini_dir, tmp_path):
+    args = _compare_args(mini_dir, tmp_path)
+    out_json, out_csv = tmp_path / "out" / "c.json", tmp_path / "out" / "c.csv"
+    res = invoke([*args, "--json", out_json, "--csv", out_csv])
+    assert res.exit_code == 0, res.output
+    out_json.write_text("old")
+    res = invoke([*args, "--json", out_json, "--csv", out_csv])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out_json.read_text())["strata"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.csv", "c.json"]
+
+
+def test_unverified_warning_is_in_every_output(mini_dir, tmp_path):
+    args = _compare_args(mini_dir, tmp_path)
+    out_json, out_csv, out_metrics = tmp_path / "c.json", tmp_path / "c.csv", tmp_path / "m.json"
+    res = invoke([*args, "--json", out_json, "--csv", out_csv])
+    assert res.exit_code == 0, res.output
+    res = invoke(["metrics", tmp_path / "base.csv", "--bbq-dir", mini_dir, "--allow-unverified",
+                  "--json", out_metrics])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    comparison = json.loads(out_json.read_text())
+    (unverified,) = [w for w in comparison["warnings"] if w.startswith("UNVERIFIED BBQ data")]
+    metrics = json.loads(out_metrics.read_text())
+    assert unverified in metrics["warnings"]
+    assert metrics["strata"][-1]["level"] == "overall"
+    table = pd.read_csv(out_csv)
+    assert table.columns[-1] == "warnings" and len(table) == len(comparison["strata"])
+    assert (table["warnings"] == " | ".join(comparison["warnings"])).all()
+    assert unverified in table["warnings"].iloc[0]
+    # exactly what the run writes as stats/comparison.csv (Comparison.to_csv)
+    assert out_csv.read_text() == Comparison.from_json(comparison).to_csv()
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_target_loc_warning_prints_once_per_file(mini_dir, tmp_path, verbose):
+    args = _compare_args(mini_dir, tmp_path)
+    for name in ("base.csv", "aligned.csv"):
+        df = pd.read_csv(tmp_path / name)
+        df.assign(target_loc=(df["example_id"] % 2) * 2).to_csv(tmp_path / name, index=False)
+    res = invoke([*verbose, *args])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("'target_loc'") == 2, res.stderr
+    assert res.stderr.count("base.csv: ") == 1 and res.stderr.count("aligned.csv: ") == 1
+
+
+def test_bootstrap_size_is_bounded_before_any_work(mini_dir, tmp_path):
+    args = _compare_args(mini_dir, tmp_path)
+    before = _snapshot(tmp_path)
+    res = invoke([*args, "--bootstrap", "100000000", "--json", tmp_path / "c.json"])
+    line = _one_error_line(res)
+    assert "--bootstrap=100000000; expected 0 (off) or at least 100 and at most 100,000" in line
+    assert _snapshot(tmp_path) == before
+    from spillover.stats.config import MAX_BOOTSTRAP
+
+    assert CompareConfig(bootstrap=MAX_BOOTSTRAP).bootstrap == MAX_BOOTSTRAP
+    with pytest.raises(ConfigError, match=r"`bootstrap`=100001; expected 0 \(off\)"):
+        CompareConfig(bootstrap=MAX_BOOTSTRAP + 1)
+
+
+def test_outputs_failing_midway_leave_nothing(tmp_path):
+    """A real write failure on the second output (the file-size limit, EFBIG) after the first
+    was staged: both staged files and the folders made for them go, the old file stays."""
+    import resource
+    import signal
+
+    from spillover.cli._outputs import Output, write_outputs
+
+    (tmp_path / "a.json").write_text("old\n")
+    before = _snapshot(tmp_path)
+    outputs = [
+        Output("--json", tmp_path / "a.json", "{}\n"),
+        Output("--csv", tmp_path / "new" / "deeper" / "b.csv", "x" * 100_000),
+    ]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))
+    try:
+        with pytest.raises(ConfigError, match=r"^--csv .*b\.csv: cannot write \(File too large\)"):
+            write_outputs(outputs)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert _snapshot(tmp_path) == before
+    write_outputs(outputs)
+    assert (tmp_path / "a.json").read_text() == "{}\n"
+    assert len((tmp_path / "new" / "deeper" / "b.csv").read_text()) == 100_000
+
+
+def test_crlf_jsonl_and_bom_csv_still_read(mini_dir, tmp_path):
+    preds = _mini_preds(mini_dir)
+    lines = [json.dumps(r) for r in preds.to_dict(orient="records")]
+    (tmp_path / "p.jsonl").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbf" + preds.to_csv(index=False).encode())
+    outputs = []
+    for name in ("p.jsonl", "p.csv"):
+        out = tmp_path / f"{name}.json"
+        res = invoke(["metrics", tmp_path / name, "--bbq-dir", mini_dir, "--allow-unverified",
+                      "--json", out])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        outputs.append(json.loads(out.read_text())["strata"])
+    assert outputs[0] == outputs[1] and outputs[0][-1]["accuracy"] == 1.0

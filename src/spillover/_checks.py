@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,3 +51,30 @@ def check_number(
         left = "(" if open_low else "["
         right = f"{high:g}]" if high is not None else "inf)"
         raise ConfigError(f"`{name}`={value!r}; expected a number in {left}{low:g}, {right}")
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: numpy's legacy seeding (which transformers' ``set_seed`` calls) takes 32 bits."""
+
+
+def check_seed(name: str, value: object) -> None:
+    """Refuse a seed outside ``0 .. SEED_MAX`` (or not an integer)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX:
+        return
+    raise ConfigError(f"`{name}`={value!r}; expected an integer in 0..{SEED_MAX}")
+
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N", "mps")
+"""Device names accepted (``cuda:N`` for GPU N); whether one exists is checked when the run
+starts."""
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?|mps")
+
+
+def check_device(device: object) -> None:
+    """Refuse a device name torch would not accept (``tpu``, ``gpu``, ``cuda:x``)."""
+    if device is None or (isinstance(device, str) and _DEVICE.fullmatch(device)):
+        return
+    raise ConfigError(
+        f"`device`={device!r}; expected one of {', '.join(DEVICES)}, or leave it unset "
+        "(CUDA when available)"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -17,16 +18,41 @@ from typing import IO, Any
 _CHUNK = 1 << 20
 
 
+def _cannot_write(target: Path, exc: OSError) -> Exception:
+    from .errors import ConfigError
+
+    if target.is_dir():
+        reason = "it is a folder; give a file path"
+    elif any(p.exists() and not p.is_dir() for p in target.parents):
+        reason = "a part of the path is a file, not a folder"
+    else:
+        reason = exc.strerror or str(exc)
+    return ConfigError(f"{target}: cannot write the file ({reason}); choose another path")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it over ``path`` on success.
 
     Readers never see a half-written file: on any exception the temporary file
-    is removed and ``path`` is left as it was.
+    is removed and ``path`` is left as it was. A path that cannot be written (its
+    folder cannot be made, it is a folder, the disk refuses) raises a one-line
+    :class:`~spillover.errors.ConfigError` naming ``path``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.exists() and not target.is_file() and not target.is_dir():
+        from .errors import ConfigError
+
+        # renaming over a device or a FIFO would replace it (as root: /dev/null itself)
+        raise ConfigError(f"{target}: exists and is not a regular file; choose another path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a short prefix: the temporary name must fit where the target's name fits
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name[:100]}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     tmp = Path(tmp_name)
     try:
         encoding = None if "b" in mode else "utf-8"
@@ -38,7 +64,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise _cannot_write(target, exc) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -80,11 +109,69 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def replace_dir(src: Path, target: Path) -> None:
+OWNER_MARKER = ".spillover-owned"
+"""File spillover writes into every folder it builds and may later replace (pairs, adapters).
+
+``--overwrite`` replaces a folder only when this marker is in it, so a mistyped
+``--out`` can never delete a folder spillover did not make."""
+
+
+def check_output_dir(target: Path, kind: str, *, overwrite: bool) -> None:
+    """Refuse an output folder that spillover may not write or replace.
+
+    Allowed: a path that does not exist, an empty folder, or (with ``overwrite``) a
+    folder holding :data:`OWNER_MARKER` of the same ``kind``. Refused, with the path
+    and how to proceed: a file, a non-empty folder without ``overwrite``, a folder
+    spillover did not make, the working directory or one of its parents.
+
+    Raises:
+        ConfigError: the folder may not be used.
+    """
+    from .errors import ConfigError
+
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise ConfigError(f"{target}: exists and is not a folder; choose another --out")
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ConfigError(
+            f"{target}: is the working directory or one of its parents; "
+            "choose a new folder for --out"
+        )
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{target}: already exists; choose another --out or pass --overwrite")
+    marker = target / OWNER_MARKER
+    try:
+        owner = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner != kind:
+        what = "a folder spillover did not make" if owner is None else f"a spillover {owner} folder"
+        raise ConfigError(
+            f"{target}: --overwrite replaces only a {kind} folder made by spillover, and this "
+            f"is {what} (no {OWNER_MARKER} marker of kind {kind!r}); choose another --out, or "
+            "remove the folder yourself if it may go"
+        )
+
+
+def mark_owned(folder: Path, kind: str) -> None:
+    """Write :data:`OWNER_MARKER` (``{"kind": kind}``) into a folder spillover built."""
+    atomic_write_json(folder / OWNER_MARKER, {"kind": kind})
+
+
+def replace_dir(src: Path, target: Path, kind: str | None = None) -> None:
     """Rename folder ``src`` onto ``target``; an existing ``target`` is swapped out, then removed.
 
-    Readers see either the old folder or the new one, never a mix.
+    Readers see either the old folder or the new one, never a mix. With ``kind``, the
+    folder is first marked as spillover's (:func:`mark_owned`), so that a later
+    ``--overwrite`` may replace it.
     """
+    if kind is not None:
+        mark_owned(src, kind)
     if not target.exists():
         os.replace(src, target)
         return
@@ -97,6 +184,41 @@ def replace_dir(src: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def scratch_dir(target: Path) -> Path:
+    """A new scratch folder beside ``target`` (``.<name>.tmp*``), after removing the scratch
+    folders an interrupted earlier writer left there (:func:`remove_stale`).
+
+    Raises:
+        ConfigError: the folder beside ``target`` cannot be created or written.
+    """
+    from .errors import ConfigError
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target.parent, f".{target.name}.tmp")
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    except OSError as exc:
+        raise ConfigError(
+            f"{target}: cannot write there ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
+def remove_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove leftover temporary folders ``parent/<prefix>*`` of an interrupted writer.
+
+    Only names spillover gives its scratch folders (a leading dot and the target's
+    name) are matched, so nothing a user made is touched. Returns what was removed.
+    """
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.glob(f"{glob.escape(prefix)}*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def json_safe(obj: Any, *, other: Callable[[Any], Any] | None = None) -> Any:

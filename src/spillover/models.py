@@ -282,6 +282,11 @@ def load_tokenizer(
         )
     except OSError as exc:
         raise ModelError(_load_hint(spec, exc)) from None
+    except Exception as exc:
+        refused = refused_load(spec, exc)
+        if refused is None:
+            raise
+        raise refused from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -293,6 +298,31 @@ def weights_location(spec: ModelSpec, cache_dir: str | os.PathLike[str] | None =
     if spec.kind == "embedded":
         return str(prepare_embedded(cache_dir))
     return spec.location
+
+
+def refused_load(spec: ModelSpec, exc: Exception) -> ModelError | None:
+    """The one-line error for a model transformers refuses to load safely, or None.
+
+    transformers refuses a folder whose config points at its own Python code (``auto_map``)
+    unless code execution is allowed, and torch refuses pickled weights that hold anything
+    but tensors (``weights_only``). Both refusals are right; they only need to read as one
+    line instead of a traceback.
+    """
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, ValueError) and "custom code" in text:
+        return ModelError(
+            f"{spec.name}: the model needs its own Python code (auto_map in config.json), "
+            "which spillover never runs; use a model with a standard transformers "
+            "architecture, or convert this one"
+        )
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return ModelError(
+            f"{spec.name}: the pickled weights (pytorch_model.bin) hold more than tensors and "
+            "were refused by safe loading; use safetensors weights"
+        )
+    return None
 
 
 def _load_hint(spec: ModelSpec, exc: Exception) -> str:
@@ -354,6 +384,11 @@ def load_model(
         model: Any = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise ModelError(_load_hint(spec, exc)) from None
+    except Exception as exc:
+        refused = refused_load(spec, exc)
+        if refused is None:
+            raise
+        raise refused from None
     model.to(dev)
     model.eval()
     tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)

@@ -16,6 +16,8 @@ from .packing import PackedPairs, install_pair_packing, pack_pairs, pair_packing
 from .prefs import (
     HELDOUT_FILE,
     PAIR_COLUMNS,
+    PAIRS_KIND,
+    PAIRS_META_KEY,
     SPLIT_FILE,
     STRATEGIES,
     TRAIN_FILE,
@@ -59,6 +61,8 @@ __all__ = [
     "LLAMA_LIKE_MODULES",
     "METHODS",
     "OTHER_METHODS",
+    "PAIRS_KIND",
+    "PAIRS_META_KEY",
     "PAIR_COLUMNS",
     "PRESETS",
     "PRESET_FIELDS",

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_device, check_int, check_number, check_seed
 from ..errors import ConfigError
 
 DPO_LOSSES: Mapping[str, str] = {
@@ -62,9 +62,9 @@ REFERENCE_FREE: frozenset[str] = frozenset({"cpo", "simpo", "orpo"})
 """Methods without a reference model (``precompute_ref`` does not apply)."""
 
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
+"""Experiment trackers ``report_to`` accepts."""
 LR_SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 """Learning-rate schedules offered (transformers' ``SchedulerType`` names)."""
-"""Experiment trackers ``report_to`` accepts."""
 
 
 def check_method(method: str) -> str:
@@ -162,7 +162,7 @@ class AlignConfig:
     num_threads: int | None = None
     """CPU threads for torch; default: every core."""
     overwrite: bool = False
-    """Replace an existing ``output_dir``."""
+    """Replace an existing ``output_dir`` (only an adapter folder spillover made)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
@@ -177,14 +177,41 @@ class AlignConfig:
             )
         if not self.output_dir:
             raise ConfigError("`output_dir` is empty; give the folder to write the adapter to")
+        check_seed("seed", self.seed)
+        check_device(self.device)
+        self._check_flags()
         self._check_lora()
         self._check_schedule()
         self._check_loss()
         self._check_engine()
 
+    def _check_flags(self) -> None:
+        for name in (
+            "load_in_4bit",
+            "precompute_ref",
+            "gradient_checkpointing",
+            "pack_pairs",
+            "merge",
+            "overwrite",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}`={getattr(self, name)!r}; expected true or false")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ConfigError(f"`bf16`={self.bf16!r}; expected true, false or null (auto)")
+        if not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ConfigError(
+                f"`target_modules`={list(self.target_modules)!r}; expected module names "
+                "(e.g. q_proj,v_proj)"
+            )
+
     def _check_lora(self) -> None:
         check_int("lora_r", self.lora_r, minimum=1, example="e.g. 16")
-        if self.lora_alpha <= 0:
+        alpha: Any = self.lora_alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not (alpha > 0 and math.isfinite(alpha))
+        ):
             raise ConfigError(
                 f"`lora_alpha`={self.lora_alpha}; expected a positive number (e.g. 2 * lora_r)"
             )
@@ -208,8 +235,12 @@ class AlignConfig:
                 f"`epochs`={self.epochs} and `max_steps`={self.max_steps} are both set; "
                 "give one of them (max_steps overrides epochs in TRL, which hides mistakes)"
             )
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"`epochs`={self.epochs}; expected a positive number of passes")
+        if self.epochs is not None and not (
+            isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 1e6
+        ):
+            raise ConfigError(
+                f"`epochs`={self.epochs}; expected a positive number of passes (at most 1e6)"
+            )
         if self.max_steps is not None:
             check_int("max_steps", self.max_steps, minimum=1, example="e.g. 200")
         check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=0.99)
@@ -223,7 +254,11 @@ class AlignConfig:
             check_int(
                 "num_threads", self.num_threads, minimum=1, example="e.g. the number of cores"
             )
-        if self.max_length is not None and self.max_length < 8:
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool)
+            or not isinstance(self.max_length, int)
+            or self.max_length < 8
+        ):
             raise ConfigError(
                 f"`max_length`={self.max_length}; expected at least 8 tokens, or None to derive "
                 "it from the pairs"

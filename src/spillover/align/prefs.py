@@ -43,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .._checks import check_choice
-from .._io import atomic_open, atomic_write_json, replace_dir
+from .._io import atomic_open, atomic_write_json, check_output_dir, replace_dir, scratch_dir
 from ..data import CONTEXTS, BBQItem, resolve_categories
 from ..errors import ConfigError, DataError
 from ..prompts import check_format, render
@@ -79,6 +78,10 @@ PAIR_COLUMNS: tuple[str, ...] = (
 TRAIN_FILE = "train.parquet"
 HELDOUT_FILE = "heldout.parquet"
 SPLIT_FILE = "split.json"
+PAIRS_KIND = "pairs"
+"""Owner-marker kind of a pairs folder (see :func:`~spillover._io.check_output_dir`)."""
+PAIRS_META_KEY = b"spillover.pairs"
+"""Parquet schema-metadata key of the pairs files: format version and data warnings (JSON)."""
 FORMAT_VERSION = 1
 
 
@@ -415,25 +418,31 @@ def write_pairs(
     either complete or untouched.
 
     Raises:
-        ConfigError: ``out_dir`` exists and is not empty, and ``overwrite`` is false.
+        ConfigError: ``out_dir`` exists and is not empty, and ``overwrite`` is false, or
+            it is a folder spillover did not make (see :func:`~spillover._io.check_output_dir`).
     """
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     target = Path(out_dir).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise ConfigError(f"{target}: already exists; choose another --out or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    check_output_dir(target, PAIRS_KIND, overwrite=overwrite)
+    tmp = scratch_dir(target)
+    info = pairs.split_info()
+    # the files carry the data warnings too (e.g. unverified BBQ), not only split.json
+    file_meta = json.dumps({"format_version": FORMAT_VERSION, "warnings": info["warnings"]})
     try:
         for name, rows in ((TRAIN_FILE, pairs.train), (HELDOUT_FILE, pairs.heldout)):
             df = pd.DataFrame([p.to_row() for p in rows], columns=list(PAIR_COLUMNS))
             df["example_id"] = df["example_id"].astype("int64")
             df["question_index"] = df["question_index"].astype("int64")
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            meta = {**(table.schema.metadata or {}), PAIRS_META_KEY: file_meta.encode()}
             with atomic_open(tmp / name, "wb") as fh:
-                df.to_parquet(fh, index=False)
-        atomic_write_json(tmp / SPLIT_FILE, pairs.split_info())
+                pq.write_table(table.replace_schema_metadata(meta), fh)
+        atomic_write_json(tmp / SPLIT_FILE, info)
         tmp.chmod(0o755)
-        replace_dir(tmp, target)
+        replace_dir(tmp, target, PAIRS_KIND)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json, json_safe, replace_dir
-from ..errors import ConfigError, DataError, ModelError
+from .._io import atomic_write_json, check_output_dir, json_safe, replace_dir, scratch_dir
+from ..errors import DataError, ModelError
 from ..rundir import library_versions
 from .config import AlignConfig
 from .trainer import TrainProgress, build_trainer, check_environment, lora_config
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_KIND = "adapter"
+"""Owner-marker kind of an adapter folder (see :func:`~spillover._io.check_output_dir`)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ..models import load_tokenizer, resolve_model, weights_location
+    from ..models import load_tokenizer, refused_load, resolve_model, weights_location
 
     spec = resolve_model(cfg.model)
     bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
@@ -127,6 +132,11 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
         )
     except OSError as exc:
         raise ModelError(f"could not load model {cfg.model!r}: {exc}") from None
+    except Exception as exc:
+        refused = refused_load(spec, exc)
+        if refused is None:
+            raise
+        raise refused from None
     model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
         model, use_gradient_checkpointing=cfg.gradient_checkpointing
     )
@@ -167,8 +177,7 @@ def train_adapter(
     import torch
 
     target = Path(cfg.output_dir).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not cfg.overwrite:
-        raise ConfigError(f"{target}: already exists; choose another --out or pass --overwrite")
+    check_output_dir(target, ADAPTER_KIND, overwrite=cfg.overwrite)
     df, split = load_pair_frame(pairs)
     device = check_environment(cfg)
     from accelerate import PartialState
@@ -194,7 +203,8 @@ def train_adapter(
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
     else:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        # also removes the scratch folders of an interrupted training (SIGKILL skips `finally`)
+        tmp = scratch_dir(target)
     try:
         trainer = build_trainer(
             model,
@@ -224,7 +234,7 @@ def train_adapter(
             merged_dir = target / "merged"
             _merge(trainer.model, tok, tmp / "merged")
         tmp.chmod(0o755)
-        replace_dir(tmp, target)
+        replace_dir(tmp, target, ADAPTER_KIND)
         if distributed:
             state.wait_for_everyone()
     finally:

@@ -93,8 +93,12 @@ class ErrorBoundary(TyperGroup):
     """The command group that turns every expected failure into one line and exit code 1.
 
     A :class:`~spillover.errors.SpilloverError` raised anywhere below the group is
-    printed as ``error: <message>``; anything else is a bug and keeps its traceback.
-    ``--debug`` (or ``$SPILLOVER_DEBUG=1``) re-raises every error with its traceback.
+    printed as ``error: <message>``. So are the failures the environment or the input
+    can cause in any code, including code not written yet, through
+    :func:`environment_error`: OS errors (a path that cannot be read or written),
+    undecodable text, input nested too deeply, numbers out of range, memory exhausted.
+    Anything else is a bug and keeps its traceback. ``--debug`` (or
+    ``$SPILLOVER_DEBUG=1``) re-raises every error with its traceback.
     """
 
     def invoke(self, ctx: Any) -> Any:
@@ -104,6 +108,49 @@ class ErrorBoundary(TyperGroup):
             if debugging(ctx):
                 raise
             raise fail(str(exc)) from None
+        except (OSError, UnicodeError, RecursionError, OverflowError, MemoryError) as exc:
+            if debugging(ctx):
+                raise
+            raise fail(environment_error(exc)) from None
+        except KeyboardInterrupt:
+            if debugging(ctx):
+                raise
+            err_console.print("[bold red]interrupted[/]; completed stages and shards are kept")
+            raise typer.Exit(code=130) from None
+
+
+def environment_error(exc: BaseException) -> str:
+    """The one-line message for an OS, decoding, recursion, overflow or memory error."""
+    if isinstance(exc, OSError):
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, IsADirectoryError):
+            hint = "expected a file, not a folder"
+        elif isinstance(exc, NotADirectoryError):
+            hint = "a part of the path is a file, not a folder"
+        elif isinstance(exc, PermissionError):
+            hint = "check the permissions, or choose another path"
+        elif isinstance(exc, FileNotFoundError):
+            hint = "check the path (its folder must exist)"
+        else:
+            hint = "check the path, the disk and the permissions"
+        where = " -> ".join(names) if names else "a file or folder"
+        return f"{where}: {reason}; {hint}"
+    if isinstance(exc, UnicodeDecodeError):
+        return (
+            f"a file is not valid {exc.encoding} text (byte {exc.object[exc.start : exc.start + 1]!r} "
+            f"at offset {exc.start}: {exc.reason}); save it as UTF-8"
+        )
+    if isinstance(exc, UnicodeError):
+        return f"text could not be encoded or decoded ({exc}); use UTF-8 files and paths"
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to read (JSON or YAML depth); flatten it"
+    if isinstance(exc, OverflowError):
+        return f"a number is out of range ({exc}); use a smaller value"
+    return (
+        "ran out of memory; use a smaller selection, batch or bootstrap size, or a machine "
+        "with more memory"
+    )
 
 
 def debugging(ctx: Any = None) -> bool:

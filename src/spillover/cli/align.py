@@ -74,18 +74,22 @@ def prefs_command(
     bbq_dir: BBQDirOption = None,
     allow_unverified: AllowUnverifiedOption = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing pairs folder (only one spillover made)."
+        ),
     ] = False,
     **options: Any,
 ) -> None:
     """Build preference pairs for target attributes, holding out whole templates."""
-    from ..align import build_pairs, write_pairs
+    from .._io import check_output_dir
+    from ..align import PAIRS_KIND, build_pairs, write_pairs
 
     cfg = PREFS_OPTIONS.build(options, targets=tuple(target))
     prompt_format = cfg.prompt_format
     out_path = Path(out).expanduser()
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
-        raise ConfigError(f"{out_path}: already exists; choose another --out or pass --overwrite")
+    # refused before any work; write_pairs checks again when it replaces the folder
+    check_output_dir(out_path, PAIRS_KIND, overwrite=overwrite)
     tokenizer = None
     if prompt_format.endswith("-chat"):
         if model is None:

@@ -75,7 +75,7 @@ def run_command(
 
     from ..align import REPORT_TO
     from ..errors import ConfigError
-    from ..runs import STAGE_TABLE, RunConfig, plan_run, run_study
+    from ..runs import STAGE_TABLE, RunConfig, run_study
 
     cfg = RunConfig.load(config) if config is not None else RunConfig.default()
     if report_to is not None:
@@ -88,19 +88,34 @@ def run_command(
         cfg = dataclasses.replace(cfg, bbq=dataclasses.replace(cfg.bbq, dir=str(bbq_dir)))
     run_dir = out if out is not None else Path("runs") / cfg.name
     if dry_run:
-        plan = plan_run(cfg)
-        console.print(f"[bold]Plan[/] for {cfg.name!r} -> {run_dir}")
-        for line in plan.lines():
-            console.print(line, highlight=False)
-        console.print("dry run: nothing was executed")
+        _dry_run(cfg, run_dir, force or ())
         return
 
     with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:
         dirs = run_study(cfg, run_dir, force=force or (), on_event=on_event)
     for d in dirs:
         _print_summary(d)
-    top = run_dir / "report.html"
-    console.print(f"report: {top}")
+    for top in (run_dir / "report.html", run_dir / "report.md"):
+        if top.is_file():
+            console.print(f"report: {top}", highlight=False)
+            break
+
+
+def _dry_run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
+    """Check everything a run would check before its first stage, print the plan, write nothing."""
+    from ..runs import check_force, check_run_dir, plan_run
+
+    check_force(force)
+    check_run_dir(run_dir.expanduser())
+    plan = plan_run(cfg)
+    for w in plan.warnings:
+        warn(w)
+    if plan.machine is not None:
+        warn(f"on this machine the run would stop before its first stage: {plan.machine}")
+    console.print(f"[bold]Plan[/] for {cfg.name!r} -> {run_dir}", highlight=False)
+    for line in plan.lines():
+        console.print(line, highlight=False)
+    console.print("dry run: nothing was executed")
 
 
 class _StageProgress:

@@ -1,13 +1,14 @@
 """``spillover metrics`` and ``spillover compare``: thin command-line wrappers.
 
 Each parses its options, calls one library function, prints with rich and writes the
-requested files; nothing is written when it fails. ``compare``'s options are generated
+requested files: all of them or, when any fails, none. ``compare``'s options are generated
 from :class:`~spillover.stats.CompareConfig`, the object the run config builds too, so
 the same predictions give the same comparison from either.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,6 +21,7 @@ from ..data import BBQSource
 from ..stats import DEFAULT_BY, CompareConfig
 from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
 from ._options import config_options, with_options
+from ._outputs import Output, check_outputs, write_outputs
 
 if TYPE_CHECKING:
     from ..stats import Comparison, MetricsReport
@@ -34,6 +36,10 @@ _PERM_HELP = (
     "Answer-order permutation to use when a prediction file holds several "
     "(default: the identity, '0')."
 )
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
@@ -54,22 +60,25 @@ def metrics_command(
     allow_unverified: AllowUnverifiedOption = False,
     by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = ",".join(DEFAULT_BY),
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the records as a JSON list to this file.")
+        Path | None,
+        typer.Option("--json", help="Write the records and warnings as JSON to this file."),
     ] = None,
     permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
 ) -> None:
     """Accuracy and BBQ bias scores of one run, per stratum."""
-    from .._io import atomic_write_json
     from ..stats import load_and_compute_metrics
 
+    outputs = [Output("--json", json_out)] if json_out is not None else []
+    check_outputs(outputs)
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
     report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
-    records = report.records()
-    for line in (*report.warnings, *report.notes):
+    warnings = [*report.warnings, *report.notes]
+    for line in warnings:
         warn(line)
     _print_metrics(report)
     if json_out is not None:
-        atomic_write_json(json_out, records)
+        payload = {"strata": report.records(), "warnings": warnings}
+        write_outputs([Output("--json", json_out, _json_text(payload))])
         console.print(f"wrote {json_out}")
 
 
@@ -117,23 +126,25 @@ def compare_command(
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
-    from .._io import atomic_write_json, atomic_write_text
     from ..stats import load_and_compare
 
     cfg = COMPARE_OPTIONS.build(options)
+    named = [("--json", json_out), ("--csv", csv_out)]
+    check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
     result = load_and_compare(base, aligned, bbq, cfg)
-    payload = result.to_json()
-    csv_text = result.to_csv() if csv_out is not None else None
+    outputs = []
+    if json_out is not None:
+        outputs.append(Output("--json", json_out, _json_text(result.to_json())))
+    if csv_out is not None:
+        csv_text = result.to_csv()
+        outputs.append(Output("--csv", csv_out, csv_text))
     for line in result.warnings:
         warn(line)
     _print_comparison(result)
-    if json_out is not None:
-        atomic_write_json(json_out, payload)
-        console.print(f"wrote {json_out}")
-    if csv_out is not None and csv_text is not None:
-        atomic_write_text(csv_out, csv_text)
-        console.print(f"wrote {csv_out}")
+    write_outputs(outputs)
+    for out in outputs:
+        console.print(f"wrote {out.path}")
 
 
 def _print_comparison(result: Comparison) -> None:

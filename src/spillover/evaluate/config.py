@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_choice
+from .._checks import check_choice, check_seed
 from ..errors import ConfigError
 from ..prompts import PERMUTATION_MODES, PROMPT_FORMATS
 from .scoring import BOUNDARIES
@@ -15,6 +15,8 @@ LENGTH_NORMS: tuple[str, ...] = ("none", "token", "char", "byte")
 """Score normalisations for picking the prediction (stored scores are always sums)."""
 PRECISIONS: tuple[str, ...] = ("auto", "model", "bf16-verified")
 """Numeric precision of the scoring pass (see :attr:`EvalConfig.precision`)."""
+BATCH_TOKENS_MAX = 1 << 20
+"""Largest token budget of one forward pass (far above what one GPU holds with a 7B model)."""
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 """Scoring engines: transformers (``hf``) or vLLM (``vllm``, ``pip install 'spillover[vllm]'``)."""
 
@@ -67,12 +69,16 @@ class EvalConfig:
         check_choice("boundary", self.boundary, BOUNDARIES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("backend", self.backend, BACKENDS)
-        if self.batch_tokens < 64:
-            raise ConfigError(f"`batch_tokens`={self.batch_tokens}; expected at least 64")
+        if not _is_int(self.batch_tokens) or not 64 <= self.batch_tokens <= BATCH_TOKENS_MAX:
+            raise ConfigError(
+                f"`batch_tokens`={self.batch_tokens!r}; expected an integer in "
+                f"64..{BATCH_TOKENS_MAX} (e.g. 4096)"
+            )
         if not self.verify_margin >= 0:
             raise ConfigError(f"`verify_margin`={self.verify_margin}; expected >= 0")
-        if self.chunk_items < 1:
+        if not _is_int(self.chunk_items) or self.chunk_items < 1:
             raise ConfigError(f"`chunk_items`={self.chunk_items}; expected a positive integer")
+        check_seed("seed", self.seed)
         if self.backend == "vllm" and self.precision == "bf16-verified":
             raise ConfigError(
                 "`precision`='bf16-verified' needs `backend`: hf (vLLM computes in the "
@@ -89,3 +95,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict view."""
         return dataclasses.asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

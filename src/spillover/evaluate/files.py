@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,25 +263,47 @@ def _describe_diff(found: Any, want: Mapping[str, Any]) -> str:
     return "; ".join(diffs[:3]) or "manifest differs"
 
 
-def write_shard(path: Path, table: Any, stats: Mapping[str, int]) -> None:
-    """Write one finished chunk atomically (its scorer counters in the metadata)."""
-    write_table(table, path, {"stats": dict(stats)})
+def write_shard(path: Path, table: Any, stats: Mapping[str, int], items_sha256: str) -> None:
+    """Write one finished chunk atomically, with its scorer counters and the digest of the
+    item keys it was made for (:func:`items_digest` of the chunk) in the metadata."""
+    write_table(table, path, {"stats": dict(stats), "items_sha256": items_sha256})
 
 
-def read_shard(path: Path, expected_rows: int) -> tuple[Any, dict[str, int]] | None:
-    """A finished shard's table and scorer counters, or None when it must be recomputed."""
+def read_shard(
+    path: Path, chunk: Sequence[BBQItem], rows_per_item: int
+) -> tuple[Any, dict[str, int]] | None:
+    """A finished shard's table and scorer counters, or None when it must be recomputed.
+
+    A shard is reused only when it was written for exactly this chunk (the item digest
+    in its metadata) and its rows hold exactly these items, ``rows_per_item`` rows each:
+    a shard copied from another chunk or another run, or edited, is scored again.
+    """
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+        stats = {str(k): int(v) for k, v in dict(meta.get("stats", {})).items()}
     except Exception:  # a damaged shard is recomputed
         logger.warning("%s: unreadable shard, recomputing it", path)
         return None
-    if table.num_rows != expected_rows or table.schema.remove_metadata() != arrow_schema():
-        logger.warning("%s: unexpected shard contents, recomputing it", path)
+    expected = Counter({(it.category, it.example_id): rows_per_item for it in chunk})
+    if (
+        table.num_rows != len(chunk) * rows_per_item
+        or table.schema.remove_metadata() != arrow_schema()
+        or meta.get("items_sha256") != items_digest(chunk)
+        or Counter(
+            zip(
+                table.column("category").to_pylist(),
+                table.column("example_id").to_pylist(),
+                strict=True,
+            )
+        )
+        != expected
+    ):
+        logger.warning("%s: shard of other items or damaged, recomputing it", path)
         return None
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-    return table.replace_schema_metadata(None), dict(meta.get("stats", {}))
+    return table.replace_schema_metadata(None), stats
 
 
 # --------------------------------------------------------------------------- entry point

@@ -335,7 +335,7 @@ def _score_chunks(
     for ci in range(0, len(ordered), cfg.chunk_items):
         chunk = ordered[ci : ci + cfg.chunk_items]
         shard = folder / f"{ci // cfg.chunk_items:05d}.parquet" if folder is not None else None
-        loaded = read_shard(shard, len(chunk) * nperm) if shard and shard.is_file() else None
+        loaded = read_shard(shard, chunk, nperm) if shard and shard.is_file() else None
         if loaded is None:
             before = scorer.stats.as_dict()
             preds = score_items(
@@ -350,8 +350,8 @@ def _score_chunks(
             after = scorer.stats.as_dict()
             stats = {k: after[k] - before.get(k, 0) for k in after}
             if shard is not None:
-                write_shard(shard, table, stats)
-                reread = read_shard(shard, len(chunk) * nperm)
+                write_shard(shard, table, stats, items_digest(chunk))
+                reread = read_shard(shard, chunk, nperm)
                 if reread is None:  # pragma: no cover - disk trouble
                     raise DataError(f"{shard}: shard could not be read back after writing")
                 table = reread[0]

@@ -13,18 +13,22 @@ the sections, with the top-level key to use instead.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import SEED_MAX, check_device
 from ..align import METHODS, AlignConfig, PrefsConfig
 from ..data import BBQSource, Selection, resolve_categories
 from ..errors import ConfigError
 from ..evaluate import EvalConfig
 from ..models import MODEL_ALIASES, resolve_dtype
+from ..prompts import permutation_id, permutations
 from ..report import ReportConfig
 from ..stats import CompareConfig
 from .yaml_doc import YamlDoc, build_dataclass, check_keys, load_yaml, locate, near_match, relocate
@@ -75,6 +79,13 @@ _RESERVED: Mapping[str, Mapping[str, str | None]] = {
 }
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+"""What ``name`` may be: one plain folder name (``runs/<name>``), up to 100 characters of
+letters, digits and ``. _ + -``, not starting with a dot or dash."""
+
+_SLUG_MODEL_MAX = 64  # model part of a sub-run folder name (the whole stays under 255 bytes)
+
+
 def _fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -102,9 +113,13 @@ class SubRun:
 
     @property
     def slug(self) -> str:
-        """Folder name of this sub-run inside a sweep."""
+        """Folder name of this sub-run inside a sweep: one plain path component (the
+        model's last part in letters, digits, ``.`` and ``-``, no leading dot)."""
         name = Path(self.model).name if "/" in self.model else self.model
-        model = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+        model = re.sub(r"[^A-Za-z0-9.-]+", "-", name).lstrip(".") or "model"
+        if len(model) > _SLUG_MODEL_MAX:
+            digest = hashlib.sha256(self.model.encode("utf-8")).hexdigest()[:8]
+            model = f"{model[: _SLUG_MODEL_MAX - 9]}-{digest}"
         return f"{model}__{'+'.join(self.target)}__{self.method}__s{self.seed}"
 
 
@@ -163,7 +178,7 @@ class RunConfig:
         sections = {k: yaml_section(data, k, doc) for k in _TOP_KEYS[7:]}
         top = _top_level(data, doc)
         selection, evaluation = _eval_section(sections["eval"], doc)
-        return cls(
+        cfg = cls(
             **top,
             bbq=build_dataclass(BBQSource, sections["bbq"], doc=doc, section=["bbq"]),
             selection=selection,
@@ -173,6 +188,9 @@ class RunConfig:
             compare=_build(CompareConfig, sections["compare"], "compare", doc),
             report=build_dataclass(ReportConfig, sections["report"], doc=doc, section=["report"]),
         )
+        _check_sub_runs(cfg, doc)
+        _check_combinations(cfg, doc)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config.yaml`` records; reads back equal)."""
@@ -270,17 +288,33 @@ def _eval_section(values: Mapping[str, Any], doc: YamlDoc | None) -> tuple[Selec
 
 
 def _align_section(values: Mapping[str, Any], doc: YamlDoc | None) -> dict[str, Any]:
-    """The ``align`` overrides, checked against AlignConfig (through a throwaway config)."""
+    """The ``align`` overrides, coerced to AlignConfig's field types and checked through a
+    throwaway config (each model x method of the run is checked once the run is built)."""
+    from pydantic import TypeAdapter, ValidationError
+
     _refuse_reserved(values, "align", doc)
     names = [n for n in _fields(AlignConfig) if n not in _RESERVED["align"]]
     check_keys(values, names, doc=doc, section=["align"])
+    hints = typing.get_type_hints(AlignConfig)
+    coerced: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "target_modules" and isinstance(value, str):
+            coerced[key] = value  # comma-separated, split by AlignConfig
+            continue
+        try:
+            coerced[key] = TypeAdapter(hints[key]).validate_python(value, strict=False)
+        except ValidationError as exc:
+            msg = exc.errors()[0].get("msg", "invalid value")
+            raise ConfigError(
+                f"{locate(doc, ['align', key])}: `align.{key}`: {msg} (got {value!r})"
+            ) from None
     try:
-        AlignConfig.from_preset("smollm2-135m", "unused", **dict(values))
+        AlignConfig.from_preset("smollm2-135m", "unused", **coerced)
     except ConfigError as exc:
         raise relocate(exc, names, doc, ["align"]) from None
     except TypeError as exc:
         raise ConfigError(f"{locate(doc, ['align'])}: `align`: {exc}") from None
-    return dict(values)
+    return coerced
 
 
 def _names(
@@ -295,44 +329,145 @@ def _names(
     return tuple(values)
 
 
+def _item_path(data: Mapping[str, Any], key: str, i: int) -> list[str]:
+    """Key path of the ``i``-th value of top-level ``key`` (a list or one value)."""
+    return [key, str(i)] if isinstance(data.get(key), list) else [key]
+
+
+def _check_name(name: object, where: str) -> None:
+    """Refuse a ``name`` that is not one plain folder name (it makes ``runs/<name>``)."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and ".." not in name:
+        return
+    raise ConfigError(
+        f"{where}: `name`={name!r}; expected a plain folder name of up to 100 letters, digits "
+        "and . _ + - (no '/', no '..', not starting with a dot), e.g. my-study; "
+        "use `--out` to choose the run directory"
+    )
+
+
+def _check_model(model: str, where: str) -> None:
+    """Refuse a model that cannot resolve: unknown preset, missing or non-model folder."""
+    if any(ord(c) < 32 for c in model):
+        raise ConfigError(f"{where}: `model`={model!r}; expected a name without control characters")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{where}: `model`: {path} is not a model folder (no config.json); expected a "
+                "folder written by save_pretrained, a hub id or a preset"
+            )
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(
+            f"{where}: `model`: {model}: no such folder; expected a model folder, a hub id "
+            f"(org/name) or a preset ({', '.join(MODEL_ALIASES)})"
+        )
+    if "/" not in model and model not in MODEL_ALIASES:
+        raise ConfigError(
+            f"{where}: unknown model preset `{model}`; use a preset "
+            f"({', '.join(MODEL_ALIASES)}), a hub id (org/name) or a folder"
+        )
+
+
+def _check_sub_runs(cfg: RunConfig, doc: YamlDoc | None) -> None:
+    """Refuse sweep lists that name one sub-run twice or two sub-runs one folder."""
+    axes: tuple[tuple[str, Sequence[Any]], ...] = (
+        ("model", cfg.models),
+        ("target", cfg.targets),
+        ("method", cfg.methods),
+        ("seed", cfg.seeds),
+    )
+    for key, values in axes:
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                shown = "+".join(value) if isinstance(value, tuple) else value
+                raise ConfigError(
+                    f"{locate(doc, [key, str(i)])}: `{key}` lists {shown} twice; expected "
+                    "each value once (a sweep runs every combination)"
+                )
+    folders: dict[str, str] = {}
+    for model in cfg.models:
+        part = SubRun(model, ("x",), "x", 0).slug.split("__")[0]
+        if part in folders:
+            raise ConfigError(
+                f"{locate(doc, ['model'])}: models `{folders[part]}` and `{model}` would share "
+                f"the sub-run folder name `{part}`; expected models whose last path parts "
+                "differ; run them as separate studies"
+            )
+        folders[part] = model
+
+
+def _check_combinations(cfg: RunConfig, doc: YamlDoc | None) -> None:
+    """Check what only a combination decides: each model x method's training config (its
+    preset, the ``align`` overrides, the device), and the comparison's permutation."""
+    names = [n for n in _fields(AlignConfig) if n not in _RESERVED["align"]]
+    for model, method in itertools.product(cfg.models, cfg.methods):
+        try:
+            cfg.align_for(SubRun(model, cfg.targets[0], method, cfg.seeds[0]), "unused")
+        except ConfigError as exc:
+            if str(exc).startswith("`device`"):
+                raise ConfigError(f"{locate(doc, ['device'])}: {exc}") from None
+            raise ConfigError(
+                f"{relocate(exc, names, doc, ['align'])} (model `{model}`, method `{method}`)"
+            ) from None
+    if cfg.compare.permutation is not None:
+        ids = [permutation_id(p) for p in permutations(cfg.eval.permutations)]
+        if cfg.compare.permutation not in ids:
+            raise ConfigError(
+                f"{locate(doc, ['compare', 'permutation'])}: `compare.permutation`="
+                f"{cfg.compare.permutation!r}; `eval.permutations`={cfg.eval.permutations!r} "
+                f"scores {', '.join(ids)}; choose one of them or widen `eval.permutations`"
+            )
+
+
 def _top_level(data: Mapping[str, Any], doc: YamlDoc | None) -> dict[str, Any]:
     """The top-level keys: name, the sweep axes, device and dtype."""
     models = _names(data, "model", RunConfig.models, doc)
     for i, m in enumerate(models):
-        if not Path(m).expanduser().exists() and "/" not in m and m not in MODEL_ALIASES:
-            raise ConfigError(
-                f"{locate(doc, ['model', str(i)])}: unknown model preset `{m}`; use a preset "
-                f"({', '.join(MODEL_ALIASES)}), a hub id (org/name) or a folder"
-            )
+        _check_model(m, locate(doc, _item_path(data, "model", i)))
     methods = _names(data, "method", RunConfig.methods, doc)
     for i, m in enumerate(methods):
         if m not in METHODS:
             raise ConfigError(
-                f"{locate(doc, ['method', str(i)])}: unknown method `{m}`"
+                f"{locate(doc, _item_path(data, 'method', i))}: unknown method `{m}`"
                 f"{near_match(m, list(METHODS))}; expected one of {', '.join(METHODS)}"
             )
     raw = data.get("target", ["Gender_identity"])
+    raw_targets = raw if isinstance(raw, list) else [raw]
+    if not raw_targets:
+        raise ConfigError(
+            f"{locate(doc, ['target'])}: `target` is an empty list; expected a category "
+            "(e.g. gender), 'gender+race' or a list of them"
+        )
     targets: list[tuple[str, ...]] = []
-    for i, t in enumerate(raw if isinstance(raw, list) else [raw]):
+    for i, t in enumerate(raw_targets):
         parts = t if isinstance(t, list) else str(t).split("+")
         try:
             targets.append(resolve_categories([str(p) for p in parts]))
         except ConfigError as exc:
-            raise ConfigError(f"{locate(doc, ['target', str(i)])}: `target`: {exc}") from None
+            raise ConfigError(
+                f"{locate(doc, _item_path(data, 'target', i))}: `target`: {exc}"
+            ) from None
     seeds = data.get("seed", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(
             f"{locate(doc, ['seed'])}: `seed` must be an integer or a list of integers"
         )
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(
+                f"{locate(doc, _item_path(data, 'seed', i))}: `seed`={seed}; expected an "
+                f"integer in 0..{SEED_MAX} (the range numpy and torch seed with)"
+            )
     name = data.get("name", RunConfig.name)
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{locate(doc, ['name'])}: `name` must be a non-empty string")
+    _check_name(name, locate(doc, ["name"]))
     device = data.get("device")
-    if device is not None and not isinstance(device, str):
-        raise ConfigError(
-            f"{locate(doc, ['device'])}: `device` must be a string such as cpu or cuda"
-        )
+    if device is not None:
+        try:
+            check_device(device)
+        except ConfigError as exc:
+            raise ConfigError(f"{locate(doc, ['device'])}: {exc}") from None
     dtype = str(data.get("dtype", "auto"))
     try:
         resolve_dtype(dtype, "cpu")

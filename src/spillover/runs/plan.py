@@ -1,5 +1,7 @@
 """What a run will do, before doing it (``spillover run --dry-run``): sub-runs, item and
-pair counts, and a compute estimate, without loading a model."""
+pair counts, and a compute estimate, without loading a model. The plan runs the checks a
+real run makes before its first output (:func:`~spillover.runs.study.preflight`); what
+this machine lacks for the run is reported, not refused (a plan may be for another one)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data import BBQData, BBQItem
+from ..errors import SpilloverError
 from .config import RunConfig
 from .stages import STAGES
-from .study import load_data, load_items
+from .study import check_machine, preflight
 
 # parameter counts of the presets (for compute estimates without loading anything)
 _PARAMS = {
@@ -32,6 +35,10 @@ class Plan:
     n_heldout_pairs: dict[str, int]
     estimate: dict[str, Any]
     stages: tuple[str, ...] = STAGES
+    warnings: tuple[str, ...] = ()
+    """The data's warnings (unverified BBQ files), as every output of the run records them."""
+    machine: str | None = None
+    """What this machine lacks for the run (the error a real run would stop with), or None."""
 
     def lines(self) -> list[str]:
         """The plan as text, one line per sub-run and per model's compute."""
@@ -83,23 +90,26 @@ def estimate_compute(
 
 
 def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
-    """Resolve items and pairs (cheap) and estimate compute, without loading a model."""
-    from ..align import build_pairs
+    """Resolve items and pairs (cheap) and estimate compute, without loading a model.
 
-    data = data or load_data(cfg)
+    Raises:
+        ConfigError, DataError: what would stop the run before its first output (the data,
+            any sub-run's selection or pairs).
+    """
+    checked = preflight(cfg, data)
+    machine: str | None = None
+    try:
+        check_machine(cfg)
+    except SpilloverError as exc:
+        machine = str(exc)
     first = cfg.sub_runs()[0]
-    items = load_items(cfg, first, data)
+    items = checked.items[first]
     train: dict[str, int] = {}
     held: dict[str, int] = {}
     for sub in cfg.sub_runs():
         name = "+".join(sub.target)
-        if name in train:
-            continue
-        pcfg = cfg.prefs_for(dataclasses.replace(first, target=sub.target))
-        if pcfg.prompt_format == "letters-chat":  # counts do not depend on the chat template
-            pcfg = dataclasses.replace(pcfg, prompt_format="letters")
-        pairs = build_pairs(data.items, pcfg)
-        train[name], held[name] = len(pairs.train), len(pairs.heldout)
+        if name not in train:  # counts of the first seed
+            train[name], held[name] = checked.pairs[sub.target, first.seed]
     estimate: dict[str, Any] = {}
     for model in cfg.models:
         sub = dataclasses.replace(first, model=model)
@@ -109,4 +119,12 @@ def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
             (acfg.epochs or 1) * max(train.values() or [0]) / max(1, batch)
         )
         estimate[model] = estimate_compute(model, items, steps, batch)
-    return Plan(cfg, len(items), train, held, estimate)
+    return Plan(
+        cfg,
+        len(items),
+        train,
+        held,
+        estimate,
+        warnings=tuple(checked.data.warnings),
+        machine=machine,
+    )

@@ -242,7 +242,8 @@ def _run_compare(ctx: Context) -> StageResult:
 def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]:
     """The target on held-out scenarios (the honest answer to "did the alignment work"),
     its answer mix with the collapse guard, and, apart and labelled so, any evaluated
-    target items the model was trained on."""
+    target items the model was trained on; ``warnings`` (and each comparison's) carry the
+    data's warnings (unverified BBQ files)."""
     from ..stats import answer_mix, compare_runs, join_with_bbq, on_templates, read_predictions
 
     rd = ctx.run_dir
@@ -254,14 +255,22 @@ def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]
         on_held = on_templates(df, {c: held.get(c, set()) for c in ctx.sub.target})
         frames.append((df[on_held], df[~on_held]))
     (hb, tb), (ha, ta) = frames
+    warnings = list(ctx.data.warnings)  # unverified BBQ: in every output made from it
+
+    def comparison(base: Any, aligned: Any) -> dict[str, Any]:
+        result = compare_runs(base, aligned, cfg)
+        result.warnings = [*warnings, *result.warnings]
+        return result.to_json()
+
     summary: dict[str, Any] = {
         "targets": list(ctx.sub.target),
         "heldout_templates": {k: sorted(v) for k, v in held.items()},
         "n_items": len(hb),
         "n_in_sample": len(tb),
+        "warnings": warnings,
     }
     if len(hb):
-        summary["comparison"] = compare_runs(hb, ha, cfg).to_json()
+        summary["comparison"] = comparison(hb, ha)
         summary["answer_mix"] = answer_mix(hb, ha)
     else:
         summary["note"] = "no evaluated target item lies on a held-out scenario (sample too small)"
@@ -269,7 +278,7 @@ def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]
         summary["in_sample"] = {
             "note": "target items on scenarios the model was trained on: in-sample, not "
             "evidence of generalisation; left out of the main comparison",
-            "comparison": compare_runs(tb, ta, cfg).to_json(),
+            "comparison": comparison(tb, ta),
         }
     return summary
 
@@ -286,8 +295,9 @@ def _run_report(ctx: Context) -> StageResult:
     from ..report import write_report
 
     path = write_report(ctx.run_dir, ctx.cfg.report)
-    written = (path, ctx.run_dir / "report.md")
-    return StageResult(tuple(p for p in written if p.is_file()))
+    # the figures too: a deleted figure (a broken link in the report) makes the stage rerun
+    written = (path, ctx.run_dir / "report.md", ctx.run_dir / "figures")
+    return StageResult(tuple(p for p in written if p.exists()))
 
 
 def _recorded_eval(rel: str) -> Callable[[Context], Mapping[str, Any]]:

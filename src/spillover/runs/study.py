@@ -4,10 +4,15 @@ A stage whose completion record matches its key and whose outputs are intact is 
 a stage killed midway runs again (the evaluator resumes from its shards). With lists of
 models, targets, methods or seeds, each combination is a sub-run under
 ``RUN/<model>__<target>__<method>__s<seed>/`` and a combined report is written at the top.
+
+Everything that can be checked without computing is checked before the run directory is
+made (:func:`preflight`, :func:`check_machine`); a run that fails before any stage wrote an
+output removes the folders it created.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import shutil
@@ -71,6 +76,131 @@ def load_items(cfg: RunConfig, sub: SubRun, data: BBQData) -> tuple[BBQItem, ...
     return items
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What a run will work on, resolved before any output: the data, every sub-run's
+    items and every target x seed's pair counts."""
+
+    data: BBQData
+    items: dict[SubRun, tuple[BBQItem, ...]]
+    pairs: dict[tuple[tuple[str, ...], int], tuple[int, int]]
+    """(target, seed) -> (training pairs, held-out pairs)."""
+
+
+def preflight(cfg: RunConfig, data: BBQData | None = None) -> Preflight:
+    """Load the data, select every sub-run's items and build every target's pairs (cheap,
+    no model), so a selection or pair set that would fail a later stage fails now.
+
+    Raises:
+        ConfigError, DataError: the data, the selection or the pairs.
+    """
+    from ..align import build_pairs
+
+    data = data or load_data(cfg)
+    subs = cfg.sub_runs()
+    items = {sub: load_items(cfg, sub, data) for sub in subs}
+    pairs: dict[tuple[tuple[str, ...], int], tuple[int, int]] = {}
+    for sub in subs:
+        if (sub.target, sub.seed) in pairs:
+            continue
+        pcfg = cfg.prefs_for(sub)
+        if pcfg.prompt_format == "letters-chat":  # counts do not depend on the chat template
+            pcfg = dataclasses.replace(pcfg, prompt_format="letters")
+        built = build_pairs(data.items, pcfg)
+        pairs[sub.target, sub.seed] = (len(built.train), len(built.heldout))
+    return Preflight(data, items, pairs)
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """Check what the run needs from this machine: the device, the scoring backend and,
+    per model x method, the trainer, 4-bit support and the experiment tracker.
+
+    Raises:
+        ConfigError: the device is absent here.
+        MissingDependencyError: a package the run needs is not installed.
+    """
+    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from ..evaluate import VLLM_INSTALL_HINT
+
+        raise MissingDependencyError(f"`eval.backend`: vllm: {VLLM_INSTALL_HINT}")
+    from ..align import check_environment
+
+    device = cfg.device
+    if device is not None and device != "auto":
+        import torch
+
+        if device.startswith("cuda:") and torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            if int(device.split(":")[1]) >= count:
+                raise ConfigError(
+                    f"`device`={device!r} but this machine has {count} CUDA device(s) "
+                    f"(cuda:0..cuda:{count - 1})"
+                )
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("`device`='mps' but MPS is not available here; use cpu")
+    for model in cfg.models:
+        for method in cfg.methods:
+            sub = SubRun(model, cfg.targets[0], method, cfg.seeds[0])
+            check_environment(cfg.align_for(sub, "unused"))
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a spillover run (its resolved ``config.yaml``)."""
+    config = path / "config.yaml"
+    try:
+        if not config.is_file() or config.stat().st_size > 1 << 20:
+            return False
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, yaml.YAMLError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"name", "model", "target", "method", "bbq"} <= set(data)
+
+
+def check_force(force: Iterable[str]) -> set[str]:
+    """The stages ``--force`` names (``all``: every stage).
+
+    Raises:
+        ConfigError: an unknown stage name.
+    """
+    forced = set(force)
+    unknown = forced - set(STAGES) - {"all"}
+    if unknown:
+        raise ConfigError(
+            f"`--force` {', '.join(sorted(unknown))}: unknown stage; expected one of "
+            f"{', '.join(STAGES)} or all"
+        )
+    return set(STAGES) if "all" in forced else forced
+
+
+def check_run_dir(root: Path) -> None:
+    """Refuse a run directory that is a file, or a non-empty folder that is not a run (a run
+    writes config.yaml, report.html and stage folders into it).
+
+    Raises:
+        ConfigError: naming the folder.
+    """
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: the run directory is a file; choose a folder with --out")
+    if root.is_dir() and any(root.iterdir()) and not _is_run_dir(root):
+        raise ConfigError(
+            f"{root}: the folder is not empty and holds no spillover run (no config.yaml "
+            "written by `spillover run`); choose a new folder with --out, or an earlier run's"
+        )
+
+
+def _only_scaffolding(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but folders and ``config.yaml`` files: no stage
+    output, shard, record or manifest."""
+    return all(p.is_dir() or p.name == "config.yaml" for p in folder.rglob("*"))
+
+
+def _remove_new(created: Sequence[Path]) -> None:
+    """Remove the folders this run created (innermost first) that hold no work."""
+    for folder in reversed(created):
+        if folder.is_dir() and _only_scaffolding(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @dataclass
 class _Ledger:
     """What the stages of one sub-run returned (or recorded, when skipped)."""
@@ -99,34 +229,31 @@ def run_study(
     Raises:
         ConfigError, DataError, ModelError, MissingDependencyError.
     """
-    forced = set(force)
-    unknown = forced - set(STAGES) - {"all"}
-    if unknown:
-        raise ConfigError(
-            f"`--force` {', '.join(sorted(unknown))}: unknown stage; expected one of "
-            f"{', '.join(STAGES)} or all"
-        )
-    if "all" in forced:
-        forced = set(STAGES)
-    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        from ..evaluate import VLLM_INSTALL_HINT
-
-        raise MissingDependencyError(f"`eval.backend`: vllm: {VLLM_INSTALL_HINT}")
-    data = load_data(cfg)
-    subs = cfg.sub_runs()
-    items = {sub: load_items(cfg, sub, data) for sub in subs}  # fail before any output
+    forced = check_force(force)
     root = Path(out).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    _write_config(root, cfg)
+    check_run_dir(root)
+    # everything checkable without computing fails here, before any output
+    check_machine(cfg)
+    checked = preflight(cfg)
+    data = checked.data
     events: EventFn = on_event or (lambda stage, status, info: None)
     dirs: list[Path] = []
-    for sub in subs:
-        run_dir = root / sub.slug if cfg.is_sweep else root
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.is_sweep:
-            _write_config(run_dir, cfg, sub)
-        _run_sub(Context(cfg, root, sub, run_dir, data, items[sub], events), forced)
-        dirs.append(run_dir)
+    created = [p for p in (*reversed(root.parents), root) if not p.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_config(root, cfg)
+        for sub in cfg.sub_runs():
+            run_dir = root / sub.slug if cfg.is_sweep else root
+            if not run_dir.exists():
+                created.append(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.is_sweep:
+                _write_config(run_dir, cfg, sub)
+            _run_sub(Context(cfg, root, sub, run_dir, data, checked.items[sub], events), forced)
+            dirs.append(run_dir)
+    except BaseException:
+        _remove_new(created)
+        raise
     if cfg.is_sweep:
         from ..report import write_combined_report
 

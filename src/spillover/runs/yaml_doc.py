@@ -19,41 +19,141 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from yaml.constructor import SafeConstructor
 
 from ..errors import ConfigError
 
 T = TypeVar("T")
 
 
+MAX_NODES = 10_000
+"""Most values (scalars, lists, mappings) a config may hold once its aliases are expanded."""
+MAX_DEPTH = 32
+"""Deepest nesting a config may have (a real one nests three levels)."""
+MAX_BYTES = 1 << 20
+"""Largest config file read (1 MiB; a real one is a few kilobytes)."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class YamlDoc:
-    """A parsed YAML document that remembers where each key was written."""
+    """A parsed YAML document that remembers where each key was written.
+
+    Refused, each with the file and line: documents whose aliases expand past
+    :data:`MAX_NODES` values ("billion laughs"), recursive aliases, nesting deeper than
+    :data:`MAX_DEPTH`, duplicate keys in a mapping (YAML would keep the last silently)
+    and NUL characters.
+    """
 
     def __init__(self, text: str, path: Path | str) -> None:
         self.path = str(path)
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data: Any = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{self.path}:{mark.line + 1}" if mark is not None else self.path
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+            raise self._yaml_error(exc) from None
+        except RecursionError:
+            raise ConfigError(
+                f"{self.path}: YAML nested too deeply to read; expected at most {MAX_DEPTH} "
+                "levels of lists and mappings"
+            ) from None
         self._lines: dict[tuple[str, ...], int] = {}
         if node is not None:
+            self._measure(node)  # before anything walks the expanded tree
             self._index(node, ())
+        try:
+            self.data: Any = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise self._yaml_error(exc) from None
         if self.data is None:
             self.data = {}
         if not isinstance(self.data, dict):
             raise ConfigError(f"{self.path}:1: expected a mapping of config keys at the top level")
 
+    def _yaml_error(self, exc: yaml.YAMLError) -> ConfigError:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{self.path}:{mark.line + 1}" if mark is not None else self.path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return ConfigError(f"{where}: invalid YAML: {problem}")
+
+    def _at(self, node: yaml.Node) -> str:
+        return f"{self.path}:{node.start_mark.line + 1}"
+
+    def _measure(self, root: yaml.Node) -> None:
+        """Refuse a document too big or too deep once expanded, without expanding it.
+
+        An alias is the anchored node itself, so each distinct node's expanded size and
+        height are computed once; the walk is linear in the document's text.
+        """
+        sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+        active: set[int] = set()
+
+        def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+            key = id(node)
+            if key in active:
+                raise ConfigError(
+                    f"{self._at(node)}: recursive alias (a node that contains itself); "
+                    "expected plain values; write the value out"
+                )
+            if key not in sizes:
+                if depth > MAX_DEPTH:
+                    raise self._too_deep(node)
+                active.add(key)
+                size, height = 1, 0
+                if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+                    children = (
+                        [n for pair in node.value for n in pair]
+                        if isinstance(node, yaml.MappingNode)
+                        else node.value
+                    )
+                    for child in children:
+                        child_size, child_height = walk(child, depth + 1)
+                        size += child_size
+                        height = max(height, child_height + 1)
+                        if size > MAX_NODES:
+                            raise ConfigError(
+                                f"{self._at(node)}: the document expands to more than "
+                                f"{MAX_NODES:,} values (aliases `*name` repeat their anchor's "
+                                f"content); expected a config of at most {MAX_NODES:,} values; "
+                                "use fewer aliases"
+                            )
+                elif "\0" in str(node.value):
+                    raise ConfigError(
+                        f"{self._at(node)}: NUL character in a value; expected plain text; "
+                        "remove it"
+                    )
+                active.discard(key)
+                sizes[key] = (size, height)
+            size, height = sizes[key]
+            if depth + height > MAX_DEPTH:
+                raise self._too_deep(node)
+            return size, height
+
+        walk(root, 0)
+
+    def _too_deep(self, node: yaml.Node) -> ConfigError:
+        return ConfigError(
+            f"{self._at(node)}: nested deeper than {MAX_DEPTH} levels; expected a config of "
+            "mappings and short lists"
+        )
+
     def _index(self, node: yaml.Node, prefix: tuple[str, ...]) -> None:
         self._lines[prefix] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for key_node, value_node in node.value:
                 key = (*prefix, str(key_node.value))
-                self._lines[key] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key_node.tag != _MERGE_TAG:
+                    value = _key_value(key_node)
+                    if value in seen:
+                        raise ConfigError(
+                            f"{self.path}:{line}: duplicate key `{'.'.join(key)}` (first at "
+                            f"line {seen[value]}); expected each key once; remove one of them"
+                        )
+                    seen[value] = line
+                self._lines[key] = line
                 self._index(value_node, key)
-                self._lines[key] = key_node.start_mark.line + 1
+                self._lines[key] = line
         elif isinstance(node, yaml.SequenceNode):
             for i, child in enumerate(node.value):
                 self._index(child, (*prefix, str(i)))
@@ -65,6 +165,19 @@ class YamlDoc:
             k = k[:-1]
         line = self._lines.get(k, 1)
         return f"{self.path}:{line}"
+
+
+def _key_value(node: yaml.Node) -> Any:
+    """A mapping key as YAML constructs it (``1`` and ``'1'`` differ, ``true`` and ``True``
+    do not); non-scalar keys by their text."""
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            value = SafeConstructor().construct_object(node)
+            hash(value)
+            return value
+        except (yaml.YAMLError, TypeError):
+            pass
+    return (node.tag, str(node.value))
 
 
 def locate(doc: YamlDoc | None, keys: Sequence[str]) -> str:
@@ -183,7 +296,34 @@ def build_dataclass(
 
 
 def load_yaml(path: Path) -> YamlDoc:
-    """Read a YAML file into a :class:`YamlDoc`."""
+    """Read a YAML file (UTF-8, at most :data:`MAX_BYTES`) into a :class:`YamlDoc`.
+
+    Raises:
+        ConfigError: the file is missing, a folder, unreadable, too large, not UTF-8 text
+            or not valid YAML, naming the file.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML config file")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    return YamlDoc(path.read_text(encoding="utf-8"), path)
+        raise ConfigError(f"{path}: config file not found; check the path")
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions"
+        ) from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(
+            f"{path}: config file larger than {MAX_BYTES // 1024} KiB; expected a YAML study "
+            "config (a few kilobytes)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); expected a YAML "
+            "file saved as UTF-8"
+        ) from None
+    return YamlDoc(text, path)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_choice
+from .._checks import check_choice, check_seed
 from ..data import resolve_category
 from ..errors import ConfigError
 from .keys import normalize_by
@@ -17,6 +17,12 @@ CLUSTER_UNITS: tuple[str, ...] = ("scenario", "template", "item")
 items (the paper's item-level analysis)."""
 COMPARE_TESTS: tuple[str, ...] = ("auto", "signflip", *(t for t in TESTS if t != "auto"))
 """``auto``, the clustered ``signflip`` test, or an item-level McNemar variant."""
+MIN_BOOTSTRAP = 100
+"""Fewest bootstrap replicates accepted (besides 0, no bootstrap)."""
+MAX_BOOTSTRAP = 100_000
+"""Most bootstrap replicates accepted: each replicate keeps a few KiB of cell sums, so this
+bounds the bootstrap's memory to a few hundred MiB (percentile intervals gain nothing
+measurable beyond it)."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,12 @@ class CompareConfig:
             raise ConfigError(f"`confidence`={self.confidence!r}; expected a number in (0, 1)")
         if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int):
             raise ConfigError(f"`bootstrap`={self.bootstrap!r}; expected an integer")
-        if self.bootstrap < 0 or 0 < self.bootstrap < 100:
+        if self.bootstrap != 0 and not MIN_BOOTSTRAP <= self.bootstrap <= MAX_BOOTSTRAP:
             raise ConfigError(
-                f"`bootstrap`={self.bootstrap}; expected 0 (off) or at least 100 replicates"
+                f"`bootstrap`={self.bootstrap}; expected 0 (off) or at least {MIN_BOOTSTRAP} "
+                f"and at most {MAX_BOOTSTRAP:,} replicates"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"`seed`={self.seed!r}; expected a non-negative integer")
+        check_seed("seed", self.seed)
         check_choice("cluster", self.cluster, CLUSTER_UNITS)
         if self.test == "signflip" and self.cluster == "item":
             raise ConfigError(

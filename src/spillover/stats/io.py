@@ -9,11 +9,12 @@ the file, the line (CSV/JSONL) or row (Parquet) and the field at fault.
 from __future__ import annotations
 
 import difflib
-import json
+import hashlib
+import io
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,22 @@ import pandas as pd
 
 from ..data import CATEGORIES, CATEGORY_ALIASES, ITEM_FRAME_COLUMNS, BBQData
 from ..errors import DataError
+from .reading import (
+    MAX_FIELD_CHARS,
+    MAX_INTEGER,
+    Locator,
+    Read,
+    bool_mask,
+    check_lengths,
+    decode,
+    first_index,
+    json_line,
+    locator,
+    numeric,
+    py_value,
+    read_bytes,
+    show_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +84,8 @@ _SUFFIXES = {
     ".ndjson": "jsonl",
 }
 
-Locator = Callable[[int], str]
-"""Maps a 0-based row position to ``"N"`` (a line number) or ``"row N"`` for messages."""
-
-
-def _py(value: object) -> object:
-    """A numpy scalar as the plain Python value (for readable messages)."""
-    return value.item() if isinstance(value, np.generic) else value
+_PLACES = "places"
+# attrs key: where each row of a frame read by read_predictions came from (see _place_of)
 
 
 def _at(place: str) -> str:
@@ -93,43 +105,59 @@ def _category_hint(value: object) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _read_jsonl(path: Path) -> tuple[pd.DataFrame, Locator]:
+def _check_record(path: Path, lineno: int, rec: Any, line_chars: int) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
+    # a field can only be over-long on a line that is
+    for key, value in rec.items() if line_chars > MAX_FIELD_CHARS else ():
+        if len(key) > MAX_FIELD_CHARS:
+            raise DataError(
+                f"{path}:{lineno}: a field name of {len(key):,} characters; expected at most "
+                f"{MAX_FIELD_CHARS:,}"
+            )
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise DataError(
+                f"{path}:{lineno}: field {key[:60]!r} holds {len(value):,} characters; "
+                f"expected at most {MAX_FIELD_CHARS:,}"
+            )
+    for col in PRED_REQUIRED:
+        if col not in rec:
+            raise DataError(f"{path}:{lineno}: missing field {col!r}")
+
+
+def _read_jsonl(path: Path, data: bytes) -> Read:
     records: list[dict[str, Any]] = []
     lines: list[int] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc.reason})") from None
+    # line ends as universal newlines read them (a bare \r cannot be inside a JSON string)
+    text = decode(path, data).replace("\r\n", "\n").replace("\r", "\n")
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{lineno}: malformed JSON: {exc.msg} at column {exc.colno}"
-            ) from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
-        for col in PRED_REQUIRED:
-            if col not in rec:
-                raise DataError(f"{path}:{lineno}: missing field {col!r}")
+        rec = json_line(path, lineno, line)
+        _check_record(path, lineno, rec, len(line))
         records.append(rec)
         lines.append(lineno)
     if not records:
         raise DataError(f"{path}: no predictions (the file is empty)")
-    return pd.DataFrame.from_records(records), lambda i: str(lines[i])
+    return pd.DataFrame.from_records(records), np.asarray(lines, dtype=np.int64), ""
 
 
-def _read_csv(path: Path) -> tuple[pd.DataFrame, Locator]:
+def _read_csv(path: Path, data: bytes) -> Read:
+    text = decode(path, data)
     try:
         df = pd.read_csv(
-            path, dtype={"category": str, PERMUTATION_COLUMN: str}, keep_default_na=True
+            io.StringIO(text),
+            dtype={"category": str, PERMUTATION_COLUMN: str},
+            keep_default_na=True,
         )
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: no predictions (the file is empty)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+    except (pd.errors.ParserError, ValueError, OverflowError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    # line 1 is the header; data rows start on line 2 (fields with embedded newlines would
+    # shift this, prediction files have none)
+    lines = np.arange(len(df), dtype=np.int64) + 2
+    check_lengths(df, str(path), locator(lines, ""), header="1")
     missing = [c for c in PRED_REQUIRED if c not in df.columns]
     if missing:
         raise DataError(
@@ -138,18 +166,18 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, Locator]:
         )
     if df.empty:
         raise DataError(f"{path}: no predictions (only a header)")
-    # line 1 is the header; data rows start on line 2 (fields with embedded newlines would
-    # shift this, prediction files have none)
-    return df, lambda i: str(i + 2)
+    return df, lines, ""
 
 
-def _read_parquet(path: Path) -> tuple[pd.DataFrame, Locator]:
+def _read_parquet(path: Path, data: bytes) -> Read:
     try:
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several unrelated types for bad files
         raise DataError(
             f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})"
         ) from None
+    rows = np.arange(len(df), dtype=np.int64) + 1
+    check_lengths(df, str(path), locator(rows, "row "), header=None)
     missing = [c for c in PRED_REQUIRED if c not in df.columns]
     if missing:
         raise DataError(
@@ -158,34 +186,38 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, Locator]:
         )
     if df.empty:
         raise DataError(f"{path}: no predictions (the table has no rows)")
-    return df.reset_index(drop=True), lambda i: f"row {i + 1}"
-
-
-def _first(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
+    return df.reset_index(drop=True), rows, "row "
 
 
 def _integer_column(
     df: pd.DataFrame, col: str, src: str, where: Locator, allowed: Sequence[int] | None = None
 ) -> np.ndarray:
     raw = df[col]
-    num = pd.to_numeric(raw, errors="coerce")
-    values: np.ndarray = np.asarray(num.to_numpy(dtype=float, na_value=np.nan), dtype=float)
+    expected = (
+        " or ".join([", ".join(map(str, allowed[:-1])), str(allowed[-1])])
+        if allowed is not None
+        else "a non-negative integer"
+    )
+    booleans = bool_mask(raw)
+    if booleans.any():
+        i = first_index(booleans)
+        raise DataError(
+            f"{src}:{where(i)}: field {col!r}={show_value(raw.iloc[i])} is a boolean; expected "
+            f"{expected} ({int(booleans.sum())} row(s) affected)"
+        )
+    values = numeric(raw)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | (values != np.round(values))
         if allowed is not None:
             bad |= ~np.isin(values, np.asarray(allowed, dtype=float))
         else:
-            bad |= values < 0
+            bad |= (values < 0) | (values > MAX_INTEGER)
     if bad.any():
-        i = _first(bad)
-        expected = (
-            " or ".join([", ".join(map(str, allowed[:-1])), str(allowed[-1])])
-            if allowed is not None
-            else "a non-negative integer"
-        )
+        i = first_index(bad)
+        if allowed is None and abs(values[i]) > MAX_INTEGER:
+            expected += f" of at most {MAX_INTEGER:,}"
         raise DataError(
-            f"{src}:{where(i)}: field {col!r}={_py(raw.iloc[i])!r}; expected {expected} "
+            f"{src}:{where(i)}: field {col!r}={show_value(raw.iloc[i])}; expected {expected} "
             f"({int(bad.sum())} row(s) affected)"
         )
     return values.astype(np.int64)
@@ -199,10 +231,10 @@ def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
     cats = out["category"]
     bad = ~cats.isin(CATEGORIES).to_numpy()
     if bad.any():
-        i = _first(bad)
+        i = first_index(bad)
         value = cats.iloc[i]
         raise DataError(
-            f"{src}:{where(i)}: field 'category'={value!r} is not a BBQ category"
+            f"{src}:{where(i)}: field 'category'={show_value(value)} is not a BBQ category"
             f"{_category_hint(value)}; names must be spelled exactly as in BBQ "
             f"({int(bad.sum())} row(s) affected)"
         )
@@ -218,27 +250,27 @@ def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
                 "per-option scores need all three columns score_0, score_1, score_2"
             )
         for col in SCORE_COLUMNS:
-            vals = pd.to_numeric(out[col], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-            bad = np.isnan(vals) | (vals == np.inf)
+            vals = numeric(out[col])
+            bad = np.isnan(vals) | (vals == np.inf) | bool_mask(out[col])
             if bad.any():
-                i = _first(bad)
+                i = first_index(bad)
                 raise DataError(
-                    f"{src}:{where(i)}: field {col!r}={_py(out[col].iloc[i])!r}; expected a "
+                    f"{src}:{where(i)}: field {col!r}={show_value(out[col].iloc[i])}; expected a "
                     "log-probability (a finite number or -inf)"
                 )
             out[col] = vals
     if PERMUTATION_COLUMN in out.columns:
-        out[PERMUTATION_COLUMN] = _permutation_strings(out[PERMUTATION_COLUMN])
+        out[PERMUTATION_COLUMN] = _permutation_strings(out[PERMUTATION_COLUMN], src, where)
     keys = [*KEY_COLUMNS] + ([PERMUTATION_COLUMN] if PERMUTATION_COLUMN in out.columns else [])
     dup = out.duplicated(keys, keep=False).to_numpy()
     if dup.any():
         first_dup = out.duplicated(keys, keep="first").to_numpy()
-        i = _first(first_dup)
-        key_vals = tuple(_py(out[k].iloc[i]) for k in keys)
+        i = first_index(first_dup)
+        key_vals = tuple(py_value(out[k].iloc[i]) for k in keys)
         same = np.ones(len(out), dtype=bool)
         for k, v in zip(keys, key_vals, strict=True):
             same &= (out[k] == v).to_numpy()
-        j = _first(same)
+        j = first_index(same)
         shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key_vals, strict=True))
         per = " per permutation" if PERMUTATION_COLUMN in keys else ""
         raise DataError(
@@ -248,15 +280,20 @@ def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
     return out
 
 
-def _permutation_strings(col: pd.Series) -> pd.Series:
+def _permutation_strings(col: pd.Series, src: str, where: Locator) -> pd.Series:
     """Permutation ids as the strings written: a CSV or JSON reader's number ``12`` is the id
     ``"012"`` again (three digits padded back when they then form a permutation of 012), and
-    the legacy identity ``0`` is ``"012"``; other ids are kept as text."""
+    the legacy identity ``0`` is ``"012"``; other ids are kept as text. A missing id, a
+    boolean or a non-finite number is refused."""
 
-    def one(value: Any) -> Any:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return value
-        if isinstance(value, (int, np.integer, float, np.floating)) and float(value).is_integer():
+    def one(value: Any) -> str | None:
+        if value is None or isinstance(value, (bool, np.bool_)):
+            return None
+        if isinstance(value, (float, np.floating)):
+            if not math.isfinite(value):
+                return None
+            text = str(int(value)) if float(value).is_integer() else str(value)
+        elif isinstance(value, (int, np.integer)):
             text = str(int(value))
         else:
             text = str(value).strip()
@@ -267,7 +304,15 @@ def _permutation_strings(col: pd.Series) -> pd.Series:
             return padded
         return text
 
-    return col.map(one).astype(object)
+    texts = [one(v) for v in col]
+    bad = np.array([t is None or t == "" for t in texts], dtype=bool)
+    if bad.any():
+        i = first_index(bad)
+        raise DataError(
+            f"{src}:{where(i)}: field {PERMUTATION_COLUMN!r}={show_value(col.iloc[i])}; expected a "
+            f"permutation id such as '012' ({int(bad.sum())} row(s) affected)"
+        )
+    return pd.Series(texts, index=col.index, dtype=object)
 
 
 def _pick_permutation(
@@ -319,44 +364,82 @@ def read_predictions(
 
     Returns:
         The predictions with ``category`` as str, ``example_id`` and ``pred_index``
-        as int64 and scores as float64; ``df.attrs["source"]`` holds the path and
-        ``df.attrs["notes"]`` any notes made while reading.
+        as int64 and scores as float64; ``df.attrs["source"]`` holds the path,
+        ``df.attrs["notes"]`` any notes made while reading and ``df.attrs["places"]``
+        the line (or row) each prediction was read from, which :func:`join_with_bbq`
+        names in its errors while the frame's keys are still the ones read.
 
     Raises:
-        DataError: the file is missing, unreadable or malformed; the message names
-            the file, the line (CSV, JSONL) or row (Parquet) and the field.
+        DataError: the file is missing, unreadable (a folder, a symlink loop, no
+            permission), not UTF-8, malformed or out of bounds (booleans or integers
+            above :data:`MAX_INTEGER` in integer fields, text over
+            :data:`MAX_FIELD_CHARS`); the message names the file, the line (CSV, JSONL)
+            or row (Parquet) and the field.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: prediction file not found")
     kind = _SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(
             f"{p}: unsupported prediction file type {p.suffix or '(none)'!r}; expected "
             ".parquet, .csv or .jsonl"
         )
-    if kind == "jsonl":
-        df, where = _read_jsonl(p)
-    elif kind == "csv":
-        df, where = _read_csv(p)
-    else:
-        df, where = _read_parquet(p)
-    df = _validate(df, str(p), where)
+    data = read_bytes(p)
+    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
+    df, numbers, unit = reader(p, data)
+    df = _validate(df, str(p), locator(numbers, unit))
     notes: list[str] = []
     if PERMUTATION_COLUMN in df.columns:
         df, note = _pick_permutation(df, str(p), permutation)
         if note:
             notes.append(note)
-            logger.info(note)
+            # returned in attrs["notes"]; callers show it (the CLI prints it once)
+            logger.debug(note)
     elif permutation is not None:
         raise DataError(
             f"{p}: a permutation ({permutation!r}) was requested but the file has no "
             f"{PERMUTATION_COLUMN!r} column"
         )
+    kept = numbers[df.index.to_numpy()]
     df = df.reset_index(drop=True)
     df.attrs["source"] = str(p)
     df.attrs["notes"] = list(notes)
+    df.attrs[_PLACES] = {"unit": unit, "runs": _runs(kept), "keys": _keys_digest(df)}
     return df
+
+
+def _keys_digest(df: pd.DataFrame) -> str:
+    """Digest of a frame's item keys in row order (tells whether places still apply)."""
+    hashed = pd.util.hash_pandas_object(df[list(KEY_COLUMNS)], index=False)
+    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
+
+
+def _runs(numbers: np.ndarray) -> list[list[int]]:
+    """Line numbers as ``[first, count, step]`` runs: a few numbers for a whole file."""
+    runs: list[list[int]] = []
+    for n in numbers.tolist():
+        if runs:
+            first, count, step = runs[-1]
+            if count == 1 and n > first:
+                runs[-1] = [first, 2, n - first]
+                continue
+            if n == first + count * step:
+                runs[-1][1] += 1
+                continue
+        runs.append([n, 1, 1])
+    return runs
+
+
+def _place_of(df: pd.DataFrame, i: int) -> str | None:
+    """``"12"`` (line) or ``"row 12"`` where row ``i`` of a frame :func:`read_predictions`
+    returned was read; None once the frame's rows no longer are the ones read."""
+    places = df.attrs.get(_PLACES)
+    if not isinstance(places, dict) or places.get("keys") != _keys_digest(df):
+        return None
+    for first, count, step in places["runs"]:
+        if i < count:
+            return f"{places['unit']}{first + i * step}"
+        i -= count
+    return None
 
 
 def _item_frame(bbq: BBQData | pd.DataFrame) -> pd.DataFrame:
@@ -395,8 +478,8 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
         ``attrs["notes"]`` holds the reading notes plus any replaced disagreements.
 
     Raises:
-        DataError: predictions whose key is not in BBQ (how many, and a few), or
-            labels that disagree with BBQ's.
+        DataError: predictions whose key is not in BBQ (the file and line of the first,
+            how many, and a few), or labels that disagree with BBQ's.
     """
     src = str(preds.attrs.get("source", "predictions"))
     items = _item_frame(bbq)
@@ -407,10 +490,12 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     merged = left.merge(
         items, on=list(KEY_COLUMNS), how="left", suffixes=("_pred", ""), indicator=True
     )
-    unmatched = merged[merged["_merge"] == "left_only"]
+    unmatched = merged[merged["_merge"] == "left_only"].sort_values("_row")
     if len(unmatched):
+        place = _place_of(preds, int(unmatched["_row"].iloc[0]))
         raise DataError(
-            f"{src}: {len(unmatched)} prediction(s) name items that are not in BBQ "
+            f"{src}{f':{place}' if place else ''}: {len(unmatched)} prediction(s) name items "
+            "that are not in BBQ "
             f"(e.g. {_show_keys(unmatched)}); check the category names and example ids "
             "or load the BBQ categories the predictions were made on"
         )
@@ -418,11 +503,11 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
         mine = merged[f"{col}_pred"]
         theirs = merged[col]
         if col == "target_loc":
-            a = pd.to_numeric(mine, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            a = numeric(mine)
             b = theirs.to_numpy(dtype=float, na_value=np.nan)
             differ = ~((a == b) | (np.isnan(a) & np.isnan(b)))
         elif col in ("label", "unknown_loc", "question_index"):
-            a = pd.to_numeric(mine, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+            a = numeric(mine)
             differ = a != theirs.to_numpy(dtype=float)
         else:
             differ = (mine.astype(str) != theirs.astype(str)).to_numpy()
@@ -433,20 +518,22 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
             detail = (
                 f"{int(differ.sum())} prediction row(s) carry a {col!r} that disagrees with "
                 f"BBQ (e.g. {example['category']}/{example['example_id']}: file says "
-                f"{_py(example[f'{col}_pred'])!r}, BBQ says {_py(example[col])!r})"
+                f"{show_value(example[f'{col}_pred'])}, BBQ says {show_value(example[col])})"
             )
             if col == "label":
                 raise DataError(
                     f"{src}: {detail}; BBQ's labels are authoritative: the file was made for "
                     "other items or its rows are misaligned"
                 )
-            logger.warning("%s: %s; using BBQ's values", src, detail)
+            # returned in attrs["notes"]; callers show it (the CLI prints it once)
+            logger.debug("%s: %s; using BBQ's values", src, detail)
             notes.append(f"{src}: {detail}; using BBQ's values")
         merged = merged.drop(columns=[f"{col}_pred"])
     merged = merged.drop(columns=["_merge"]).sort_values("_row").drop(columns=["_row"])
     merged = merged.reset_index(drop=True)
     merged["target_loc"] = merged["target_loc"].astype("Int64")
-    merged.attrs = {**preds.attrs, "notes": notes}
+    kept_attrs = {k: v for k, v in preds.attrs.items() if k != _PLACES}
+    merged.attrs = {**kept_attrs, "notes": notes}
     front = [c for c in (*KEY_COLUMNS, "pred_index", *ITEM_COLUMNS) if c in merged.columns]
     rest = [c for c in merged.columns if c not in front]
     return merged[front + rest]
@@ -470,7 +557,7 @@ def check_joined(df: pd.DataFrame, name: str) -> pd.DataFrame:
     out = _validate(out, name, pos)
     dup = out.duplicated(list(KEY_COLUMNS), keep="first").to_numpy()
     if dup.any():
-        i = _first(dup)
+        i = first_index(dup)
         hint = (
             "; the rows come from several answer-order permutations: keep one"
             if PERMUTATION_COLUMN in out.columns
@@ -482,16 +569,17 @@ def check_joined(df: pd.DataFrame, name: str) -> pd.DataFrame:
         )
     for col in ("label", "unknown_loc"):
         out[col] = _integer_column(out, col, name, pos, allowed=(0, 1, 2))
-    tl = pd.to_numeric(out["target_loc"], errors="coerce")
-    tl_vals = tl.to_numpy(dtype=float, na_value=np.nan)
-    bad = ~np.isnan(tl_vals) & ~np.isin(tl_vals, (0.0, 1.0, 2.0))
+    tl_vals = numeric(out["target_loc"])
+    bad = (~np.isnan(tl_vals) & ~np.isin(tl_vals, (0.0, 1.0, 2.0))) | bool_mask(out["target_loc"])
     if bad.any():
-        i = _first(bad)
+        i = first_index(bad)
         raise DataError(
-            f"{name}:{pos(i)}: field 'target_loc'={_py(out['target_loc'].iloc[i])!r}; "
+            f"{name}:{pos(i)}: field 'target_loc'={show_value(out['target_loc'].iloc[i])}; "
             "expected 0, 1, 2 or missing"
         )
-    out["target_loc"] = tl.astype("Int64")
+    out["target_loc"] = pd.array(
+        [pd.NA if math.isnan(v) else int(v) for v in tl_vals.tolist()], dtype="Int64"
+    )
     if "question_index" in out.columns:
         out["question_index"] = _integer_column(out, "question_index", name, pos)
     return out

@@ -294,6 +294,12 @@ class Flag:
         return cls(**values)
 
 
+WARNINGS_COLUMN = "warnings"
+"""Last column of :meth:`Comparison.to_csv` (``compare --csv``, ``stats/comparison.csv``)."""
+WARNINGS_SEPARATOR = " | "
+"""How :data:`WARNINGS_COLUMN` joins several warnings."""
+
+
 @dataclass
 class Comparison:
     """Result of :func:`~spillover.stats.compare_runs`."""
@@ -369,9 +375,14 @@ class Comparison:
         return cls(rows, flags, dict(summary), cfg, list(warnings))
 
     def to_csv(self) -> str:
-        """The strata table as CSV text (flags joined with ``;``)."""
+        """The strata table as CSV text (flags joined with ``;``), with a last
+        :data:`WARNINGS_COLUMN`: the comparison's warnings (unverified BBQ files, the
+        permutation used, ...) joined with :data:`WARNINGS_SEPARATOR`, the same on every
+        row (empty when there are none). A column, not a ``#`` comment line, because
+        ``pandas.read_csv(comment="#")`` would also cut fields holding ``#``."""
         df = self.strata
         df["flags"] = df["flags"].map(lambda v: ";".join(v))
+        df[WARNINGS_COLUMN] = WARNINGS_SEPARATOR.join(" ".join(w.split()) for w in self.warnings)
         buf = io.StringIO()
         df.to_csv(buf, index=False)
         return buf.getvalue()
