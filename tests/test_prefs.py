@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cli_runner import invoke
+from full_bbq import FULL_BBQ_DIR
 from spillover.align import (
     PAIR_COLUMNS,
     PrefsConfig,
@@ -22,7 +23,7 @@ from spillover.align import (
 from spillover.data import BBQItem
 from spillover.errors import ConfigError, DataError
 
-FULL_BBQ = os.environ.get("SPILLOVER_BBQ_DIR")
+FULL_BBQ = os.fspath(FULL_BBQ_DIR) if FULL_BBQ_DIR else None  # env, else the cache
 
 
 def _item(cat: str, eid: int, tmpl: int, ctx: str, label: int, target: int | None) -> BBQItem:

@@ -441,3 +441,245 @@ def test_alignment_section_leads_with_the_collapse_guard(artifacts: Path, tmp_pa
     assert "SmolLM2-135M" in lines[1] and "not evidence about spillover" in lines[1]
     assert "48 items" in lines[2] and "ambig: accuracy" in lines[2]
     assert md.index("## What the alignment did") < md.index("## Summary")
+
+
+# --------------------------------------------------------------------------- spillover map
+
+MAP_RUNS = ("gender", "race", "gender+race")
+MAP_HEADER = [
+    "target",
+    "run",
+    "attribute",
+    "role",
+    *(
+        f"{m}, {ctx}"
+        for ctx in ("ambig", "disambig")
+        for m in ("Δ accuracy (pp)", "Δ unknown rate (pp)", "Δ bias score")
+    ),
+]
+
+
+def _load_fixture(name: str) -> Any:
+    """A function of ``tests/fixtures/make_report_run.py``."""
+    spec = importlib.util.spec_from_file_location(
+        "make_report_run", FIXTURES / "make_report_run.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+@pytest.fixture(scope="module")
+def map_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic sub-runs with different targets (one lacking a stratum), combined."""
+    sweep = tmp_path_factory.mktemp("map") / "sweep"
+    dirs = _load_fixture("make_sweep")(sweep)
+    assert [d.name for d in dirs] == list(MAP_RUNS)
+    assert _stratum_or_none(dirs[-1], "Religion", "disambig") is None
+    write_combined_report(sweep, dirs, ReportConfig(figure_formats=("png", "svg")))
+    return sweep
+
+
+def _stratum_or_none(run: Path, category: str, context: str) -> dict[str, Any] | None:
+    obj = json.loads((run / "stats" / "comparison.json").read_text())
+    try:
+        return _stratum(obj, category, context)
+    except StopIteration:
+        return None
+
+
+def _map_md(sweep: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """The map table of the combined Markdown, by (run, attribute), cells by column."""
+    rows = _md_table((sweep / "report.md").read_text(), "## Spillover map")
+    out = {}
+    for row in rows:
+        cells = dict(zip(MAP_HEADER, row, strict=True))
+        out[(cells["run"], cells["attribute"].replace("\\_", "_"))] = cells
+    return out
+
+
+def test_spillover_map_figure_files_and_embedding(map_sweep: Path) -> None:
+    png = map_sweep / "figures" / "spillover_map.png"
+    svg = map_sweep / "figures" / "spillover_map.svg"
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    text = svg.read_text()
+    assert "<svg" in text and "</svg>" in text
+    html = (map_sweep / "report.html").read_text()
+    assert 'id="fig-spillover_map"' in html and 'href="figures/spillover_map.svg"' in html
+    assert all((map_sweep / r).is_file() for r in _local_refs(html))
+    md = (map_sweep / "report.md").read_text()
+    assert "![Spillover map](figures/spillover_map.png)" in md
+    assert md.index("## Spillover map") < md.index("## Significant spillovers")
+
+
+def test_spillover_map_table_numbers_marks_and_blanks(map_sweep: Path) -> None:
+    cells = _map_md(map_sweep)
+    assert len(cells) == 3 * 11  # every sub-run x every evaluated attribute
+    gender = json.loads((map_sweep / "gender" / "stats" / "comparison.json").read_text())
+    race = json.loads((map_sweep / "race" / "stats" / "comparison.json").read_text())
+    # Age, ambiguous, gender run: b = 45, c = 7 of 240 -> (7 - 45) / 240 = -15.8 points,
+    # significant under the scenario-clustered test
+    age = _stratum(gender, "Age", "ambig")
+    assert age["delta_accuracy"] == pytest.approx((7 - 45) / 240)
+    assert age["significant"] is True and age["significant_unknown"] is True
+    row = cells[("gender", "Age")]
+    assert row["Δ accuracy (pp), ambig"] == "**-15.8 pp\\***"
+    unknown = 100 * age["delta_unknown_rate"]
+    assert row["Δ unknown rate (pp), ambig"] == f"**{unknown:+.1f} pp\\***"
+    assert row["role"] == "spillover"
+    # Religion, ambiguous, race run: (5 - 50) / 240 = -18.75 points, significant
+    rel = _stratum(race, "Religion", "ambig")
+    assert rel["delta_accuracy"] == pytest.approx((5 - 50) / 240) and rel["significant"]
+    assert cells[("race", "Religion")]["Δ accuracy (pp), ambig"] == "**-18.8 pp\\***"
+    # a default cell: b = 9, c = 3 -> -2.5 points, not significant: no mark, not bold
+    dis = _stratum(race, "Disability_status", "ambig")
+    assert dis["significant"] is False
+    assert cells[("race", "Disability_status")]["Δ accuracy (pp), ambig"] == "-2.5 pp"
+    # bias score, one decimal, marked when its bootstrap interval excludes 0
+    bias = _stratum(race, "Race_ethnicity", "disambig")
+    excludes = bias["delta_bias_score_ci_high"] < 0 or bias["delta_bias_score_ci_low"] > 0
+    shown = f"{bias['delta_bias_score']:+.1f}"
+    expect = f"**{shown}\\***" if excludes else shown
+    assert cells[("race", "Race_ethnicity")]["Δ bias score, disambig"] == expect
+    # the targets' own cells
+    assert cells[("race", "Race_ethnicity")]["role"] == "target"
+    both = [a for (run, a), c in cells.items() if run == "gender+race" and c["role"] == "target"]
+    assert both == ["Gender_identity", "Race_ethnicity"]
+    assert cells[("gender+race", "Age")]["target"] == "Gender\\_identity+Race\\_ethnicity"
+    # the stratum the gender+race run lacks is blank, not zero; its ambiguous one is there
+    lacking = cells[("gender+race", "Religion")]
+    for m in ("Δ accuracy (pp)", "Δ unknown rate (pp)", "Δ bias score"):
+        assert lacking[f"{m}, disambig"] == ""
+        assert lacking[f"{m}, ambig"] not in ("", "undefined")
+
+
+def test_spillover_map_html_marks_significant_cells(map_sweep: Path) -> None:
+    html = (map_sweep / "report.html").read_text()
+    table = html.split('<table class="map">', 1)[1].split("<tbody>", 1)[1].split("</table>")[0]
+    rows = re.findall(r"<tr( class=\"own\")?>(.*?)</tr>", table, flags=re.S)
+    by_key = {}
+    for own, body in rows:
+        tds = re.findall(r"<td( class=\"(?:text|sig)\")?>(.*?)</td>", body)
+        by_key[(tds[1][1], tds[2][1])] = (own, tds)
+    own, tds = by_key[("gender", "Age")]
+    assert not own
+    assert tds[4] == (' class="sig"', "-15.8 pp*")
+    own, tds = by_key[("race", "Race_ethnicity")]
+    assert own and tds[3][1] == "target"
+    _, tds = by_key[("gender+race", "Religion")]
+    assert [v for _, v in tds[7:]] == ["", "", ""]
+    # every significant accuracy change of every run is marked, and nothing else is
+    for run in MAP_RUNS:
+        comparison = json.loads((map_sweep / run / "stats" / "comparison.json").read_text())
+        for s in comparison["strata"]:
+            if s["level"] != "category+context_condition":
+                continue
+            col = 4 if s["context_condition"] == "ambig" else 7
+            cls, value = by_key[(run, s["category"])][1][col]
+            assert (cls == ' class="sig"') == bool(s["significant"]), (run, s["category"])
+            assert value.endswith("*") == bool(s["significant"])
+
+
+def test_spillover_map_in_a_tiny_sweep_over_targets(tmp_path: Path) -> None:
+    """A real sweep over two targets with a tiny random-weight model ends in the map."""
+    from spillover.runs import RunConfig, run_study
+    from tiny_models import make_tiny
+
+    model = make_tiny(tmp_path / "tiny-model")
+    study = {
+        "name": "tiny-map",
+        "model": str(model),
+        "target": ["gender", "gender+race"],
+        "method": "dpo",
+        "seed": 0,
+        "bbq": {"dir": str(FIXTURES / "bbq_mini"), "allow_unverified": True},
+        "eval": {"per_stratum": 2, "chunk_items": 8},
+        "align": {"max_steps": 2, "batch_size": 2},
+        "compare": {"bootstrap": 100},
+        "report": {"formats": ["md"], "figure_formats": ["png", "svg"]},
+    }
+    cfg = RunConfig.from_mapping(study)
+    dirs = run_study(cfg, tmp_path / "sweep")
+    assert len(dirs) == 2
+    sweep = tmp_path / "sweep"
+    assert (sweep / "figures" / "spillover_map.png").read_bytes().startswith(PNG_MAGIC)
+    assert (sweep / "figures" / "spillover_map.svg").is_file()
+    rows = _md_table((sweep / "report.md").read_text(), "## Spillover map")
+    targets = {r[0] for r in rows}
+    assert targets == {"Gender\\_identity", "Gender\\_identity+Race\\_ethnicity"}
+    for d in dirs:
+        comparison = json.loads((d / "stats" / "comparison.json").read_text())
+        s = _stratum(comparison, "Age", "ambig")
+        row = next(r for r in rows if r[1] == d.name.replace("_", "\\_") and r[2] == "Age")
+        text = f"{100 * s['delta_accuracy']:+.1f} pp" + ("\\*" if s["significant"] else "")
+        assert row[4] in (text, f"**{text}**")
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def _hand_predictions(folder: Path) -> tuple[Path, Path]:
+    """Base and aligned predictions on the mini BBQ (CSV): the aligned model is right more."""
+    import pandas as pd
+
+    from spillover.data import BBQSource
+
+    items = BBQSource(str(FIXTURES / "bbq_mini"), None, True).load().items
+    rows = []
+    for i, it in enumerate(items):
+        wrong = (it.label + 1) % 3
+        rows.append((it.category, it.example_id, it.label if i % 3 else wrong, it.label))
+    df = pd.DataFrame(rows, columns=["category", "example_id", "base", "aligned"])
+    folder.mkdir(parents=True, exist_ok=True)
+    base, aligned = folder / "base.csv", folder / "aligned.csv"
+    df.rename(columns={"base": "pred_index"})[["category", "example_id", "pred_index"]].to_csv(
+        base, index=False
+    )
+    df.rename(columns={"aligned": "pred_index"})[["category", "example_id", "pred_index"]].to_csv(
+        aligned, index=False
+    )
+    return base, aligned
+
+
+def test_report_from_a_folder_made_by_hand(tmp_path: Path) -> None:
+    folder = tmp_path / "by-hand"
+    base, aligned = _hand_predictions(folder)
+    mini = str(FIXTURES / "bbq_mini")
+    result = invoke(
+        ["compare", str(base), str(aligned), "--bbq-dir", mini, "--allow-unverified",
+         "--bootstrap", "0", "--json", str(folder / "comparison.json")]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = invoke(["report", str(folder)])
+    assert result.exit_code == 0, result.output
+    html = (folder / "report.html").read_text()
+    md = (folder / "report.md").read_text()
+    strata = json.loads((folder / "comparison.json").read_text())["strata"]
+    main = _md_table(md, "### Accuracy and tests")
+    assert len(main) == len(strata)
+    keys = {(s["category"].replace("_", "\\_"), s["context_condition"]) for s in strata}
+    assert {tuple(r[:2]) for r in main} == keys
+    age = next(s for s in strata if s["category"] == "Age" and s["context_condition"] == "ambig")
+    row = next(r for r in main if r[:2] == ["Age", "ambig"])
+    assert f"{100 * age['delta_accuracy']:+.1f} pp" in row
+    # what the folder cannot give is said, not failed on
+    for doc in (html, md):
+        assert "folder made by hand" in doc
+        assert "training curves (align/log\\_history.json)" in doc or (
+            "training curves (align/log_history.json)" in doc
+        )
+        assert "stats/heldout\\_target.json" in doc or "stats/heldout_target.json" in doc
+        assert "manifest.json" in doc
+    assert "base.csv has no column(s) correct, displayed_pred, permutation" in html
+    assert "## Training" not in md and "## What the alignment did" not in md
+    # predictions named on the command line; a missing one is a one-line error
+    elsewhere = tmp_path / "elsewhere.csv"
+    shutil.copy(base, elsewhere)
+    result = invoke(["report", str(folder), "--base", str(elsewhere), "--formats", "md"])
+    assert result.exit_code == 0, result.output
+    assert "elsewhere.csv has no column(s)" in (folder / "report.md").read_text()
+    result = invoke(["report", str(folder), "--base", str(tmp_path / "nope.parquet")])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope.parquet" in lines[0]

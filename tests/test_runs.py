@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -694,3 +695,121 @@ def test_heldout_target_summary_carries_the_data_warnings(mini_dir: Path, tmp_pa
     assert summary["n_items"] > 0
     assert summary["comparison"]["warnings"][: len(data.warnings)] == list(data.warnings)
     json.dumps(summary, allow_nan=False)
+
+
+def test_dry_run_total_counts_every_sub_run_and_order(workdir: Path, mini_dir: Path) -> None:
+    """2 methods x 2 seeds, 3 answer orders: the total is every sub-run's rows (items x
+    orders), the base evaluation shared by the two methods of a seed counted once."""
+    import re
+
+    from spillover.runs import load_data, load_items
+
+    body = (
+        "name: sweep\nmodel: smollm2-135m\ntarget: gender\nmethod: [dpo, ipo]\nseed: [0, 1]\n"
+        "eval:\n  per_stratum: 2\n  permutations: cyclic\nalign:\n  max_steps: 3\n"
+    )
+    path = workdir / "sweep.yaml"
+    path.write_text(_study_text(mini_dir, body), encoding="utf-8")
+    result = invoke(["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    cfg = RunConfig.load(path)
+    data = load_data(cfg)
+    n = {sub: len(load_items(cfg, sub, data)) for sub in cfg.sub_runs()}
+    # by hand: every sub-run scores its aligned model; the base model once per seed
+    aligned = sum(3 * k for k in n.values())
+    base = sum(3 * n[sub] for sub in cfg.sub_runs() if sub.method == "dpo")
+    lines = result.output.splitlines()
+    (total,) = [ln for ln in lines if ln.strip().startswith("total over")]
+    assert "total over 4 sub-run(s)" in total
+    assert f"{aligned + base:,} rows scored in 6 evaluation(s) (4 aligned, 2 base; " in total
+    assert "2 sub-run(s) reuse another's base evaluation" in total
+    assert "12 training steps" in total
+    subs = cfg.sub_runs()
+    for sub in subs:  # each sub-run's line is followed by its compute
+        at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"{sub.slug}:"))
+        line = lines[at + 1]
+        assert line.strip().startswith(f"compute {sub.model}:")
+        assert f"{3 * n[sub] * (1 if sub.method == 'ipo' else 2):,} rows scored" in line
+        assert f"({n[sub]} items x 3 order(s)" in line
+        if sub.method == "ipo":
+            twin = next(s for s in subs if s.seed == sub.seed and s.method == "dpo")
+            assert f"x 1 evaluation(s); base evaluation reused from {twin.slug})" in line
+        else:
+            assert "x 2 evaluation(s))" in line
+    # the total's TFLOP is the sum of the sub-runs'
+    per_sub = [
+        float(m) for m in re.findall(r"compute smollm2-135m: ~([\d.]+) TFLOP", result.output)
+    ]
+    tflop = float(re.search(r"total over 4 sub-run\(s\): ~([\d.]+) TFLOP", total)[1])  # type: ignore[index]
+    assert len(per_sub) == 4 and tflop == pytest.approx(sum(per_sub), abs=0.2)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_resumes_an_interrupted_align_from_its_checkpoint(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from spillover.align import train_adapter
+
+    study = tiny_study(
+        str(tiny_model_dir),
+        mini_dir,
+        align={"max_steps": 4, "batch_size": 2, "save_steps": 2, "eval_steps": 2},
+    )
+    cfg = RunConfig.from_mapping(study)
+    out = tmp_path / "run"
+
+    def stop_after_step_3(stage: str, status: str, info: Any) -> None:
+        progress = stage == "align" and status == "progress" and set(info) == {"done", "total"}
+        if progress and info["done"] == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_study(cfg, out, on_event=stop_after_step_3)
+    assert (out / "align" / "adapter.checkpoints" / "checkpoint-2").is_dir()
+    assert not (out / "align" / "adapter").exists()
+    steps: list[int] = []
+
+    def record(stage: str, status: str, info: Any) -> None:
+        if stage == "align" and status == "progress":
+            steps.append(int(info["done"]))
+
+    run_study(cfg, out, on_event=record)
+    assert min(steps) == 3 and max(steps) == 4  # steps 1-2 came from the checkpoint
+    assert not (out / "align" / "adapter.checkpoints").exists()
+    prov = json.loads((out / "align" / "adapter" / "provenance.json").read_text())
+    assert prov["resumed_from_step"] == 2
+    clean = tmp_path / "clean"
+    train_adapter(out / "prefs", cfg.align_for(cfg.sub_runs()[0], clean))
+    a = load_file(str(clean / "adapter_model.safetensors"))
+    b = load_file(str(out / "align" / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    # the held-out evaluations are in the log and beside the training points in the report
+    history = json.loads((out / "align" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_rewards/accuracies" in h] == [2, 4]
+    assert "evaluated during training" in (out / "report.md").read_text()
+
+
+def test_align_trl_args_are_checked_and_keyed(tmp_path: Path, mini_dir: Path) -> None:
+    bad = write_cfg(tmp_path, "align:\n  max_steps: 2\n  trl_args:\n    optimm: adafactor\n")
+    pattern = r"study\.yaml:3: `align\.trl_args`: .*did you mean 'optim'"
+    with pytest.raises(ConfigError, match=pattern):
+        RunConfig.load(bad)
+    reserved = write_cfg(tmp_path, "align:\n  trl_args: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"set by spillover from `align\.learning_rate`"):
+        RunConfig.load(reserved)
+    good = RunConfig.from_mapping({"align": {"trl_args": {"per_device_eval_batch_size": "2"}}})
+    acfg = good.align_for(good.sub_runs()[0], "x")
+    assert acfg.trl_args == {"per_device_eval_batch_size": 2}
+    assert RunConfig.from_mapping(good.to_dict()).align_for(good.sub_runs()[0], "x") == acfg
+    # the align stage's cache key is the resolved config: another pass-through retrains
+    off = write_cfg(tmp_path, "align:\n  eval_strategy: no\n  save_strategy: no\n")
+    loaded = RunConfig.load(off)
+    acfg_off = loaded.align_for(loaded.sub_runs()[0], "x")
+    assert (acfg_off.eval_strategy, acfg_off.save_strategy) == ("no", "no")
+    plain = RunConfig.from_mapping({"align": {}})
+    assert plain.align_for(plain.sub_runs()[0], "x") == dataclasses.replace(acfg, trl_args={})

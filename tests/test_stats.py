@@ -1319,3 +1319,35 @@ def test_crlf_jsonl_and_bom_csv_still_read(mini_dir, tmp_path):
         assert res.exit_code == 0, res.output
         outputs.append(json.loads(out.read_text())["strata"])
     assert outputs[0] == outputs[1] and outputs[0][-1]["accuracy"] == 1.0
+
+
+def test_compare_reads_category_aliases_in_files(mini_dir: Path, tmp_path: Path) -> None:
+    """A file spelling categories as aliases (``gender``, ``race-x-ses``, ``SES``) compares
+    exactly as one spelling them as BBQ does."""
+    base = _mini_preds(mini_dir)
+    aligned = base.assign(pred_index=(base["pred_index"] + base["example_id"] % 3 // 2) % 3)
+    friendly = {"Gender_identity": "gender", "Race_x_SES": "race-x-ses", "SES": "ses"}
+    common = ["--bbq-dir", mini_dir, "--allow-unverified", "--bootstrap", "100"]
+    outs = []
+    for name, rename in (("bbq", {}), ("alias", friendly)):
+        paths = []
+        for side, df in (("base", base), ("aligned", aligned)):
+            path = tmp_path / f"{name}_{side}.csv"
+            df.assign(category=df["category"].replace(rename)).to_csv(path, index=False)
+            paths.append(path)
+        out = tmp_path / f"{name}.json"
+        res = invoke(["compare", *paths, *common, "--json", out])
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(out.read_text()))
+    assert "gender" in (tmp_path / "alias_base.csv").read_text()
+    assert outs[0]["strata"] == outs[1]["strata"]
+    assert any(r["b"] + r["c"] > 0 for r in outs[0]["strata"])
+
+
+def test_length_norm_is_refused_on_plain_prediction_files(mini_dir: Path, tmp_path: Path) -> None:
+    pred = tmp_path / "p.csv"
+    _mini_preds(mini_dir).to_csv(pred, index=False)
+    res = invoke(["compare", pred, pred, "--bbq-dir", mini_dir, "--allow-unverified",
+                  "--length-norm", "char", "--json", tmp_path / "c.json"])  # fmt: skip
+    assert "`--length-norm`='char' applies to lm-evaluation-harness logs" in _one_error_line(res)
+    assert not (tmp_path / "c.json").exists()

@@ -63,6 +63,8 @@ REFERENCE_FREE: frozenset[str] = frozenset({"cpo", "simpo", "orpo"})
 
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
 """Experiment trackers ``report_to`` accepts."""
+INTERVALS: tuple[str, ...] = ("steps", "epoch", "no")
+"""What ``eval_strategy`` and ``save_strategy`` accept (transformers' names)."""
 LR_SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 """Learning-rate schedules offered (transformers' ``SchedulerType`` names)."""
 
@@ -159,6 +161,25 @@ class AlignConfig:
     """Saved adapter to continue training from (loaded trainable)."""
     logging_steps: int = 1
     """Log loss and reward metrics every N steps."""
+    eval_strategy: str = "steps"
+    """Evaluate on the held-out pairs (``heldout.parquet``) during training: ``steps``
+    (every ``eval_steps``), ``epoch`` or ``no``."""
+    eval_steps: int | None = None
+    """Steps between evaluations on the held-out pairs; default: a quarter of the training
+    (four evaluations); 0: none."""
+    eval_pairs: int | None = None
+    """Held-out pairs evaluated (a seeded sample); default: half the pairs trained on between
+    two evaluations, 8 to 256, so evaluating costs about a fifth of training; 0: none."""
+    save_strategy: str = "steps"
+    """Checkpoints for resuming an interrupted training: ``steps`` (every ``save_steps``),
+    ``epoch`` or ``no``."""
+    save_steps: int | None = None
+    """Steps between checkpoints; default: a tenth of the training."""
+    save_total_limit: int = 1
+    """Checkpoints kept (the newest)."""
+    trl_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Other settings of the method's TRL config (``DPOConfig`` / ``TrainingArguments``
+    keys), e.g. ``{optim: adafactor}``; checked against TRL's own fields."""
     num_threads: int | None = None
     """CPU threads for torch; default: every core."""
     overwrite: bool = False
@@ -184,6 +205,24 @@ class AlignConfig:
         self._check_schedule()
         self._check_loss()
         self._check_engine()
+        self._check_checkpoints()
+
+    def _check_checkpoints(self) -> None:
+        for name in ("eval_strategy", "save_strategy"):
+            if getattr(self, name) is False:  # YAML reads a bare `no` as false
+                object.__setattr__(self, name, "no")
+        check_choice("eval_strategy", self.eval_strategy, INTERVALS)
+        check_choice("save_strategy", self.save_strategy, INTERVALS)
+        if self.eval_steps is not None:
+            check_int("eval_steps", self.eval_steps, minimum=0, example="e.g. 50, or 0 for none")
+        if self.save_steps is not None:
+            check_int("save_steps", self.save_steps, minimum=1, example="e.g. 50")
+        if self.eval_pairs is not None:
+            check_int("eval_pairs", self.eval_pairs, minimum=0, example="e.g. 128, or 0 for none")
+        check_int("save_total_limit", self.save_total_limit, minimum=1, example="e.g. 1")
+        from .trl_args import check_trl_args
+
+        object.__setattr__(self, "trl_args", check_trl_args(self.trl_args, self.method))
 
     def _check_flags(self) -> None:
         for name in (
@@ -370,4 +409,5 @@ class AlignConfig:
         """JSON-able view (what ``align_config.json`` records)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["target_modules"] = list(self.target_modules)
+        out["trl_args"] = dict(self.trl_args)
         return out

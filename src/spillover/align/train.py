@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_json, check_output_dir, json_safe, replace_dir, scratch_dir
-from ..errors import DataError, ModelError
-from ..rundir import library_versions
+from .._io import (
+    OWNER_MARKER,
+    atomic_write_json,
+    check_output_dir,
+    json_safe,
+    mark_owned,
+    replace_dir,
+    scratch_dir,
+)
+from ..errors import ConfigError, DataError, ModelError
+from ..rundir import canonical_hash, library_versions
 from .config import AlignConfig
 from .trainer import TrainProgress, build_trainer, check_environment, lora_config
 
@@ -45,6 +57,8 @@ class AdapterRef:
     """Wall time of training (without loading and saving)."""
     cpu_seconds: float = 0.0
     """CPU time (user + system, all threads) of training; steadier than wall time on a busy machine."""
+    resumed_step: int | None = None
+    """Step of the checkpoint an interrupted training resumed from; None: from the start."""
 
 
 def load_pair_frame(pairs: Any) -> tuple[Any, dict[str, Any]]:
@@ -153,6 +167,135 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
     return model, tok, prov
 
 
+LOGS_DIR = "logs"
+"""Subfolder of the adapter (and, while training, of its checkpoint folder) holding the
+tracker logs (TensorBoard event files; ``wandb/`` for W&B)."""
+CHECKPOINTS_KIND = "checkpoints"
+"""Owner-marker kind of a checkpoint folder."""
+RESUME_FILE = "resume.json"
+"""File of a checkpoint folder recording the digest of the training it belongs to."""
+
+
+def checkpoint_dir(target: Path) -> Path:
+    """The checkpoint folder of an adapter folder: ``<name>.checkpoints`` beside it."""
+    return target.parent / f"{target.name}.checkpoints"
+
+
+def training_digest(cfg: AlignConfig, pairs: Any) -> str:
+    """Digest of what decides a training's steps: the config (but where the adapter goes,
+    the trackers, threads and merging) and the training pairs."""
+    import pandas as pd
+
+    values = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in ("output_dir", "overwrite", "num_threads", "merge", "report_to")
+    }
+    cols = pairs[["prompt", "chosen", "rejected"]].astype(str)
+    rows = hashlib.sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes())
+    return canonical_hash({"config": values, "pairs": rows.hexdigest()})
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` (one with ``trainer_state.json``) in ``folder``."""
+    found = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(found, key=_checkpoint_step) if found else None
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def open_checkpoints(folder: Path, digest: str) -> Path | None:
+    """Make ``folder`` the checkpoint folder of the training ``digest``; return the
+    checkpoint to resume from, if it holds one of that same training.
+
+    Checkpoints of another training (a changed config or other pairs) are discarded with a
+    warning, and the training starts from step 0.
+
+    Raises:
+        ConfigError: ``folder`` exists and is not a checkpoint folder spillover made.
+    """
+    if folder.exists() or folder.is_symlink():
+        try:
+            owner = json.loads((folder / OWNER_MARKER).read_text(encoding="utf-8")).get("kind")
+            recorded = json.loads((folder / RESUME_FILE).read_text(encoding="utf-8"))["digest"]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            owner, recorded = None, None
+        if owner != CHECKPOINTS_KIND or not folder.is_dir():
+            raise ConfigError(
+                f"{folder}: exists but is not a checkpoint folder spillover made (no "
+                f"{OWNER_MARKER} of kind {CHECKPOINTS_KIND!r}); the checkpoints of this --out go "
+                "there: move or remove it, or choose another --out"
+            )
+        last = last_checkpoint(folder)
+        if recorded == digest:
+            if last is not None:
+                logger.warning("resuming the interrupted training from %s", last)
+            return last
+        if last is not None:
+            logger.warning(
+                "%s: checkpoints of a training with another config or other pairs; they are "
+                "discarded and this training starts from step 0",
+                folder,
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    mark_owned(folder, CHECKPOINTS_KIND)
+    atomic_write_json(folder / RESUME_FILE, {"digest": digest})
+    return None
+
+
+@contextlib.contextmanager
+def _tracker_dirs(cfg: AlignConfig, logs: Path) -> Iterator[None]:
+    """W&B writes under ``logs`` (``WANDB_DIR``, unless set), and its run is finished after."""
+    if cfg.report_to != "wandb":
+        yield
+        return
+    logs.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("WANDB_DIR")
+    if previous is None:
+        os.environ["WANDB_DIR"] = str(logs)
+    try:
+        yield
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+        if previous is None:
+            os.environ.pop("WANDB_DIR", None)
+
+
+def _move_logs(src: Path, dst: Path) -> None:
+    if src.is_dir() and any(src.iterdir()):
+        shutil.move(str(src), str(dst))
+
+
+def load_heldout_frame(pairs: Any) -> Any | None:
+    """The held-out pairs that go with ``pairs``, or None: ``heldout.parquet`` of a pairs
+    folder, the held-out part of a :class:`~spillover.prefs.PairSet`; a DataFrame has none."""
+    import pandas as pd
+
+    from .prefs import HELDOUT_FILE, PairSet, read_pairs
+
+    if isinstance(pairs, PairSet):
+        df = pd.DataFrame([p.to_row() for p in pairs.heldout])
+    elif isinstance(pairs, pd.DataFrame):
+        return None
+    else:
+        root = Path(pairs).expanduser()
+        if not (root / HELDOUT_FILE).is_file():
+            return None
+        df = read_pairs(root, "heldout")
+    if len(df) == 0 or not {"prompt", "chosen", "rejected"} <= set(df.columns):
+        return None
+    return df.reset_index(drop=True)
+
+
 def train_adapter(
     pairs: Any, cfg: AlignConfig, *, progress: TrainProgress | None = None
 ) -> AdapterRef:
@@ -161,10 +304,14 @@ def train_adapter(
     The folder is built beside ``cfg.output_dir`` and renamed into place at the
     end, so a failed run leaves nothing behind. It holds the adapter
     (``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer,
-    ``log_history.json`` (loss, reward accuracy and margins per logged step),
-    ``align_config.json`` (the resolved config and the TRL/PEFT settings),
-    ``provenance.json`` (model, BBQ, pairs and library versions) and, with
-    ``merge``, the merged model in ``merged/``.
+    ``log_history.json`` (loss, reward accuracy and margins per logged step, and the
+    held-out evaluations), ``align_config.json`` (the resolved config and the TRL/PEFT
+    settings), ``provenance.json`` (model, BBQ, pairs and library versions), the
+    tracker logs in ``logs/`` and, with ``merge``, the merged model in ``merged/``.
+
+    Checkpoints go to ``<output_dir>.checkpoints/`` (beside the output; removed once
+    the adapter is in place). A training interrupted there resumes from its last
+    checkpoint when run again with the same config and pairs.
 
     Args:
         pairs: Pairs folder, :class:`~spillover.align.PairSet` or DataFrame.
@@ -179,6 +326,7 @@ def train_adapter(
     target = Path(cfg.output_dir).expanduser()
     check_output_dir(target, ADAPTER_KIND, overwrite=cfg.overwrite)
     df, split = load_pair_frame(pairs)
+    heldout = load_heldout_frame(pairs)
     device = check_environment(cfg)
     from accelerate import PartialState
 
@@ -186,61 +334,88 @@ def train_adapter(
     state = PartialState(cpu=device == "cpu")
     distributed = state.num_processes > 1
     main = state.is_main_process
+    ckpt = checkpoint_dir(target)
+    with state.main_process_first():
+        resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
+    if not main:
+        resume = last_checkpoint(ckpt)
     if device == "cpu":
         cores = (os.cpu_count() or 1) // (state.num_processes if distributed else 1)
         torch.set_num_threads(cfg.num_threads or max(cores, 1))
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model, tok, model_prov = load_for_training(cfg, device)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        # every process must name the same scratch folder: the data TRL caches there
-        # (reference log-probs) and the gathered adapter are written by the main process
-        tmp = target.parent / f".{target.name}.partial"
-        with state.main_process_first():
-            if main:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-    else:
-        # also removes the scratch folders of an interrupted training (SIGKILL skips `finally`)
-        tmp = scratch_dir(target)
+    tmp: Path | None = None
     try:
+        model, tok, model_prov = load_for_training(cfg, device)
+        tmp = _scratch(target, state)
         trainer = build_trainer(
             model,
             tok,
             df,
             cfg,
-            tmp / "_trainer",
+            ckpt,
             device=device,
             progress=progress,
             shared_data_dir=tmp / "_data" if distributed else None,
+            eval_pairs=heldout,
+            logs_dir=ckpt / LOGS_DIR,
         )
-        start, cpu_start = time.perf_counter(), time.process_time()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        cpu_seconds = time.process_time() - cpu_start
+        run = _run_training(trainer, cfg, ckpt, resume)
         history = [dict(h) for h in trainer.state.log_history]
         # collective under several processes (gathers ZeRO-3 / FSDP shards); only the main
         # process writes
         trainer.save_model(str(tmp))
         if not main:
             state.wait_for_everyone()  # the main process finishes the folder
-            return _adapter_ref(target, cfg, trainer, history, None, seconds, cpu_seconds)
-        info = {"model": model_prov, "split": split, "seconds": seconds}
+            return _adapter_ref(target, cfg, trainer, history, None, run)
+        info = {"model": model_prov, "split": split, "seconds": run["seconds"], **run}
         _finish_folder(tmp, cfg, trainer, tok, history, info)
         merged_dir: Path | None = None
         if cfg.merge:
             merged_dir = target / "merged"
             _merge(trainer.model, tok, tmp / "merged")
+        _move_logs(ckpt / LOGS_DIR, tmp / LOGS_DIR)
         tmp.chmod(0o755)
         replace_dir(tmp, target, ADAPTER_KIND)
+        shutil.rmtree(ckpt, ignore_errors=True)
         if distributed:
             state.wait_for_everyone()
     finally:
-        if main and tmp.exists():
+        if main and tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _adapter_ref(target, cfg, trainer, history, merged_dir, seconds, cpu_seconds)
+        if main and ckpt.is_dir() and not list(ckpt.glob("checkpoint-*")):
+            shutil.rmtree(ckpt, ignore_errors=True)  # nothing to resume from
+    return _adapter_ref(target, cfg, trainer, history, merged_dir, run)
+
+
+def _scratch(target: Path, state: Any) -> Path:
+    """The folder the adapter is assembled in, beside ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if state.num_processes == 1:
+        # also removes the scratch folders of an interrupted training (SIGKILL skips `finally`)
+        return scratch_dir(target)
+    # every process must name the same scratch folder: the data TRL caches there
+    # (reference log-probs) and the gathered adapter are written by the main process
+    tmp = target.parent / f".{target.name}.partial"
+    with state.main_process_first():
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+    return tmp
+
+
+def _run_training(
+    trainer: Any, cfg: AlignConfig, ckpt: Path, resume: Path | None
+) -> dict[str, Any]:
+    """``trainer.train()``, from ``resume`` when given; the trackers write under ``ckpt``."""
+    resumed = _checkpoint_step(resume) if resume is not None else None
+    with _tracker_dirs(cfg, ckpt / LOGS_DIR):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "resumed_step": resumed}
 
 
 def _finish_folder(
@@ -255,8 +430,8 @@ def _finish_folder(
     (tmp / "training_args.bin").unlink(missing_ok=True)
     shutil.rmtree(tmp / "ref", ignore_errors=True)  # a resumed run's frozen reference
     shutil.rmtree(tmp / "_data", ignore_errors=True)
+    shutil.rmtree(tmp / "_data_eval", ignore_errors=True)
     tok.save_pretrained(str(tmp))
-    shutil.rmtree(tmp / "_trainer", ignore_errors=True)
     atomic_write_json(tmp / "log_history.json", json_safe(history, other=str))
     atomic_write_json(
         tmp / "align_config.json",
@@ -282,6 +457,7 @@ def _finish_folder(
         "versions": library_versions(),
         "train_seconds": info["seconds"],
         "steps": trainer.state.global_step,
+        "resumed_from_step": info.get("resumed_step"),
     }
     atomic_write_json(tmp / "provenance.json", json_safe(provenance, other=str))
 
@@ -292,8 +468,7 @@ def _adapter_ref(
     trainer: Any,
     history: list[dict[str, Any]],
     merged_dir: Path | None,
-    seconds: float,
-    cpu_seconds: float,
+    run: Mapping[str, Any],
 ) -> AdapterRef:
     losses = [h["loss"] for h in history if "loss" in h]
     return AdapterRef(
@@ -304,8 +479,9 @@ def _adapter_ref(
         train_loss=float(losses[-1]) if losses else None,
         log_history=tuple(history),
         merged=merged_dir,
-        seconds=seconds,
-        cpu_seconds=cpu_seconds,
+        seconds=run["seconds"],
+        cpu_seconds=run["cpu_seconds"],
+        resumed_step=run["resumed_step"],
     )
 
 

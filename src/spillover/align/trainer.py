@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -278,18 +279,26 @@ def resolve_bf16(bf16: bool | None, device: str) -> bool:
 
 
 def trl_config(
-    cfg: AlignConfig, output_dir: str | os.PathLike[str], *, device: str, max_length: int | None
+    cfg: AlignConfig,
+    output_dir: str | os.PathLike[str],
+    *,
+    device: str,
+    max_length: int | None,
+    evaluate: bool = False,
 ) -> Any:
-    """The TRL training config (``DPOConfig``, ``KTOConfig``, ``CPOConfig`` or ``ORPOConfig``)."""
+    """The TRL training config (``DPOConfig``, ``KTOConfig``, ``CPOConfig`` or ``ORPOConfig``).
+
+    ``evaluate``: an evaluation set is given (else ``eval_strategy`` is ``no``). The
+    ``trl_args`` of ``cfg`` are applied last.
+
+    Raises:
+        ConfigError: TRL refuses the combination of settings.
+    """
     config_cls, _ = trainer_classes(cfg.method)
-    steps: dict[str, Any] = (
-        {"max_steps": cfg.max_steps}
-        if cfg.max_steps is not None
-        else {"num_train_epochs": cfg.epochs if cfg.epochs is not None else 1.0}
-    )
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "learning_rate": cfg.learning_rate,
         "beta": cfg.beta,
@@ -307,13 +316,55 @@ def trl_config(
         "max_grad_norm": cfg.max_grad_norm,
         "logging_steps": cfg.logging_steps,
         "logging_first_step": True,
-        "save_strategy": "no",
-        "eval_strategy": "no",
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": device != "cpu",
         "disable_tqdm": True,
-        **steps,
+        **_schedule_args(cfg, evaluate),
+        **_method_args(cfg),
     }
+    kwargs.update(cfg.trl_args)
+    with _quiet_experimental():
+        try:
+            return config_cls(**kwargs)
+        except ValueError as exc:
+            text = " ".join(str(exc).split())
+            raise ConfigError(
+                f"TRL's {config_cls.__name__} refuses these settings: {text} (check `trl_args` "
+                "and the options it names)"
+            ) from None
+
+
+def _schedule_args(cfg: AlignConfig, evaluate: bool) -> dict[str, Any]:
+    """Steps or epochs, evaluation and checkpoint intervals (a float below 1 is
+    transformers' share of the total steps)."""
+    out: dict[str, Any] = (
+        {"max_steps": cfg.max_steps}
+        if cfg.max_steps is not None
+        else {"num_train_epochs": cfg.epochs if cfg.epochs is not None else 1.0}
+    )
+    if not evaluate or cfg.eval_strategy == "no" or cfg.eval_steps == 0:
+        out["eval_strategy"] = "no"
+    else:
+        out["eval_strategy"] = cfg.eval_strategy
+        out["eval_steps"] = cfg.eval_steps if cfg.eval_steps is not None else _share(cfg, 4)
+    out["save_strategy"] = cfg.save_strategy
+    if cfg.save_strategy != "no":
+        out["save_steps"] = cfg.save_steps if cfg.save_steps is not None else _share(cfg, 10)
+        out["save_total_limit"] = cfg.save_total_limit
+    return out
+
+
+def _share(cfg: AlignConfig, parts: int) -> int | float:
+    """A ``parts``-th of the training in steps: ``ceil(max_steps / parts)``, or (epochs: total
+    steps unknown here) transformers' fraction ``1 / parts`` of the total."""
+    if cfg.max_steps is not None:
+        return math.ceil(cfg.max_steps / parts)
+    return 1.0 / parts
+
+
+def _method_args(cfg: AlignConfig) -> dict[str, Any]:
+    """The loss settings of the method."""
+    kwargs: dict[str, Any] = {}
     if cfg.method in DPO_LOSSES:
         kwargs["loss_type"] = [DPO_LOSSES[cfg.method]]
         if cfg.rpo_alpha:  # RPO: the preference loss plus rpo_alpha x NLL of the chosen answer
@@ -332,8 +383,7 @@ def trl_config(
             kwargs["cpo_alpha"] = 0.0
         if cfg.label_smoothing is not None:
             kwargs["label_smoothing"] = cfg.label_smoothing
-    with _quiet_experimental():
-        return config_cls(**kwargs)
+    return kwargs
 
 
 class _TrainProgressAdapter:
@@ -372,6 +422,8 @@ def build_trainer(
     device: str = "cpu",
     progress: TrainProgress | None = None,
     shared_data_dir: Path | None = None,
+    eval_pairs: Any | None = None,
+    logs_dir: Path | None = None,
 ) -> Any:
     """Construct the TRL trainer of a run (data processed; reference log-probs precomputed if set).
 
@@ -380,13 +432,17 @@ def build_trainer(
         tokenizer: Its tokenizer.
         pairs: DataFrame with ``prompt``, ``chosen``, ``rejected``.
         cfg: The run's settings.
-        output_dir: Scratch folder for the trainer (nothing is saved there by default).
+        output_dir: The trainer's folder (checkpoints).
         device: Device the model is on.
         progress: Step callback.
         shared_data_dir: With several processes, a folder all of them see: the pairs are
             saved there so that the datasets cache files TRL writes on the main process
             (tokenised rows, precomputed reference log-probs) are found by the others (an
             in-memory dataset caches under a per-process temporary folder instead).
+        eval_pairs: Held-out pairs (DataFrame) evaluated every ``cfg.eval_steps``; a seeded
+            sample of ``cfg.eval_pairs`` of them. None or empty: no evaluation.
+        logs_dir: Folder of the TensorBoard event files (``TENSORBOARD_LOGGING_DIR``, when
+            set, wins); default: transformers' ``output_dir/runs/...``.
     """
     from accelerate import PartialState
     from peft import PeftModel
@@ -394,18 +450,17 @@ def build_trainer(
     _, trainer_cls = trainer_classes(cfg.method)
     state = PartialState()
     dataset = used_rows(to_trl_dataset(pairs, cfg.method), cfg, state.num_processes)
-    if shared_data_dir is not None:
-        from datasets import Dataset
-
-        with state.main_process_first():
-            if state.is_main_process:
-                dataset.save_to_disk(str(shared_data_dir))
-        dataset = Dataset.load_from_disk(str(shared_data_dir))
-    longest = longest_pair_tokens(dataset, tokenizer)
+    dataset = _shared(dataset, shared_data_dir, state)
+    evalset = eval_rows(eval_pairs, cfg, _default_eval_pairs(cfg, len(dataset), state))
+    if evalset is not None and shared_data_dir is not None:
+        evalset = _shared(evalset, shared_data_dir.with_name(shared_data_dir.name + "_eval"), state)
+    longest = max(longest_pair_tokens(d, tokenizer) for d in (dataset, evalset) if d is not None)
     max_length = cfg.max_length if cfg.max_length is not None else longest
     if max_length < longest:
         logger.warning("max_length=%d truncates the longest pairs (%d tokens)", max_length, longest)
-    args = trl_config(cfg, output_dir, device=device, max_length=max_length)
+    args = trl_config(
+        cfg, output_dir, device=device, max_length=max_length, evaluate=evalset is not None
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs: dict[str, Any] = {
@@ -414,6 +469,8 @@ def build_trainer(
         "train_dataset": dataset,
         "processing_class": tokenizer,
     }
+    if evalset is not None and args.eval_strategy != "no":
+        kwargs["eval_dataset"] = evalset
     if not isinstance(model, PeftModel):
         kwargs["peft_config"] = lora_config(cfg)
     if cfg.method in DPO_LOSSES or cfg.method == "kto":
@@ -429,7 +486,51 @@ def build_trainer(
 
     trainer.remove_callback(trainer_callback.PrinterCallback)
     trainer.remove_callback(trainer_callback.ProgressCallback)
+    if logs_dir is not None:
+        for cb in trainer.callback_handler.callbacks:
+            if type(cb).__name__ == "TensorBoardCallback" and cb.logging_dir is None:
+                cb.logging_dir = str(logs_dir)
     return trainer
+
+
+def _shared(dataset: Any, folder: Path | None, state: Any) -> Any:
+    """``dataset`` saved to ``folder`` by the main process and read back by every process."""
+    if folder is None:
+        return dataset
+    from datasets import Dataset
+
+    with state.main_process_first():
+        if state.is_main_process:
+            dataset.save_to_disk(str(folder))
+    return Dataset.load_from_disk(str(folder))
+
+
+def eval_rows(pairs: Any | None, cfg: AlignConfig, default: int = 256) -> Any | None:
+    """The evaluation dataset: a seeded sample of ``cfg.eval_pairs`` (or ``default``)
+    held-out pairs, or None (no pairs, ``eval_pairs`` 0, ``eval_steps`` 0 or
+    ``eval_strategy`` ``no``)."""
+    n = cfg.eval_pairs if cfg.eval_pairs is not None else default
+    if pairs is None or len(pairs) == 0 or n == 0:
+        return None
+    if cfg.eval_strategy == "no" or cfg.eval_steps == 0:
+        return None
+    if n < len(pairs):
+        pairs = pairs.sample(n=n, random_state=cfg.seed).reset_index(drop=True)
+    return to_trl_dataset(pairs, cfg.method)
+
+
+def _default_eval_pairs(cfg: AlignConfig, rows: int, state: Any) -> int:
+    """Half the training rows seen between two evaluations, clamped to 8..256."""
+    per_step = cfg.batch_size * cfg.grad_accum * state.num_processes
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(rows / per_step * (cfg.epochs or 1.0)))
+    if cfg.eval_strategy == "epoch":
+        interval = max(1, math.ceil(rows / per_step))
+    else:
+        interval = cfg.eval_steps or math.ceil(total / 4)
+    return min(256, max(8, int(interval * per_step) // 2))
 
 
 def used_rows(dataset: Any, cfg: AlignConfig, processes: int = 1) -> Any:

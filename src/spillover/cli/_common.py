@@ -1,4 +1,5 @@
-"""Shared pieces of the command-line interface: consoles, the error boundary, progress.
+"""Shared pieces of the command-line interface: consoles, the error boundary, progress
+(rich bars on a terminal, periodic lines in logs and pipes).
 
 Only CLI modules print. Library code reports through logging and callbacks.
 """
@@ -6,20 +7,25 @@ Only CLI modules print. Library code reports through logging and callbacks.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.filesize import decimal
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -27,7 +33,7 @@ from rich.progress import (
 )
 from typer.core import TyperGroup
 
-from ..errors import SpilloverError
+from ..errors import ConfigError, SpilloverError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -168,27 +174,180 @@ def warn(message: str) -> None:
     )
 
 
+PROGRESS_ENV = "SPILLOVER_PROGRESS_SECONDS"
+"""Seconds between two progress lines off a terminal (0: a line per update)."""
+PROGRESS_SECONDS = 30.0
+"""The default of :data:`PROGRESS_ENV`."""
+
+
+def progress_seconds() -> float:
+    """The interval between progress lines: ``$SPILLOVER_PROGRESS_SECONDS`` or 30.
+
+    Raises:
+        ConfigError: the variable is not a number of seconds >= 0.
+    """
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    if not raw:
+        return PROGRESS_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"${PROGRESS_ENV}={raw!r}; expected a number of seconds >= 0 (e.g. 30)")
+    return value
+
+
+def clock(seconds: float) -> str:
+    """A duration as ``42s``, ``3m05s`` or ``2h07m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass
+class _LineTask:
+    label: str
+    total: float | None
+    started: float
+    unit: str
+    done: float = 0.0
+    note: str = ""
+    printed: float = 0.0
+    """When the last line was printed (the start at first)."""
+    printed_done: float = 0.0
+    """What was done then: the rate is the rate since that line."""
+
+
+class Bars:
+    """Progress of named tasks: rich bars on a terminal, plain lines anywhere else.
+
+    Off a terminal (a log file, a pipe, SLURM, CI) a task prints one line when it starts, a
+    line with done / total, rate and ETA at most every :func:`progress_seconds`, and one line
+    when it finishes, with its time. Rich columns may show ``{task.fields[note]}``.
+    """
+
+    def __init__(
+        self,
+        *columns: str | ProgressColumn,
+        console: Console = err_console,
+        transient: bool = False,
+        unit: str = "items",
+    ) -> None:
+        self.console = console
+        self.unit = unit
+        self.live = console.is_terminal
+        self.interval = progress_seconds()
+        self.rich = Progress(*columns, console=console, transient=transient) if self.live else None
+        self._lines: dict[int, _LineTask] = {}
+
+    def __enter__(self) -> Bars:
+        if self.rich is not None:
+            self.rich.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rich is not None:
+            self.rich.stop()
+
+    def add(
+        self, label: str, total: float | None = None, note: str = "", unit: str | None = None
+    ) -> int:
+        """Start a task (counted in ``unit``, default the display's); returns its id."""
+        if self.rich is not None:
+            return int(self.rich.add_task(label, total=total, note=note))
+        task = len(self._lines)
+        now = time.monotonic()
+        line = _LineTask(label, total, now, unit or self.unit, printed=now)
+        self._lines[task] = line
+        size = f" ({self._qty(line, total)})" if total else ""
+        self._say(f"{label}: started{size}")
+        return task
+
+    def update(
+        self, task: int, completed: float, total: float | None = None, note: str | None = None
+    ) -> None:
+        """Set a task's progress (``total`` None: unchanged, ``note``: e.g. the loss)."""
+        if self.rich is not None:
+            fields: dict[str, Any] = {} if note is None else {"note": note}
+            self.rich.update(TaskID(task), completed=completed, total=total, **fields)
+            return
+        line = self._lines[task]
+        now = time.monotonic()
+        line.total = total if total is not None else line.total
+        line.note = line.note if note is None else note
+        line.done = completed
+        if now - line.printed >= self.interval and completed != line.printed_done:
+            self._say(self._status(line, now))
+            line.printed, line.printed_done = now, completed
+
+    def finish(self, task: int, note: str = "") -> None:
+        """End a task: its bar full; off a terminal, a line with its time."""
+        if self.rich is not None:
+            state = self.rich.tasks[task]
+            end = state.total or state.completed or 1
+            self.rich.update(TaskID(task), total=end, completed=end, note=note)
+            return
+        line = self._lines[task]
+        took = time.monotonic() - line.started
+        amount = f", {self._qty(line, line.done)}" if line.done else ""
+        extra = f", {note}" if note else ""
+        self._say(f"{line.label}: done in {took:.1f} s{amount}{extra}")
+
+    def _status(self, line: _LineTask, now: float) -> str:
+        elapsed = now - line.started
+        parts = [self._qty(line, line.done, line.total)]
+        if line.total:
+            parts.append(f"{100 * line.done / line.total:.0f}%")
+        window = now - line.printed
+        rate = (line.done - line.printed_done) / window if window > 0 else 0.0
+        if rate > 0:
+            parts.append(f"{self._qty(line, rate)}/s")
+            if line.total:
+                parts.append(f"ETA {clock(max(0.0, line.total - line.done) / rate)}")
+        parts.append(f"elapsed {clock(elapsed)}")
+        if line.note:
+            parts.append(line.note)
+        return f"{line.label}: {', '.join(parts)}"
+
+    @staticmethod
+    def _qty(line: _LineTask, n: float, total: float | None = None) -> str:
+        """``n`` (of ``total``) in the task's unit: ``120/540 rows``, ``3.2 MB/12.0 MB``."""
+        if line.unit == "bytes":
+            return decimal(int(n)) + (f"/{decimal(int(total))}" if total else "")
+        text = f"{n:,.0f}" if n >= 10 or float(n).is_integer() else f"{n:.2f}"
+        return text + (f"/{total:,.0f}" if total else "") + f" {line.unit}"
+
+    def _say(self, text: str) -> None:
+        self.console.print(escape(text), highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def download_progress() -> Iterator[Callable[[str, int, int | None], None]]:
-    """A rich progress display usable as a download ``progress`` callback."""
-    progress = Progress(
+    """A download ``progress`` callback: rich bars on a terminal, lines elsewhere."""
+    bars = Bars(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
         transient=True,
+        unit="bytes",
     )
-    tasks: dict[str, TaskID] = {}
+    tasks: dict[str, int] = {}
 
     def callback(label: str, done: int, total: int | None) -> None:
         if label not in tasks:
-            tasks[label] = progress.add_task(label, total=total)
-        progress.update(tasks[label], completed=done, total=total)
+            tasks[label] = bars.add(f"download {label}", total=total)
+        bars.update(tasks[label], completed=done, total=total)
 
-    with progress:
+    with bars:
         yield callback
+        for task in tasks.values():
+            bars.finish(task)
 
 
 def setup_logging(verbose: int) -> None:

@@ -19,7 +19,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -31,9 +30,9 @@ from ..data import BBQSource
 from ..errors import ConfigError
 from ._common import (
     AllowUnverifiedOption,
+    Bars,
     BBQDirOption,
     console,
-    err_console,
     path_text,
     print_table,
     warn,
@@ -46,7 +45,7 @@ ALIGN_OPTIONS = config_options(
     [
         Opt(f.name, flag="--lr") if f.name == "learning_rate" else Opt(f.name)
         for f in dataclasses.fields(AlignConfig)
-        if f.name not in ("model", "output_dir")
+        if f.name not in ("model", "output_dir", "trl_args")
     ],
     preset=PRESET_FIELDS,
 )
@@ -143,39 +142,41 @@ def prefs_command(
 def _training_progress(
     total_hint: int | None,
 ) -> Iterator[Callable[[int, int, Mapping[str, float]], None]]:
-    progress = Progress(
+    bars = Bars(
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[metrics]}"),
+        TextColumn("{task.fields[note]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
+        unit="steps",
     )
-    task = progress.add_task("train", total=total_hint, metrics="")
-    started = False
+    task: int | None = None
 
     def update(step: int, total: int, logs: Mapping[str, float]) -> None:
-        nonlocal started
-        if not started:  # shown once training runs, not while checks may still fail
-            progress.start()
-            started = True
-        fields: dict[str, Any] = {"completed": step, "total": total or None}
+        nonlocal task
+        if task is None:  # shown once training runs, not while checks may still fail
+            bars.__enter__()
+            task = bars.add("training", total=total or total_hint)
+        note = None
         if "loss" in logs:
             parts = [f"loss {logs['loss']:.4f}"]
             if "rewards/accuracies" in logs:
                 parts.append(f"acc {logs['rewards/accuracies']:.2f}")
             if "rewards/margins" in logs:
                 parts.append(f"margin {logs['rewards/margins']:.3f}")
-            fields["metrics"] = "  ".join(parts)
-        progress.update(task, **fields)
+            note = "  ".join(parts)
+        bars.update(task, step, total or None, note=note)
 
+    ok = False
     try:
         yield update
+        ok = True
     finally:
-        if started:
-            progress.stop()
+        if task is not None:
+            if ok:
+                bars.finish(task)
+            bars.__exit__()
 
 
 @with_options(ALIGN_OPTIONS)
@@ -188,16 +189,29 @@ def align_command(
     out: Annotated[
         Path, typer.Option("--out", help="Folder to write the adapter to.", show_default=False)
     ],
+    trl_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trl-arg",
+            help="Another setting of the method's TRL config (DPOConfig / TrainingArguments), "
+            "key=value; repeat for several (e.g. --trl-arg optim=adafactor).",
+            show_default=False,
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Train a LoRA adapter on preference pairs with a TRL trainer."""
-    from ..align import train_adapter
+    from ..align import parse_trl_arg, train_adapter
 
     values = ALIGN_OPTIONS.values(options)
     try:
-        cfg = AlignConfig.from_preset(model, out, preset=values.pop("preset", None), **values)
+        trl_args = dict(parse_trl_arg(a) for a in trl_arg or ())
+        cfg = AlignConfig.from_preset(
+            model, out, preset=values.pop("preset", None), trl_args=trl_args, **values
+        )
     except ConfigError as exc:
-        raise ConfigError(ALIGN_OPTIONS.flags(str(exc))) from None
+        message = str(exc).replace("`trl_args`:", "--trl-arg:").replace("`trl_args`", "--trl-arg")
+        raise ConfigError(ALIGN_OPTIONS.flags(message).replace("`output_dir`", "--out")) from None
     # under `accelerate launch` / torchrun only the main process (RANK 0) reports
     if os.environ.get("RANK", "0") != "0":
         train_adapter(pairs, cfg)
@@ -205,8 +219,9 @@ def align_command(
     with _training_progress(cfg.max_steps) as progress:
         ref = train_adapter(pairs, cfg, progress=progress)
     loss = f"{ref.train_loss:.4f}" if ref.train_loss is not None else "n/a"
+    resumed = f", resumed from step {ref.resumed_step}" if ref.resumed_step is not None else ""
     console.print(
-        f"adapter -> {ref.path} ({ref.method}, {ref.steps} steps, {ref.seconds:.0f} s, "
+        f"adapter -> {ref.path} ({ref.method}, {ref.steps} steps{resumed}, {ref.seconds:.0f} s, "
         f"final loss {loss})",
         highlight=False,
     )

@@ -14,7 +14,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -26,9 +25,11 @@ from ..errors import ConfigError, ModelError
 from ..evaluate import EvalConfig
 from ._common import (
     AllowUnverifiedOption,
+    Bars,
     BBQDirOption,
     CacheDirOption,
     console,
+    download_progress,
     err_console,
     path_text,
     print_table,
@@ -114,7 +115,8 @@ def _run(
     cats = list(selection.categories) if selection.categories is not None else None
     if cats is None and keys is not None:  # read only the listed items' categories
         cats = sorted({c for c, _ in keys})
-    data = source.load(categories=cats)
+    with download_progress() as fetching:  # BBQ is downloaded when not cached
+        data = source.load(categories=cats, progress=fetching)
     for w in data.warnings:
         warn(w)
     selected = selection.apply(data.items)
@@ -124,26 +126,31 @@ def _run(
         "bbq": data.provenance(),
         "selection": selection.describe(data.categories),
     }
-    progress = Progress(
+    bars = Bars(
         TextColumn("scoring"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=err_console,
         transient=True,
+        unit="rows",
     )
-    task = progress.add_task("scoring", total=None)
+    task: int | None = None
 
     def on_progress(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
+        nonlocal task
+        if task is None:  # shown once scoring starts, with its total
+            task = bars.add("scoring", total=total)
+        bars.update(task, done, total)
 
-    with progress:
+    with bars:
         outcome = run_evaluation(
             model, selected, cfg, out=out, adapter=adapter, device=device, dtype=dtype,
             cache_dir=source.cache_dir, progress=on_progress, provenance=provenance,
         )  # fmt: skip
+        if task is not None:
+            bars.finish(task)
     if not outcome.main_process:
         return
     if outcome.predictions is None:

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import ConfigError
 from ..report import ReportConfig
-from ..rundir import COMPARISON_FILE, MANIFEST_FILE
+from ..rundir import MANIFEST_FILE
 from ._common import console, warn
 from ._options import config_options, with_options
 
@@ -25,15 +25,26 @@ def report_command(
     run_dir: Annotated[
         Path,
         typer.Argument(
-            help="Run directory (holding stats/comparison.json), or a sweep directory whose "
-            "sub-directories are runs.",
+            help="Run directory (holding stats/comparison.json), a folder made by hand "
+            "(comparison.json from `spillover compare --json`, optionally base.parquet and "
+            "aligned.parquet), or a sweep directory whose sub-directories are runs.",
             show_default=False,
         ),
     ],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Predictions of the base model, instead of the folder's."),
+    ] = None,
+    aligned: Annotated[
+        Path | None,
+        typer.Option(
+            "--aligned", help="Predictions of the aligned model, instead of the folder's."
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Build report.html, report.md and figures/ from a run's artifacts (no model needed)."""
-    from ..report import find_run_dirs, write_combined_report, write_report
+    from ..report import find_comparison, find_run_dirs, write_combined_report, write_report
 
     values = REPORT_OPTIONS.values(options)
     for key in ("formats", "figure_formats"):
@@ -43,12 +54,16 @@ def report_command(
         cfg = ReportConfig(**values)
     except ConfigError as exc:
         raise ConfigError(REPORT_OPTIONS.flags(str(exc))) from None
-    subs = [] if (run_dir / COMPARISON_FILE).is_file() else find_run_dirs(run_dir)
+    subs = [] if find_comparison(run_dir) is not None else find_run_dirs(run_dir)
     if subs:
+        if base is not None or aligned is not None:
+            raise ConfigError(
+                f"{run_dir} is a sweep; --base and --aligned apply to the report of one folder"
+            )
         out = write_combined_report(run_dir, subs, cfg)
         console.print(f"combined report of {len(subs)} runs: {out}")
         return
-    out = write_report(run_dir, cfg)
+    out = write_report(run_dir, cfg, base=base, aligned=aligned)
     for w in _report_warnings(run_dir):
         warn(w)
     shown = out if "html" in cfg.formats else out.with_suffix(".md")

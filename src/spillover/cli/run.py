@@ -6,18 +6,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
 
-from ._common import console, err_console, print_table, warn
+from ._common import Bars, console, print_table, warn
 
 # labels of the stages (the stage table's), and of the sweep's combined report
 _EXTRA_LABELS = {"combined-report": "write combined report"}
@@ -112,52 +111,48 @@ def _dry_run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> Non
         warn(w)
     if plan.machine is not None:
         warn(f"on this machine the run would stop before its first stage: {plan.machine}")
-    console.print(f"[bold]Plan[/] for {cfg.name!r} -> {run_dir}", highlight=False)
-    for line in plan.lines():
-        console.print(line, highlight=False)
+    console.print(f"[bold]Plan[/] for {cfg.name!r} -> {run_dir}", highlight=False, soft_wrap=True)
+    for line in plan.lines():  # one line each, whatever the width: logs are grepped
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print("dry run: nothing was executed")
 
 
 class _StageProgress:
-    """A progress bar per stage, fed by :func:`spillover.runs.run_study`'s events."""
+    """A progress bar per stage (a line per stage and periodic lines off a terminal), fed
+    by :func:`spillover.runs.run_study`'s events."""
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = {**labels, **_EXTRA_LABELS}
-        self.tasks: dict[str, TaskID] = {}
-        self.progress = Progress(
+        self.tasks: dict[str, int] = {}
+        self.bars = Bars(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=err_console,
         )
 
     def __enter__(self) -> _StageProgress:
-        self.progress.start()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.bars.__exit__(*exc)
 
     def __call__(self, stage: str, status: str, info: Any) -> None:
-        label, tasks, progress = self.labels.get(stage, stage), self.tasks, self.progress
+        label, tasks, bars = self.labels.get(stage, stage), self.tasks, self.bars
         if status == "skip":
             console.print(f"[dim]skip[/] {label} (already complete)")
         elif status == "start":
-            tasks[stage] = progress.add_task(label, total=None, info="")
+            unit = "steps" if stage == "align" else "rows" if stage.startswith("eval") else ""
+            tasks[stage] = bars.add(label, unit=unit)
         elif status == "progress" and stage in tasks:
-            extra = f"loss {info['loss']:.4f}" if isinstance(info.get("loss"), float) else ""
-            progress.update(tasks[stage], completed=info["done"], total=info["total"], info=extra)
+            note = f"loss {info['loss']:.4f}" if isinstance(info.get("loss"), float) else None
+            bars.update(tasks[stage], info["done"], info["total"], note=note)
         elif status == "done" and stage in tasks:
-            task = progress.tasks[tasks[stage]]
-            progress.update(
-                tasks[stage],
-                total=task.total or 1,
-                completed=task.total or 1,
-                info=f"{info.get('seconds', 0):.1f} s",
-            )
+            seconds = f"{info.get('seconds', 0):.1f} s" if bars.live else ""  # lines time it
+            bars.finish(tasks.pop(stage), note=seconds)
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -178,12 +173,15 @@ def _print_summary(run_dir: Path) -> None:
                 "[bold red]collapse guard[/]: on the target's held-out scenarios "
                 f"{'; '.join(mix['reasons'])}. {mix['advice']}.",
                 highlight=False,
+                soft_wrap=True,  # one line in a log, whatever its width
             )
     for w in comp.warnings:
         warn(w)
     for flag in sorted(comp.flags, key=lambda f: f.kind != "over_abstention"):
         label = flag.kind.replace("_", "-")
-        console.print(f"[yellow]{label}[/]: {flag.message}", highlight=False)
+        console.print(
+            f"[yellow]{label}[/]: {escape(flag.message)}", highlight=False, soft_wrap=True
+        )
     rows = [
         r
         for r in comp.rows

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..data import BBQSource
-from ..stats import DEFAULT_BY, CompareConfig
+from ..stats import DEFAULT_BY, WARNINGS_COLUMN, WARNINGS_SEPARATOR, CompareConfig
 from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
 from ._options import config_options, with_options
 from ._outputs import Output, check_outputs, write_outputs
@@ -34,8 +34,23 @@ _BY_HELP = (
 )
 _PERM_HELP = (
     "Answer-order permutation to use when a prediction file holds several "
-    "(default: the identity, '0')."
+    "(default: the identity, '012')."
 )
+_PRED_HELP = (
+    "Prediction file (.parquet, .csv or .jsonl), or a samples_<task>_<date>.jsonl log of "
+    "lm-evaluation-harness."
+)
+_FORMAT_HELP = (
+    "Prediction file format: auto (by suffix; a .jsonl file of lm-evaluation-harness "
+    "samples, from lm_eval --log_samples, is read as lm-eval), parquet, csv, jsonl or lm-eval."
+)
+_NORM_HELP = (
+    "For lm-eval logs, the decision to read: none (lm-eval's acc: the choice with the highest "
+    "summed log-likelihood), char (acc_norm: per character of the choice) or byte (acc_bytes)."
+)
+
+FormatOption = Annotated[str, typer.Option("--format", help=_FORMAT_HELP)]
+LengthNormOption = Annotated[str, typer.Option("--length-norm", help=_NORM_HELP)]
 
 
 def _json_text(obj: Any) -> str:
@@ -55,7 +70,7 @@ def _pval(value: Any) -> str:
 
 
 def metrics_command(
-    pred: Annotated[Path, typer.Argument(help="Prediction file (.parquet, .csv or .jsonl).")],
+    pred: Annotated[Path, typer.Argument(help=_PRED_HELP)],
     bbq_dir: BBQDirOption = None,
     allow_unverified: AllowUnverifiedOption = False,
     by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = ",".join(DEFAULT_BY),
@@ -63,23 +78,45 @@ def metrics_command(
         Path | None,
         typer.Option("--json", help="Write the records and warnings as JSON to this file."),
     ] = None,
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Write the strata table as CSV (last column: warnings)."),
+    ] = None,
     permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
+    file_format: FormatOption = "auto",
+    length_norm: LengthNormOption = "none",
 ) -> None:
     """Accuracy and BBQ bias scores of one run, per stratum."""
-    from ..stats import load_and_compute_metrics
+    from ..stats import check_reading, load_and_compute_metrics
 
-    outputs = [Output("--json", json_out)] if json_out is not None else []
-    check_outputs(outputs)
+    check_reading(file_format, length_norm)
+    named = [("--json", json_out), ("--csv", csv_out)]
+    check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    report = load_and_compute_metrics(pred, bbq, by=by, permutation=permutation)
+    report = load_and_compute_metrics(
+        pred, bbq, by=by, permutation=permutation, format=file_format, length_norm=length_norm
+    )
     warnings = [*report.warnings, *report.notes]
+    outputs = []
+    if json_out is not None:
+        payload = {"strata": report.records(), "warnings": warnings}
+        outputs.append(Output("--json", json_out, _json_text(payload)))
+    if csv_out is not None:
+        outputs.append(Output("--csv", csv_out, _metrics_csv(report, warnings)))
     for line in warnings:
         warn(line)
     _print_metrics(report)
-    if json_out is not None:
-        payload = {"strata": report.records(), "warnings": warnings}
-        write_outputs([Output("--json", json_out, _json_text(payload))])
-        console.print(f"wrote {json_out}")
+    write_outputs(outputs)
+    for out in outputs:
+        console.print(f"wrote {out.path}")
+
+
+def _metrics_csv(report: MetricsReport, warnings: list[str]) -> str:
+    """The strata table as CSV with a last :data:`WARNINGS_COLUMN`, as ``compare --csv``
+    writes it (:meth:`Comparison.to_csv`)."""
+    df = report.table.copy()
+    df[WARNINGS_COLUMN] = WARNINGS_SEPARATOR.join(" ".join(w.split()) for w in warnings)
+    return str(df.to_csv(index=False))
 
 
 def _print_metrics(report: MetricsReport) -> None:
@@ -113,7 +150,9 @@ def _print_metrics(report: MetricsReport) -> None:
 
 @with_options(COMPARE_OPTIONS)
 def compare_command(
-    base: Annotated[Path, typer.Argument(help="Predictions of the base model.")],
+    base: Annotated[
+        Path, typer.Argument(help="Predictions of the base model (any file metrics reads).")
+    ],
     aligned: Annotated[Path, typer.Argument(help="Predictions of the aligned model.")],
     bbq_dir: BBQDirOption = None,
     allow_unverified: AllowUnverifiedOption = False,
@@ -123,16 +162,19 @@ def compare_command(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write the strata table as CSV.")
     ] = None,
+    file_format: FormatOption = "auto",
+    length_norm: LengthNormOption = "none",
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
-    from ..stats import load_and_compare
+    from ..stats import check_reading, load_and_compare
 
     cfg = COMPARE_OPTIONS.build(options)
+    check_reading(file_format, length_norm)
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    result = load_and_compare(base, aligned, bbq, cfg)
+    result = load_and_compare(base, aligned, bbq, cfg, format=file_format, length_norm=length_norm)
     outputs = []
     if json_out is not None:
         outputs.append(Output("--json", json_out, _json_text(result.to_json())))

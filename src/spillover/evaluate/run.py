@@ -323,6 +323,9 @@ def _score_chunks(
 ) -> tuple[Any, dict[str, int]]:
     """Score chunk by chunk, reading finished shards from ``folder`` and writing new ones.
 
+    ``progress`` hears ``(0, total)`` first, then the rows done after every scored batch
+    (the scorer's callback) and every shard read back.
+
     Returns the full predictions table and the summed scorer counters.
     """
     import pyarrow as pa
@@ -330,6 +333,8 @@ def _score_chunks(
     nperm = len(permutations(cfg.permutations))
     total = len(ordered) * nperm
     done = 0
+    report = _RunningTotal(progress, total)
+    report(0)
     tables: list[Any] = []
     stats_total: dict[str, int] = {}
     for ci in range(0, len(ordered), cfg.chunk_items):
@@ -344,7 +349,7 @@ def _score_chunks(
                 cfg,
                 tokenizer=tokenizer,
                 model_info=model_info,
-                progress=_running_total(progress, done, total),
+                progress=report,
             )
             table = predictions_table(preds)
             after = scorer.stats.as_dict()
@@ -361,8 +366,7 @@ def _score_chunks(
             stats_total[k] = stats_total.get(k, 0) + int(v)
         tables.append(table)
         done += len(chunk) * nperm
-        if progress is not None:
-            progress(done, total)
+        report(done - report.done)  # a shard read back, or what the scorer left unreported
     return (pa.concat_tables(tables) if tables else predictions_table([])), stats_total
 
 
@@ -456,17 +460,21 @@ def run_evaluation(
     )
 
 
-def _running_total(progress: EvalProgress | None, start: int, total: int) -> Callable[[int], None]:
-    """A scorer progress callback (``n`` more done) that reports ``(done, total)`` rows."""
-    done = start
+class _RunningTotal:
+    """A scorer progress callback (``n`` more rows done) that reports ``(done, total)``:
+    once at ``n == 0`` (the total, before any work), then whenever rows were added."""
 
-    def on_scored(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    def __init__(self, progress: EvalProgress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+        self.started = False
 
-    return on_scored
+    def __call__(self, n: int) -> None:
+        if n <= 0 and self.started:
+            return
+        self.started = True
+        self.done = min(self.total, self.done + max(0, n))
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 def evaluate_distributed(

@@ -2,8 +2,9 @@
 
 The report is rebuilt from files alone (no model, no torch). It reads, from a run
 directory, ``stats/comparison.json`` (required), ``manifest.json``,
-``align/log_history.json`` and ``eval/{base,aligned}/predictions.parquet`` (optional),
-and writes ``report.html`` (self-contained: figures embedded, CSS inline, no script, no
+``align/log_history.json`` and ``eval/{base,aligned}/predictions.parquet`` (optional);
+from a folder made by hand, ``comparison.json`` at its top and ``base.parquet`` /
+``aligned.parquet`` (or CSV, JSONL) beside it. It writes ``report.html`` (self-contained: figures embedded, CSS inline, no script, no
 external request), ``report.md`` (Markdown tables, figures linked) and ``figures/``.
 Every file is written to a temporary file and renamed, and nothing is written before
 all content is built: a failed build leaves the previous report as it was. Output is
@@ -37,7 +38,15 @@ from .figures import (
     position_figure,
     training_figure,
 )
-from .load import PositionBias, load_comparison, load_optional_json, load_position_bias
+from .load import (
+    PositionBias,
+    ReportInputs,
+    load_comparison,
+    load_optional_json,
+    load_position_bias,
+    report_inputs,
+)
+from .spillover_map import map_columns, map_figure, map_rows, map_table
 from .tables import (
     provenance_rows,
     summary_lines,
@@ -86,6 +95,8 @@ class _Report:
     n_strata: int
     embed_png: bool
     method: str
+    source: str
+    absent: list[str]
 
 
 def _warnings(comparison: Comparison, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -179,8 +190,29 @@ def _figures(
     return figures, flag_figures
 
 
-def _build(run_dir: Path, cfg: ReportConfig) -> _Report:
-    comparison = load_comparison(run_dir / COMPARISON_FILE)
+def _absent(
+    inputs: ReportInputs,
+    manifest: Mapping[str, Any] | None,
+    history: list[Mapping[str, Any]],
+    position: PositionBias | None,
+    target: Any,
+) -> list[str]:
+    """The parts of a report that its folder cannot give, with the file each needs."""
+    out = []
+    if manifest is None:
+        out.append(f"provenance of models, data and seeds ({MANIFEST_FILE})")
+    if not history:
+        out.append(f"training curves ({LOG_HISTORY_FILE})")
+    if not isinstance(target, dict):
+        out.append(f"the target on held-out scenarios ({HELDOUT_TARGET_FILE})")
+    if position is None:
+        files = ", ".join(inputs.shown[m] for m in ("base", "aligned"))
+        out.append(f"the answer-position view (predictions in several answer orders: {files})")
+    return out
+
+
+def _build(run_dir: Path, cfg: ReportConfig, inputs: ReportInputs) -> _Report:
+    comparison = load_comparison(inputs.comparison)
     notes: list[str] = []
     load_warnings: list[str] = []
     manifest_obj = load_optional_json(run_dir / MANIFEST_FILE, "Manifest", notes, load_warnings)
@@ -193,7 +225,7 @@ def _build(run_dir: Path, cfg: ReportConfig) -> _Report:
     )
     if history_obj is not None and not history:
         notes.append("The training log history is empty: curves skipped.")
-    position = load_position_bias(run_dir, notes, load_warnings)
+    position = load_position_bias(inputs, notes, load_warnings)
     target_obj = load_optional_json(
         run_dir / HELDOUT_TARGET_FILE, "Held-out target comparison", notes, load_warnings
     )
@@ -226,6 +258,8 @@ def _build(run_dir: Path, cfg: ReportConfig) -> _Report:
         n_strata=len(strata),
         embed_png="png" in cfg.figure_formats,
         method=method_text(comparison),
+        source=inputs.comparison.relative_to(run_dir).as_posix(),
+        absent=_absent(inputs, manifest, history, position, target_obj),
     )
 
 
@@ -296,25 +330,36 @@ def _write_outputs(
                 stale.unlink()
 
 
-def write_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
-    """Build the report of one run from its artifacts.
+def write_report(
+    run_dir: Path,
+    cfg: ReportConfig | None = None,
+    *,
+    base: Path | None = None,
+    aligned: Path | None = None,
+) -> Path:
+    """Build the report of one run, or of a folder made by hand, from its artifacts.
 
     Args:
-        run_dir: The run directory (holding ``stats/comparison.json``).
+        run_dir: The run directory (holding ``stats/comparison.json``), or a folder with
+            ``comparison.json`` at its top (``spillover compare --json``) and, optionally,
+            ``base.parquet`` / ``aligned.parquet`` (or ``.csv``, ``.jsonl``).
         cfg: Options; defaults to :class:`ReportConfig()`.
+        base: The base model's predictions, instead of the folder's.
+        aligned: The aligned model's predictions, instead of the folder's.
 
     Returns:
         The path of ``report.html`` (written when ``html`` is among the formats).
 
     Raises:
-        DataError: ``stats/comparison.json`` is missing or malformed.
+        DataError: The comparison is missing or malformed, or ``base`` / ``aligned``
+            does not exist.
         ConfigError: An option is invalid.
     """
     cfg = cfg or ReportConfig()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: not a directory; expected a run directory")
-    report = _build(run_dir, cfg)
+    report = _build(run_dir, cfg, report_inputs(run_dir, base, aligned))
     context = {
         "r": report,
         "figure_formats": list(cfg.figure_formats),
@@ -403,7 +448,9 @@ def write_combined_report(
     """Build each sub-run's report and a combined page linking them.
 
     The combined page lists every sub-run (targets, significant losses and gains
-    among the attribute x context strata, Simpson flags) and one table of the
+    among the attribute x context strata, Simpson flags), the spillover map (target x
+    evaluated attribute x context: the changes in accuracy, unknown rate and bias score,
+    significance marked; figure ``figures/spillover_map`` and table) and one table of the
     significant spillovers: strata of non-target attributes whose corrected test
     is significant.
 
@@ -423,7 +470,7 @@ def write_combined_report(
     if not run_dirs:
         raise DataError(f"{sweep_dir}: no sub-runs given; expected run directories to combine")
     # check every sub-run first: nothing is written when one is unusable
-    loaded = [(Path(d), load_comparison(Path(d) / COMPARISON_FILE)) for d in run_dirs]
+    loaded = [(Path(d), load_comparison(report_inputs(Path(d)).comparison)) for d in run_dirs]
     subs: list[_SubRun] = []
     spill_rows: list[dict[str, Any]] = []
     warnings: list[str] = []
@@ -436,16 +483,36 @@ def write_combined_report(
             warnings.append(warning)
     alphas = {cfg.alpha if cfg.alpha is not None else c.config.alpha for _, c in loaded}
     header = ["run", "target", "category", "context", "Δ acc.", "95% CI", "p adj.", "change"]
+    spill_map, map_fig = _spillover_map(sweep_dir, loaded, cfg)
     context = {
         "title": cfg.title or f"Bias spillover sweep: {sweep_dir.resolve().name}",
         "subs": subs,
         "alpha": ", ".join(sorted(f"{a:g}" for a in alphas)),
         "warnings": warnings,
         "spill": {"header": header, "rows": spill_rows},
+        "map": spill_map,
+        "map_figure": map_fig,
+        "embed_png": "png" in cfg.figure_formats,
     }
     docs = _render_documents(cfg, "combined", context)
-    _write_outputs(sweep_dir, [], docs, cfg, prune=False)
+    _write_outputs(sweep_dir, [map_fig] if map_fig is not None else [], docs, cfg)
     return sweep_dir / "report.html"
+
+
+def _spillover_map(
+    sweep_dir: Path, loaded: list[tuple[Path, Comparison]], cfg: ReportConfig
+) -> tuple[dict[str, Any] | None, FigureOut | None]:
+    """The sweep's spillover map: its table and figure (None without attribute strata)."""
+    import matplotlib
+
+    rows = map_rows(sweep_dir, loaded, cfg)
+    columns = map_columns(rows)
+    if not columns:
+        return None, None
+    rc: Any = MPL_RC
+    with matplotlib.rc_context(rc):
+        fig = map_figure(rows, columns, cfg)
+    return map_table(rows, columns), fig
 
 
 def find_run_dirs(sweep_dir: Path) -> list[Path]:

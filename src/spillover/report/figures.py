@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 FIGURES_DIR = "figures"
 """Folder (inside the run directory) that receives the figure files."""
-FIGURE_PREFIXES = ("heatmap_", "forest_", "flag_", "training_", "position_")
+FIGURE_PREFIXES = ("heatmap_", "forest_", "flag_", "training_", "position_", "spillover_map")
 """Name prefixes of the files this module writes (stale ones are pruned)."""
 
 # colours: degradation / improvement / neutral (colour-blind safe pair from RdBu)
@@ -474,9 +474,19 @@ def training_figure(history: Sequence[Mapping[str, Any]], cfg: ReportConfig) -> 
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels, strict=True):
         for i, (key, xs, ys) in enumerate(series):
+            held_out = key.startswith("eval_")
             ax.plot(
-                xs, ys, linewidth=1.4, color=("#1b9e77", "#d95f02", "#7570b3")[i % 3], label=key
+                xs,
+                ys,
+                linewidth=1.4,
+                color=("#1b9e77", "#d95f02", "#7570b3")[i % 3],
+                label="held-out pairs" if held_out else "training" if len(series) > 1 else key,
+                marker="o" if held_out else None,
+                markersize=4,
+                linestyle="--" if held_out else "-",
             )
+            if title == "Rewards":
+                ax.lines[-1].set_label(key)
         if title == "Reward accuracy":
             ax.axhline(0.5, color="#999999", linewidth=0.8, linestyle="--")
         if title in ("Reward margin", "Rewards"):
@@ -493,6 +503,12 @@ def training_figure(history: Sequence[Mapping[str, Any]], cfg: ReportConfig) -> 
         "the mean reward gap between chosen and rejected answers. A reward accuracy near 1 "
         "with a still-growing margin can mean the model is memorising the target attribute."
     )
+    if any(key.startswith("eval_") for _, series in panels for key, _, _ in series):
+        caption += (
+            " Dashed lines with dots: the same measures on a sample of the held-out pairs "
+            "(scenarios never trained on), evaluated during training; training points that "
+            "improve while held-out ones do not are overfitting to the training scenarios."
+        )
     return _render(fig, FigureOut("training_curves", "Training curves", caption), cfg)
 
 

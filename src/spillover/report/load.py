@@ -10,10 +10,70 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..rundir import PREDICTION_FILES
+from ..rundir import COMPARISON_FILE, PREDICTION_FILES
 from ..stats import Comparison
 
 logger = logging.getLogger(__name__)
+
+HAND_COMPARISON = "comparison.json"
+"""A comparison at the top of a folder made by hand (``spillover compare --json``)."""
+HAND_PREDICTIONS: Mapping[str, tuple[str, ...]] = {
+    "base": ("base.parquet", "base.csv", "base.jsonl"),
+    "aligned": ("aligned.parquet", "aligned.csv", "aligned.jsonl"),
+}
+"""Prediction files looked for at the top of a folder made by hand (the first present)."""
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Where a report's comparison and predictions are."""
+
+    comparison: Path
+    """The comparison file."""
+    predictions: dict[str, Path]
+    """Per model (``base``/``aligned``): its predictions file (which may not exist)."""
+    shown: dict[str, str]
+    """Per model: how notes name its predictions file."""
+    by_hand: bool
+    """The folder is not a run directory: the comparison is at its top."""
+
+
+def find_comparison(folder: Path) -> Path | None:
+    """A folder's comparison: ``stats/comparison.json`` of a run, else ``comparison.json``."""
+    for rel in (COMPARISON_FILE, HAND_COMPARISON):
+        if (Path(folder) / rel).is_file():
+            return Path(folder) / rel
+    return None
+
+
+def report_inputs(
+    folder: Path, base: Path | None = None, aligned: Path | None = None
+) -> ReportInputs:
+    """The inputs of one report: a run directory, or a folder made by hand.
+
+    Raises:
+        DataError: the folder holds no comparison, or a prediction file named by
+            ``base`` / ``aligned`` does not exist.
+    """
+    comparison = find_comparison(folder)
+    if comparison is None:
+        raise DataError(
+            f"{folder / COMPARISON_FILE}: not found (nor {HAND_COMPARISON} at the folder's top); "
+            "expected the comparison written by the stats stage (`spillover compare --json`)"
+        )
+    by_hand = comparison.name == HAND_COMPARISON and comparison.parent == Path(folder)
+    predictions: dict[str, Path] = {}
+    shown: dict[str, str] = {}
+    for model, given in (("base", base), ("aligned", aligned)):
+        if given is not None:
+            if not Path(given).is_file():
+                raise DataError(f"{given}: not found; expected the {model} model's predictions")
+            predictions[model], shown[model] = Path(given), Path(given).name
+            continue
+        names = HAND_PREDICTIONS[model] if by_hand else (PREDICTION_FILES[model],)
+        rel = next((n for n in names if (folder / n).is_file()), names[0])
+        predictions[model], shown[model] = folder / rel, rel
+    return ReportInputs(comparison, predictions, shown, by_hand)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -90,14 +150,28 @@ def _position_bias(frames: Mapping[str, Any]) -> PositionBias:
     return PositionBias(shares, accuracy, counts, sorted(perms))
 
 
-def load_position_bias(run_dir: Path, notes: list[str], warnings: list[str]) -> PositionBias | None:
-    """Answer-position statistics from the run's predictions, when several orders were scored."""
+def _read_table(path: Path) -> Any:
+    """A predictions table as read (Parquet, CSV or JSONL by suffix), columns unchanged."""
     import pandas as pd
 
-    paths = {m: run_dir / p for m, p in PREDICTION_FILES.items()}
-    missing = [p for p in PREDICTION_FILES.values() if not (run_dir / p).is_file()]
+    suffix = path.suffix.lower()
+    if suffix in (".csv",):
+        return pd.read_csv(path)
+    if suffix in (".jsonl", ".ndjson"):
+        return pd.read_json(path, lines=True, dtype=False)
+    return pd.read_parquet(path, columns=None)
+
+
+def load_position_bias(
+    inputs: ReportInputs, notes: list[str], warnings: list[str]
+) -> PositionBias | None:
+    """Answer-position statistics from the predictions, when several orders were scored."""
+    paths = inputs.predictions
+    names = inputs.shown
+    missing = [names[m] for m, p in paths.items() if not p.is_file()]
     if len(missing) == len(paths):
-        notes.append("No per-item predictions (eval/*/predictions.parquet): position view skipped.")
+        where = ", ".join(missing) if inputs.by_hand else "eval/*/predictions.parquet"
+        notes.append(f"No per-item predictions ({where}): position view skipped.")
         return None
     if missing:
         notes.append(f"{', '.join(missing)} not found: position view shows the other model only.")
@@ -107,16 +181,16 @@ def load_position_bias(run_dir: Path, notes: list[str], warnings: list[str]) -> 
         if not path.is_file():
             continue
         try:
-            df = pd.read_parquet(path, columns=None)
-        except Exception as exc:  # pyarrow raises many types for bad files
-            msg = f"{PREDICTION_FILES[model]} could not be read and is skipped: {exc}"
+            df = _read_table(path)
+        except Exception as exc:  # pyarrow and pandas raise many types for bad files
+            msg = f"{names[model]} could not be read and is skipped: {exc}"
             logger.warning(msg)
             warnings.append(msg)
             continue
         lacking = sorted(need - set(df.columns))
         if lacking:
             notes.append(
-                f"{PREDICTION_FILES[model]} has no column(s) {', '.join(lacking)}: "
+                f"{names[model]} has no column(s) {', '.join(lacking)}: "
                 "position view skipped for it."
             )
             continue

@@ -301,6 +301,9 @@ def _align_section(values: Mapping[str, Any], doc: YamlDoc | None) -> dict[str, 
         if key == "target_modules" and isinstance(value, str):
             coerced[key] = value  # comma-separated, split by AlignConfig
             continue
+        if key in ("eval_strategy", "save_strategy") and value is False:
+            coerced[key] = "no"  # YAML reads a bare `no` as false
+            continue
         try:
             coerced[key] = TypeAdapter(hints[key]).validate_python(value, strict=False)
         except ValidationError as exc:

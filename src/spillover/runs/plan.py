@@ -1,19 +1,27 @@
 """What a run will do, before doing it (``spillover run --dry-run``): sub-runs, item and
-pair counts, and a compute estimate, without loading a model. The plan runs the checks a
-real run makes before its first output (:func:`~spillover.runs.study.preflight`); what
-this machine lacks for the run is reported, not refused (a plan may be for another one)."""
+pair counts, and a compute estimate per sub-run and in total, without loading a model. The
+plan runs the checks a real run makes before its first output
+(:func:`~spillover.runs.study.preflight`); what this machine lacks for the run is reported,
+not refused (a plan may be for another one).
+
+The total counts every sub-run's evaluations in rows scored (items x answer orders) and
+counts a base evaluation that sub-runs share (a sweep reuses base predictions made with the
+same stage key, :func:`~spillover.runs.study.run_study`) once.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data import BBQData, BBQItem
 from ..errors import SpilloverError
-from .config import RunConfig
-from .stages import STAGES
+from ..prompts import permutations
+from ..rundir import canonical_hash
+from .config import RunConfig, SubRun
+from .stages import STAGE_TABLE, STAGES, Context
 from .study import check_machine, preflight
 
 # parameter counts of the presets (for compute estimates without loading anything)
@@ -23,6 +31,35 @@ _PARAMS = {
     "llama-3.1-8b": 8.03e9,
     "qwen-2.5-7b": 7.62e9,
 }
+CPU_FLOPS = 2e11
+"""Sustained FLOP/s assumed for a 2-core CPU in the estimate's time."""
+GPU_FLOPS = 4e14
+"""Sustained FLOP/s assumed for one H100/H200 in bf16."""
+
+
+@dataclass(frozen=True)
+class SubRunCompute:
+    """The compute of one sub-run."""
+
+    slug: str
+    model: str
+    n_items: int
+    """Evaluated items."""
+    orders: int
+    """Answer orders each item is scored in (``eval.permutations``)."""
+    evaluations: int
+    """Evaluations this sub-run computes: 2, or 1 when it reuses another's base evaluation."""
+    base_from: str | None
+    """The sub-run whose base evaluation this one reuses, or None."""
+    steps: int
+    batch: int
+    estimate: Mapping[str, Any]
+    """:func:`estimate_compute` of the evaluations and training steps it computes."""
+
+    @property
+    def rows(self) -> int:
+        """Rows scored: items x orders x evaluations."""
+        return self.n_items * self.orders * self.evaluations
 
 
 @dataclass(frozen=True)
@@ -31,62 +68,134 @@ class Plan:
 
     cfg: RunConfig
     n_eval_items: int
+    """Evaluated items of the first sub-run."""
     n_train_pairs: dict[str, int]
     n_heldout_pairs: dict[str, int]
-    estimate: dict[str, Any]
+    compute: tuple[SubRunCompute, ...]
+    """Per sub-run, in run order."""
     stages: tuple[str, ...] = STAGES
     warnings: tuple[str, ...] = ()
     """The data's warnings (unverified BBQ files), as every output of the run records them."""
     machine: str | None = None
     """What this machine lacks for the run (the error a real run would stop with), or None."""
 
+    @property
+    def total(self) -> dict[str, Any]:
+        """The compute over all sub-runs: rows and tokens scored, evaluations (shared base
+        evaluations once), training steps, FLOPs (of the models with a known size)."""
+        est = [c.estimate for c in self.compute]
+        return {
+            "sub_runs": len(self.compute),
+            "rows": sum(c.rows for c in self.compute),
+            "evaluations": sum(c.evaluations for c in self.compute),
+            "shared_base": sum(c.base_from is not None for c in self.compute),
+            "steps": sum(c.steps for c in self.compute),
+            "eval_tokens": sum(int(e["eval_tokens"]) for e in est),
+            "flops": sum(float(e.get("flops", 0.0)) for e in est),
+            "unknown_size": sorted({c.model for c in self.compute if "flops" not in c.estimate}),
+        }
+
     def lines(self) -> list[str]:
-        """The plan as text, one line per sub-run and per model's compute."""
+        """The plan as text: one line per sub-run and its compute, then the total."""
         subs = self.cfg.sub_runs()
         out = [f"{len(subs)} sub-run(s); stages: {' -> '.join(self.stages)}"]
-        for sr in subs:
+        for sr, c in zip(subs, self.compute, strict=True):
             t = "+".join(sr.target)
             out.append(
                 f"  {sr.slug}: model {sr.model}, target {t}, method {sr.method}, seed {sr.seed}; "
-                f"eval {self.n_eval_items} items x 2 models, pairs "
+                f"eval {c.n_items} items x 2 models, pairs "
                 f"{self.n_train_pairs.get(t, 0)} train / {self.n_heldout_pairs.get(t, 0)} held out"
             )
-        for model, est in self.estimate.items():
-            out.append(f"  compute {model}: {est['summary']}")
+            shared = f"; base evaluation reused from {c.base_from}" if c.base_from else ""
+            out.append(
+                f"    compute {sr.model}: {c.estimate['summary']}; {c.rows:,} rows scored "
+                f"({c.n_items} items x {c.orders} order(s) x {c.evaluations} evaluation(s)"
+                f"{shared})"
+            )
+        out.append(total_line(self.total))
         return out
 
 
+def total_line(total: Mapping[str, Any]) -> str:
+    """The plan's last line: the compute of all sub-runs together."""
+    flops = float(total["flops"])
+    unknown = total["unknown_size"]
+    size = (
+        f"; parameter count unknown for {', '.join(unknown)} (not in the FLOPs)" if unknown else ""
+    )
+    return (
+        f"  total over {total['sub_runs']} sub-run(s): ~{flops / 1e12:.1f} TFLOP, "
+        f"{total['rows']:,} rows scored in {total['evaluations']} evaluation(s) "
+        f"({total['sub_runs']} aligned, {total['evaluations'] - total['sub_runs']} base; "
+        f"{total['shared_base']} sub-run(s) reuse another's base evaluation), "
+        f"{total['eval_tokens']:,} tokens scored, {total['steps']:,} training steps; "
+        f"{_times(flops)}{size}"
+    )
+
+
+def _times(flops: float) -> str:
+    """How long ``flops`` take on a small CPU and on one large GPU."""
+    return (
+        f"about {_duration(flops / CPU_FLOPS)} at {CPU_FLOPS / 1e12:.1f} TFLOP/s (2-core CPU), "
+        f"{_duration(flops / GPU_FLOPS)} at {GPU_FLOPS / 1e12:.0f} TFLOP/s (one H100/H200, bf16)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def estimate_compute(
-    model: str, items: Sequence[BBQItem], steps: int, batch: int
+    model: str,
+    items: Sequence[BBQItem],
+    steps: int,
+    batch: int,
+    *,
+    orders: int = 1,
+    evaluations: int = 2,
 ) -> dict[str, Any]:
-    """Rough FLOPs of two evaluations and the training steps (2 x params per token forward)."""
+    """Rough FLOPs of ``evaluations`` evaluations of ``items`` in ``orders`` answer orders
+    each and of the training steps (2 x params per token forward)."""
     # ~4 characters per token is a rough English average; prompts are shared by their answers
-    eval_tokens = sum(
+    per_eval = orders * sum(
         (len(it.context) + len(it.question) + 12 + sum(len(a) + 1 for a in it.answers)) / 4
         for it in items
     )
+    eval_tokens = int(per_eval * evaluations)
     # a pair is a prompt plus two short answers (~40 characters)
     chars = sum(len(it.context) + len(it.question) + 40 for it in items)
     pair_tokens = chars / max(1, len(items)) / 4
     params = _PARAMS.get(model)
+    train = f"{steps} training steps x {batch} pairs"
     if params is None:
         return {
-            "summary": f"~{eval_tokens * 2 / 1e6:.2f} M tokens scored (parameter count unknown)"
+            "eval_tokens": eval_tokens,
+            "summary": f"~{eval_tokens / 1e6:.2f} M tokens scored, {train} "
+            "(parameter count unknown)",
         }
-    eval_flops = 2 * params * eval_tokens * 2  # two evaluations
+    eval_flops = 2 * params * eval_tokens
     # policy forward + backward (~3x forward) on chosen and rejected, plus a reference forward
     train_flops = steps * batch * 2 * pair_tokens * params * 2 * 4
     total = eval_flops + train_flops
     return {
         "params": params,
-        "eval_tokens": int(eval_tokens * 2),
+        "eval_tokens": eval_tokens,
         "flops": total,
         "summary": (
-            f"~{total / 1e12:.1f} TFLOP ({int(eval_tokens * 2):,} tokens scored, "
-            f"{steps} training steps x {batch} pairs); about {total / 2e11 / 60:.0f} min at "
-            f"0.2 TFLOP/s (2-core CPU), {total / 4e14:.1f} s at 400 TFLOP/s (one H100/H200, bf16)"
+            f"~{total / 1e12:.1f} TFLOP ({eval_tokens:,} tokens scored, {train}); {_times(total)}"
         ),
     }
+
+
+def _base_key(cfg: RunConfig, sub: SubRun, data: BBQData, items: tuple[BBQItem, ...]) -> str:
+    """The cache key of the sub-run's base evaluation, as the run computes it."""
+    stage = next(s for s in STAGE_TABLE if s.name == "eval-base")
+    ctx = Context(cfg, Path(), sub, Path(), data, items, lambda stage, status, info: None)
+    return canonical_hash(stage.key(ctx))
 
 
 def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
@@ -102,29 +211,42 @@ def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
         check_machine(cfg)
     except SpilloverError as exc:
         machine = str(exc)
-    first = cfg.sub_runs()[0]
-    items = checked.items[first]
+    subs = cfg.sub_runs()
     train: dict[str, int] = {}
     held: dict[str, int] = {}
-    for sub in cfg.sub_runs():
+    for sub in subs:
         name = "+".join(sub.target)
         if name not in train:  # counts of the first seed
-            train[name], held[name] = checked.pairs[sub.target, first.seed]
-    estimate: dict[str, Any] = {}
-    for model in cfg.models:
-        sub = dataclasses.replace(first, model=model)
+            train[name], held[name] = checked.pairs[sub.target, sub.seed]
+    orders = len(permutations(cfg.eval.permutations))
+    first_with: dict[str, str] = {}  # base evaluation key -> the sub-run that computes it
+    compute = []
+    for sub in subs:
+        items = checked.items[sub]
+        base_from = None
+        if cfg.is_sweep:  # a single run has nothing to share with
+            key = _base_key(cfg, sub, checked.data, items)
+            base_from = first_with.setdefault(key, sub.slug)
+            base_from = None if base_from == sub.slug else base_from
         acfg = cfg.align_for(sub, "unused")
         batch = acfg.batch_size * acfg.grad_accum
-        steps = acfg.max_steps or int(
-            (acfg.epochs or 1) * max(train.values() or [0]) / max(1, batch)
+        pairs = checked.pairs[sub.target, sub.seed][0]
+        steps = acfg.max_steps or int((acfg.epochs or 1) * pairs / max(1, batch))
+        evaluations = 1 if base_from else 2
+        est = estimate_compute(
+            sub.model, items, steps, batch, orders=orders, evaluations=evaluations
         )
-        estimate[model] = estimate_compute(model, items, steps, batch)
+        compute.append(
+            SubRunCompute(
+                sub.slug, sub.model, len(items), orders, evaluations, base_from, steps, batch, est
+            )
+        )
     return Plan(
         cfg,
-        len(items),
+        len(checked.items[subs[0]]),
         train,
         held,
-        estimate,
+        tuple(compute),
         warnings=tuple(checked.data.warnings),
         machine=machine,
     )

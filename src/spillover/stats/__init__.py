@@ -12,11 +12,12 @@ Two entry points:
   contract the report stage reads.
 
 Prediction files come from any system: :func:`read_predictions` accepts Parquet,
-CSV or JSONL with ``category``, ``example_id`` and ``pred_index``, and
-:func:`join_with_bbq` attaches BBQ's item attributes. The library functions
+CSV or JSONL with ``category``, ``example_id`` and ``pred_index``, and the per-sample
+logs of lm-evaluation-harness (``lm_eval --log_samples``); :func:`join_with_bbq`
+attaches BBQ's item attributes. The library functions
 take already-joined DataFrames, so they work on in-memory tables too.
 
-Modules: ``io``, ``metrics``, ``tests``, ``bootstrap``, ``config``, ``records``,
+Modules: ``io``, ``lmeval``, ``metrics``, ``tests``, ``bootstrap``, ``config``, ``records``,
 ``compare``, ``flags``; import from this package, not from them. This package imports
 neither torch nor any model library; scipy and statsmodels are imported on first use.
 Formulae, choices and references: ``docs/stats.md``.
@@ -29,6 +30,12 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_getattr
 from .config import CLUSTER_UNITS, COMPARE_TESTS, CompareConfig
 from .keys import ALL, DEFAULT_BY, KEY_ORDER, normalize_by
+from .lmeval import (
+    LM_EVAL_LENGTH_NORMS,
+    LM_EVAL_UNKNOWN_PHRASINGS,
+    PREDICTION_FORMATS,
+    check_reading,
+)
 from .records import (
     FLAG_DEGRADATION,
     FLAG_IMPROVEMENT,
@@ -38,6 +45,8 @@ from .records import (
     FLAG_OVER_ABSTENTION,
     FLAG_REVERSAL,
     MIN_BIAS_SUPPORT,
+    WARNINGS_COLUMN,
+    WARNINGS_SEPARATOR,
     Comparison,
     Flag,
     StratumRecord,
@@ -146,11 +155,16 @@ __all__ = [
     "IDENTITY_PERMUTATION",
     "JOINED_REQUIRED",
     "KEY_ORDER",
+    "LM_EVAL_LENGTH_NORMS",
+    "LM_EVAL_UNKNOWN_PHRASINGS",
     "MIN_BIAS_SUPPORT",
+    "PREDICTION_FORMATS",
     "PRED_REQUIRED",
     "SCORE_COLUMNS",
     "TESTS",
     "UNKNOWN_RISE",
+    "WARNINGS_COLUMN",
+    "WARNINGS_SEPARATOR",
     "BiasScore",
     "ClusterInterval",
     "ClusterTest",
@@ -167,6 +181,7 @@ __all__ = [
     "bias_score",
     "bias_values",
     "bootstrap_cell_sums",
+    "check_reading",
     "cluster_totals",
     "compare_runs",
     "compute_metrics",

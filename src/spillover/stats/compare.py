@@ -371,6 +371,8 @@ def load_and_compare(
     cfg: CompareConfig | None = None,
     *,
     heldout_only: Mapping[str, Collection[int]] | None = None,
+    format: str = "auto",
+    length_norm: str = "none",
 ) -> Comparison:
     """Read two prediction files, join them with BBQ and compare them.
 
@@ -383,6 +385,10 @@ def load_and_compare(
             category's other items are left out, with a note in ``warnings``. A run
             passes the target's held-out templates, so the target's cells never pool
             items the model was trained on.
+        format: Format of both files (:func:`read_predictions`; ``"auto"``: by suffix and
+            content, so lm-evaluation-harness samples logs are read as such).
+        length_norm: For lm-eval logs, which of lm-eval's decisions to read
+            (:func:`read_predictions`).
 
     Returns:
         The :class:`Comparison`, with ``warnings`` holding BBQ's warnings and any
@@ -393,8 +399,10 @@ def load_and_compare(
         ConfigError: bad options.
     """
     cfg = cfg or CompareConfig()
-    base = read_predictions(base_path, permutation=cfg.permutation)
-    aligned = read_predictions(aligned_path, permutation=cfg.permutation)
+    base, aligned = (
+        read_predictions(path, permutation=cfg.permutation, format=format, length_norm=length_norm)
+        for path in (base_path, aligned_path)
+    )
     jb = join_with_bbq(base, bbq)
     ja = join_with_bbq(aligned, bbq)
     notes: list[str] = []

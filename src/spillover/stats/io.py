@@ -2,12 +2,15 @@
 
 A prediction file is a table with one row per BBQ item and at least the columns
 ``category``, ``example_id`` and ``pred_index``. Any system can write one; the
-readers here accept Parquet, CSV and JSONL and fail with a message that names
-the file, the line (CSV/JSONL) or row (Parquet) and the field at fault.
+readers here accept Parquet, CSV and JSONL, and the per-sample logs of
+lm-evaluation-harness (``samples_<task>_<date>.jsonl``, mapped to rows by
+:mod:`.lmeval`), and fail with a message that names the file, the line (CSV/JSONL)
+or row (Parquet) and the field at fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -21,8 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data import CATEGORIES, CATEGORY_ALIASES, ITEM_FRAME_COLUMNS, BBQData
-from ..errors import DataError
+from ..data import CATEGORIES, CATEGORY_ALIASES, ITEM_FRAME_COLUMNS, BBQData, resolve_category
+from ..errors import ConfigError, DataError
+from .lmeval import check_reading, is_lm_eval_sample, read_log
 from .reading import (
     MAX_FIELD_CHARS,
     MAX_INTEGER,
@@ -86,11 +90,28 @@ _SUFFIXES = {
 
 _PLACES = "places"
 # attrs key: where each row of a frame read by read_predictions came from (see _place_of)
+_STRICT = "strict_columns"
+# attrs key: carried item columns that must agree with BBQ (besides label), see join_with_bbq
 
 
 def _at(place: str) -> str:
     """``"line 3"`` for a bare line number, else the place as is."""
     return f"line {place}" if place.isdigit() else place
+
+
+def _canonical_categories(cats: pd.Series) -> pd.Series:
+    """Categories as BBQ spells them: an alias or another casing (``gender``,
+    ``gender-identity``) is read as :func:`~spillover.data.resolve_category` reads it
+    wherever a category is expected; values it does not know are kept, to be refused
+    with their line."""
+    names: dict[str, str] = {}
+    for value in cats:
+        if isinstance(value, str) and value not in names:
+            names[value] = value
+            if len(value) <= 100:
+                with contextlib.suppress(ConfigError):
+                    names[value] = resolve_category(value)
+    return cats.map(lambda v: names.get(v, v) if isinstance(v, str) else v)
 
 
 def _category_hint(value: object) -> str:
@@ -122,24 +143,47 @@ def _check_record(path: Path, lineno: int, rec: Any, line_chars: int) -> None:
             )
     for col in PRED_REQUIRED:
         if col not in rec:
-            raise DataError(f"{path}:{lineno}: missing field {col!r}")
+            hint = (
+                "; it is an lm-evaluation-harness sample: read the file with --format lm-eval "
+                "(or auto)"
+                if is_lm_eval_sample(rec)
+                else ""
+            )
+            raise DataError(f"{path}:{lineno}: missing field {col!r}{hint}")
 
 
-def _read_jsonl(path: Path, data: bytes) -> Read:
-    records: list[dict[str, Any]] = []
-    lines: list[int] = []
+def _json_records(path: Path, data: bytes) -> list[tuple[int, Any, int]]:
+    """``(line, record, line length)`` of each non-blank line of a JSONL file."""
+    records: list[tuple[int, Any, int]] = []
     # line ends as universal newlines read them (a bare \r cannot be inside a JSON string)
     text = decode(path, data).replace("\r\n", "\n").replace("\r", "\n")
     for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        rec = json_line(path, lineno, line)
-        _check_record(path, lineno, rec, len(line))
-        records.append(rec)
-        lines.append(lineno)
+        if line.strip():
+            records.append((lineno, json_line(path, lineno, line), len(line)))
     if not records:
         raise DataError(f"{path}: no predictions (the file is empty)")
-    return pd.DataFrame.from_records(records), np.asarray(lines, dtype=np.int64), ""
+    return records
+
+
+def _read_jsonl(path: Path, parsed: list[tuple[int, Any, int]]) -> Read:
+    for lineno, rec, chars in parsed:
+        _check_record(path, lineno, rec, chars)
+    df = pd.DataFrame.from_records([rec for _, rec, _ in parsed])
+    return df, np.asarray([n for n, _, _ in parsed], dtype=np.int64), ""
+
+
+def _lm_eval_frame(path: Path, parsed: list[tuple[int, Any, int]], length_norm: str) -> Read:
+    """Rows of an lm-eval samples log (:func:`.lmeval.read_log`); its notes and the
+    columns that must agree with BBQ ride in ``attrs``."""
+    for lineno, rec, _ in parsed:
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
+    rows, notes = read_log(path, [(n, rec) for n, rec, _ in parsed], length_norm)
+    lines = np.asarray([n for n, _, _ in parsed], dtype=np.int64)
+    df = pd.DataFrame.from_records(rows)
+    check_lengths(df, str(path), locator(lines, ""), header=None)
+    df.attrs.update({"format": "lm-eval", "notes": notes, _STRICT: ["unknown_loc"]})
+    return df, lines, ""
 
 
 def _read_csv(path: Path, data: bytes) -> Read:
@@ -229,14 +273,16 @@ def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
     if missing:
         raise DataError(f"{src}: missing column(s) {', '.join(map(repr, missing))}")
     cats = out["category"]
+    if not cats.isin(CATEGORIES).all():
+        cats = _canonical_categories(cats)
     bad = ~cats.isin(CATEGORIES).to_numpy()
     if bad.any():
         i = first_index(bad)
         value = cats.iloc[i]
         raise DataError(
             f"{src}:{where(i)}: field 'category'={show_value(value)} is not a BBQ category"
-            f"{_category_hint(value)}; names must be spelled exactly as in BBQ "
-            f"({int(bad.sum())} row(s) affected)"
+            f"{_category_hint(value)}; expected a BBQ category or an alias such as "
+            f"'gender' ({int(bad.sum())} row(s) affected)"
         )
     out["category"] = cats.astype(str)
     out["example_id"] = _integer_column(out, "example_id", src, where)
@@ -348,46 +394,78 @@ def _pick_permutation(
 
 
 def read_predictions(
-    path: str | os.PathLike[str], *, permutation: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    permutation: str | None = None,
+    format: str = "auto",
+    length_norm: str = "none",
 ) -> pd.DataFrame:
-    """Read and validate a prediction file (Parquet, CSV or JSONL, chosen by suffix).
+    """Read and validate a prediction file (Parquet, CSV, JSONL or an lm-eval samples log).
 
     Args:
         path: ``.parquet``/``.pq``, ``.csv`` or ``.jsonl``/``.ndjson`` file with at least
-            ``category``, ``example_id`` and ``pred_index`` columns. Optional columns:
-            ``score_0``, ``score_1``, ``score_2`` (per-option log-probabilities),
-            ``permutation`` (answer-order permutation id) and any BBQ item column,
-            which :func:`join_with_bbq` checks against BBQ.
+            ``category`` (BBQ's spelling or an alias such as ``gender``), ``example_id``
+            and ``pred_index`` columns. Optional columns: ``score_0``, ``score_1``,
+            ``score_2`` (per-option log-probabilities), ``permutation`` (answer-order
+            permutation id) and any BBQ item column, which :func:`join_with_bbq` checks
+            against BBQ. Or a ``samples_<task>_<date>.jsonl`` of ``lm_eval
+            --log_samples`` on a BBQ multiple-choice task (see :mod:`.lmeval`).
         permutation: Which permutation to keep when the file has a ``permutation``
-            column. None keeps the only one there is, or the identity ``"0"`` when
+            column. None keeps the only one there is, or the identity ``"012"`` when
             there are several (recorded in ``df.attrs["notes"]``).
+        format: One of :data:`~.lmeval.PREDICTION_FORMATS`. ``"auto"`` chooses by suffix
+            and reads a JSONL file whose first record is an lm-eval sample as
+            ``"lm-eval"``; any other value reads the file as that format whatever its
+            suffix.
+        length_norm: For lm-eval logs, the decision read (see
+            :data:`~.lmeval.LM_EVAL_LENGTH_NORMS`): ``"none"`` is lm-eval's ``acc``,
+            ``"char"`` its ``acc_norm``, ``"byte"`` its ``acc_bytes``. Other formats take
+            ``pred_index`` as written and refuse anything but ``"none"``.
 
     Returns:
-        The predictions with ``category`` as str, ``example_id`` and ``pred_index``
-        as int64 and scores as float64; ``df.attrs["source"]`` holds the path,
-        ``df.attrs["notes"]`` any notes made while reading and ``df.attrs["places"]``
-        the line (or row) each prediction was read from, which :func:`join_with_bbq`
-        names in its errors while the frame's keys are still the ones read.
+        The predictions with ``category`` as str (BBQ's spelling), ``example_id`` and
+        ``pred_index`` as int64 and scores as float64; ``df.attrs["source"]`` holds the
+        path, ``df.attrs["format"]`` the format read, ``df.attrs["notes"]`` any notes
+        made while reading and ``df.attrs["places"]`` the line (or row) each prediction
+        was read from, which :func:`join_with_bbq` names in its errors while the frame's
+        keys are still the ones read.
 
     Raises:
+        ConfigError: an unknown ``format`` or ``length_norm``, or a ``length_norm`` on a
+            file that is not an lm-eval log.
         DataError: the file is missing, unreadable (a folder, a symlink loop, no
             permission), not UTF-8, malformed or out of bounds (booleans or integers
             above :data:`MAX_INTEGER` in integer fields, text over
-            :data:`MAX_FIELD_CHARS`); the message names the file, the line (CSV, JSONL)
-            or row (Parquet) and the field.
+            :data:`MAX_FIELD_CHARS`); an lm-eval sample without a BBQ identity, with an
+            unknown choice layout, or a log that mixes tasks. The message names the file,
+            the line (CSV, JSONL) or row (Parquet) and the field.
     """
+    check_reading(format, length_norm)
     p = Path(path)
-    kind = _SUFFIXES.get(p.suffix.lower())
+    kind = format if format != "auto" else _SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(
             f"{p}: unsupported prediction file type {p.suffix or '(none)'!r}; expected "
-            ".parquet, .csv or .jsonl"
+            ".parquet, .csv or .jsonl (or name the format with --format)"
         )
     data = read_bytes(p)
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
-    df, numbers, unit = reader(p, data)
+    if kind in ("jsonl", "lm-eval"):
+        parsed = _json_records(p, data)
+        if kind == "lm-eval" or (format == "auto" and is_lm_eval_sample(parsed[0][1])):
+            kind = "lm-eval"
+            df, numbers, unit = _lm_eval_frame(p, parsed, length_norm)
+        else:
+            df, numbers, unit = _read_jsonl(p, parsed)
+    else:
+        df, numbers, unit = {"csv": _read_csv, "parquet": _read_parquet}[kind](p, data)
+    if length_norm != "none" and kind != "lm-eval":
+        raise ConfigError(
+            f"`--length-norm`={length_norm!r} applies to lm-evaluation-harness logs; {p} is "
+            f"read as {kind} and its pred_index is used as written"
+        )
+    read_attrs = dict(df.attrs)
     df = _validate(df, str(p), locator(numbers, unit))
-    notes: list[str] = []
+    notes: list[str] = list(read_attrs.get("notes", []))
     if PERMUTATION_COLUMN in df.columns:
         df, note = _pick_permutation(df, str(p), permutation)
         if note:
@@ -401,9 +479,13 @@ def read_predictions(
         )
     kept = numbers[df.index.to_numpy()]
     df = df.reset_index(drop=True)
-    df.attrs["source"] = str(p)
-    df.attrs["notes"] = list(notes)
-    df.attrs[_PLACES] = {"unit": unit, "runs": _runs(kept), "keys": _keys_digest(df)}
+    df.attrs = {
+        "source": str(p),
+        "format": kind,
+        "notes": notes,
+        _STRICT: list(read_attrs.get(_STRICT, [])),
+        _PLACES: {"unit": unit, "runs": _runs(kept), "keys": _keys_digest(df)},
+    }
     return df
 
 
@@ -525,6 +607,11 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
                     f"{src}: {detail}; BBQ's labels are authoritative: the file was made for "
                     "other items or its rows are misaligned"
                 )
+            if col in preds.attrs.get(_STRICT, ()):
+                raise DataError(
+                    f"{src}: {detail}; its predictions were mapped with the file's value, so "
+                    "the file was made on other data than this BBQ"
+                )
             # returned in attrs["notes"]; callers show it (the CLI prints it once)
             logger.debug("%s: %s; using BBQ's values", src, detail)
             notes.append(f"{src}: {detail}; using BBQ's values")
@@ -532,7 +619,7 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     merged = merged.drop(columns=["_merge"]).sort_values("_row").drop(columns=["_row"])
     merged = merged.reset_index(drop=True)
     merged["target_loc"] = merged["target_loc"].astype("Int64")
-    kept_attrs = {k: v for k, v in preds.attrs.items() if k != _PLACES}
+    kept_attrs = {k: v for k, v in preds.attrs.items() if k not in (_PLACES, _STRICT)}
     merged.attrs = {**kept_attrs, "notes": notes}
     front = [c for c in (*KEY_COLUMNS, "pred_index", *ITEM_COLUMNS) if c in merged.columns]
     rest = [c for c in merged.columns if c not in front]

@@ -402,20 +402,27 @@ def load_and_compute_metrics(
     *,
     by: str | Iterable[str] | None = DEFAULT_BY,
     permutation: str | None = None,
+    format: str = "auto",
+    length_norm: str = "none",
 ) -> MetricsReport:
     """Read a prediction file, join it with BBQ and compute :func:`compute_metrics`.
 
     Args:
-        pred_path: Parquet, CSV or JSONL predictions.
+        pred_path: Parquet, CSV or JSONL predictions, or an lm-evaluation-harness
+            samples log.
         bbq: Loaded BBQ; its warnings are carried into the report.
         by: Stratification keys (comma-separated string or sequence).
         permutation: Permutation to keep when the file holds several.
+        format: File format (:func:`read_predictions`; ``"auto"``: by suffix and content).
+        length_norm: For lm-eval logs, which of lm-eval's decisions to read.
 
     Raises:
         DataError: unreadable or malformed predictions, unknown items.
         ConfigError: bad ``by``.
     """
-    preds = read_predictions(pred_path, permutation=permutation)
+    preds = read_predictions(
+        pred_path, permutation=permutation, format=format, length_norm=length_norm
+    )
     joined = join_with_bbq(preds, bbq)
     table = compute_metrics(joined, by)
     return MetricsReport(table, list(bbq.warnings), list(joined.attrs["notes"]))
