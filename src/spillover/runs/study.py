@@ -26,8 +26,8 @@ import yaml
 
 from .. import __version__
 from .._io import atomic_write_text
-from ..align import target_split
-from ..data import BBQData, BBQItem, load_bbq
+from ..align import on_heldout, target_split
+from ..data import BBQData, BBQItem, DownloadProgress, load_bbq
 from ..errors import ConfigError, MissingDependencyError
 from ..rundir import (
     PREDICTION_FILES,
@@ -43,10 +43,13 @@ from .stages import STAGE_TABLE, STAGES, Context, EventFn, Stage
 logger = logging.getLogger(__name__)
 
 
-def load_data(cfg: RunConfig) -> BBQData:
-    """BBQ from the config's source, verified."""
+def load_data(cfg: RunConfig, progress: DownloadProgress | None = None) -> BBQData:
+    """BBQ from the config's source, verified (``progress``: of a download, if one is needed)."""
     return load_bbq(
-        cfg.bbq.dir, cache_dir=cfg.bbq.cache_dir, allow_unverified=cfg.bbq.allow_unverified
+        cfg.bbq.dir,
+        cache_dir=cfg.bbq.cache_dir,
+        allow_unverified=cfg.bbq.allow_unverified,
+        progress=progress,
     )
 
 
@@ -65,11 +68,7 @@ def load_items(cfg: RunConfig, sub: SubRun, data: BBQData) -> tuple[BBQItem, ...
     pool: Sequence[BBQItem] = data.items
     if selection.per_stratum is not None and cfg.prefs.heldout_frac > 0:
         _, held = target_split(data.items, cfg.prefs_for(sub))
-        pool = [
-            it
-            for it in data.items
-            if it.category not in held or it.question_index in held[it.category]
-        ]
+        pool = on_heldout(data.items, held)
     items = tuple(selection.apply(pool))
     if not items:
         raise ConfigError("the selection is empty; check `eval.categories`, `eval.contexts`")
@@ -216,6 +215,7 @@ def run_study(
     *,
     force: Iterable[str] = (),
     on_event: EventFn | None = None,
+    data: BBQData | None = None,
 ) -> list[Path]:
     """Run every sub-run of ``cfg`` into ``out``; returns the sub-run directories.
 
@@ -225,6 +225,7 @@ def run_study(
         force: Stages to rerun even when complete (later stages follow); ``all`` reruns
             everything.
         on_event: ``on_event(stage, status, info)`` progress callback.
+        data: BBQ as :func:`load_data` loads it for ``cfg`` (loaded here when not given).
 
     Raises:
         ConfigError, DataError, ModelError, MissingDependencyError.
@@ -234,7 +235,7 @@ def run_study(
     check_run_dir(root)
     # everything checkable without computing fails here, before any output
     check_machine(cfg)
-    checked = preflight(cfg)
+    checked = preflight(cfg, data)
     data = checked.data
     events: EventFn = on_event or (lambda stage, status, info: None)
     dirs: list[Path] = []
