@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import invoke
+from spillover.cli._common import LIBRARY_BAR_ENV
 
 
 def test_help_does_not_import_torch() -> None:
@@ -218,6 +220,24 @@ def test_eval_progress_off_a_terminal_is_lines(
     assert quiet.exit_code == 0, quiet.output
     progress = [ln for ln in quiet.output.splitlines() if ln.startswith("scoring:")]
     assert len(progress) == 2 and "started" in progress[0] and "done in" in progress[1]
+
+
+def test_library_bars_and_deprecation_noise_stay_out_of_a_log(
+    tiny_model: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """A real process with its output piped, as a batch job sees it: spillover's lines only,
+    no tqdm frames from transformers (weight loading) and no FutureWarning from PEFT code."""
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_BAR_ENV}
+    env["SPILLOVER_PROGRESS_SECONDS"] = "0"
+    args = _eval_args(tiny_model, mini_dir, tmp_path / "a.parquet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "spillover", *args], capture_output=True, text=True, env=env,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "scoring: started" in proc.stderr and "scoring: done in" in proc.stderr
+    assert "it/s]" not in proc.stderr and "Loading weights" not in proc.stderr, proc.stderr
+    assert "FutureWarning" not in proc.stderr
 
 
 def test_bad_progress_interval_is_one_line(mini_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

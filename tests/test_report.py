@@ -443,6 +443,37 @@ def test_alignment_section_leads_with_the_collapse_guard(artifacts: Path, tmp_pa
     assert md.index("## What the alignment did") < md.index("## Summary")
 
 
+def test_alignment_section_states_the_answer_mix_when_not_collapsed(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    run = _copy(artifacts, tmp_path)
+    comparison = json.loads((run / "stats" / "comparison.json").read_text())
+    side = {"n_disambig": 24, "disambig_unknown_rate": 0.0}
+    mix = {
+        "n": 48,
+        "base": {**side, "unknown_share": 0.0, "position_share": [0.27, 0.375, 0.355]},
+        "aligned": {**side, "unknown_share": 0.125, "disambig_unknown_rate": 1 / 24,
+                    "position_share": [0.29, 0.375, 0.335]},
+        "collapsed": False,
+        "reasons": [],
+        "advice": None,
+    }  # fmt: skip
+    summary = {"targets": ["Gender_identity"], "n_items": 48, "n_in_sample": 0,
+               "comparison": comparison, "answer_mix": mix}  # fmt: skip
+    (run / "stats" / "heldout_target.json").write_text(json.dumps(summary))
+    md = (write_report(run, ReportConfig(formats=("md",))).parent / "report.md").read_text()
+    section = md.split("## What the alignment did", 1)[1].split("## Summary", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("- ")]
+    assert not any("Collapse guard" in ln for ln in lines)
+    at = next(i for i, ln in enumerate(lines) if "48 items" in ln and "ambig: accuracy" in ln)
+    assert lines[at + 1] == (
+        "- Answer mix on those 48 items: 'unknown' chosen 0 % → 12 % of the time "
+        "(disambiguated: 0 % → 4 %), answer positions A/B/C 27/38/36 % → 29/38/34 %. The "
+        "collapse guard (one answer kind on more than 90 % of items, or disambiguated 'unknown' "
+        "up by more than 20 points) did not fire."
+    )
+
+
 # --------------------------------------------------------------------------- spillover map
 
 MAP_RUNS = ("gender", "race", "gender+race")

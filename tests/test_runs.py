@@ -859,3 +859,26 @@ def test_by_hand_commands_equal_the_run(
     bad = invoke(["compare", hand / "base.parquet", hand / "aligned.parquet", "--heldout-from",
                   hand / "pairs", "--targets", "race", *data])  # fmt: skip
     assert bad.exit_code == 1 and "were made for Gender_identity" in bad.output
+
+
+def test_tiny_target_sweep_draws_the_spillover_map(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """A sweep over a single and a multi-attribute target (configs/map.yaml in small)."""
+    study = tiny_study(str(tiny_model_dir), mini_dir, target=["gender", "gender+race"])
+    study["report"] = {"figure_formats": ["png", "svg"]}
+    cfg = RunConfig.from_mapping(study)
+    sweep = tmp_path / "sweep"
+    dirs = run_study(cfg, sweep)
+    assert len(dirs) == 2
+    for ext in ("png", "svg"):
+        assert (sweep / "figures" / f"spillover_map.{ext}").stat().st_size > 1000
+    md = (sweep / "report.md").read_text()
+    section = md[md.index("## Spillover map") :]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| Gender")]
+    # one row per target x evaluated attribute x context, both targets present
+    labels = {ln.split("|")[1].strip() for ln in rows}
+    assert {"Gender_identity", "Gender_identity+Race_ethnicity"} <= {
+        lb.replace("\\_", "_") for lb in labels
+    }, rows[:3]
+    assert 'id="fig-spillover_map"' in (sweep / "report.html").read_text()

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ._common import ErrorBoundary, console, setup_logging
+from ._common import ErrorBoundary, console, quiet_library_output, setup_logging
 from .align import align_command, prefs_command
 from .data import data_app
 from .eval import eval_command
@@ -59,6 +59,7 @@ def _main(
 ) -> None:
     ctx.obj = {"debug": debug}
     setup_logging(verbose)
+    quiet_library_output()
 
 
 app.add_typer(data_app, name="data")

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -348,6 +349,28 @@ def download_progress() -> Iterator[Callable[[str, int, int | None], None]]:
         yield callback
         for task in tasks.values():
             bars.finish(task)
+
+
+LIBRARY_BAR_ENV = (
+    "TQDM_DISABLE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS",
+)
+"""Set to 1 off a terminal (unless already set): the tqdm bars of transformers (weight
+loading, GGUF conversion), huggingface_hub and datasets write carriage-return frames that
+pile up in a log as one unreadable line; spillover's own lines say the same."""
+
+
+def quiet_library_output() -> None:
+    """Off a terminal, turn the libraries' tqdm bars off (read by tqdm when first imported,
+    so this runs before any command imports them); everywhere, hide one deprecation warning
+    that transformers raises inside PEFT / TRL code, about nothing a user can change."""
+    if not err_console.is_terminal:
+        for var in LIBRARY_BAR_ENV:
+            os.environ.setdefault(var, "1")
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 def setup_logging(verbose: int) -> None:

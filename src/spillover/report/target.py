@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..stats import ALL, Comparison, StratumRecord
+from ..stats import ALL, COLLAPSE_SHARE, UNKNOWN_RISE, Comparison, StratumRecord
 from .values import fmt_p
 
 SMALL_MODEL_CAVEAT = (
@@ -32,6 +32,26 @@ def _context_line(rec: StratumRecord) -> str:
         f"({100 * rec.delta_accuracy:+.1f} points, p = {p}, {verdict}; {rec.n} items, "
         f"{rec.n_clusters} scenarios), 'unknown' answers {_pct(rec.unknown_rate_base)} → "
         f"{_pct(rec.unknown_rate_aligned)}"
+    )
+
+
+def _shares(side: Mapping[str, Any]) -> str:
+    shares = side.get("position_share") or []
+    return "/".join(f"{100 * float(x):.0f}" for x in shares) + " %"
+
+
+def _mix_line(mix: Mapping[str, Any]) -> str | None:
+    """The answer mix on the target's held-out items, when the collapse guard did not fire."""
+    base, aligned = mix.get("base"), mix.get("aligned")
+    if not isinstance(base, Mapping) or not isinstance(aligned, Mapping):
+        return None
+    return (
+        f"Answer mix on those {mix.get('n', 0)} items: 'unknown' chosen {_pct(base.get('unknown_share'))}"
+        f" → {_pct(aligned.get('unknown_share'))} of the time (disambiguated: "
+        f"{_pct(base.get('disambig_unknown_rate'))} → {_pct(aligned.get('disambig_unknown_rate'))}),"
+        f" answer positions A/B/C {_shares(base)} → {_shares(aligned)}. The collapse guard "
+        f"(one answer kind on more than {100 * COLLAPSE_SHARE:.0f} % of items, or disambiguated "
+        f"'unknown' up by more than {100 * UNKNOWN_RISE:.0f} points) did not fire."
     )
 
 
@@ -83,6 +103,10 @@ def alignment_lines(
         lines.append(
             {"cls": "", "text": " ".join([head, *(_context_line(r) + "." for r in pooled)])}
         )
+    if isinstance(mix, Mapping) and not mix.get("collapsed"):
+        line = _mix_line(mix)
+        if line:
+            lines.append({"cls": "", "text": line})
     in_sample = summary.get("in_sample")
     if isinstance(in_sample, Mapping):
         lines.append(
