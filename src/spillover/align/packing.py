@@ -193,6 +193,18 @@ def install_pair_packing(model: Any) -> bool:
     return True
 
 
+def _sharded(weight: Any) -> bool:
+    """Whether a parameter is a shard, not the whole tensor: a DeepSpeed ZeRO-3 partition
+    (``ds_id``; its local data is empty) or a DTensor (FSDP2); TRL gathers those itself."""
+    return (
+        hasattr(weight, "ds_id")
+        or type(weight).__name__ == "DTensor"
+        or type(getattr(weight, "data", None)).__name__ == "DTensor"
+        or weight.ndim != 2
+        or weight.numel() == 0
+    )
+
+
 def _install_compact_head(inner: Any, backbone: Any) -> None:
     """Score only completion positions in TRL's fused LM head while packing is active.
 
@@ -215,6 +227,11 @@ def _install_compact_head(inner: Any, backbone: Any) -> None:
         return
     if getattr(text_config, "logits_scaling", None) is not None:
         return
+    head = inner.get_output_embeddings()
+    if head is None or head.weight.device.type != "cpu":
+        # TRL's fused head already projects only labelled positions on GPUs (and gathers
+        # sharded ZeRO-3 / FSDP2 head weights itself): nothing to gain there
+        return
     fused = inner.forward
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
 
@@ -228,6 +245,7 @@ def _install_compact_head(inner: Any, backbone: Any) -> None:
             or kwargs.get("shift_labels") is not None
             or kwargs.get("output_router_logits")
             or getattr(text_config, "output_router_logits", False)
+            or _sharded(inner.get_output_embeddings().weight)
         ):
             return fused(*args, **kwargs)
         call = {

@@ -27,6 +27,7 @@ from .._io import (
 from ..errors import ConfigError, DataError, ModelError
 from ..rundir import canonical_hash, library_versions
 from .config import AlignConfig
+from .sharding import full_state_dict_for_saving, launch_from_env, missing_adapter_files
 from .trainer import TrainProgress, build_trainer, check_environment, lora_config
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,15 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
         path = Path(cfg.adapter).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
-        # is_trainable=True: a frozen adapter would train nothing (loss stuck at ln 2)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        # is_trainable=True: a frozen adapter would train nothing (loss stuck at ln 2).
+        # Under ZeRO-3, LoRA weights must keep the base's dtype: PEFT's default autocast to
+        # float32 gives mixed dtypes that fail at the first optimizer step (TRL's docs)
+        model = PeftModel.from_pretrained(
+            model,
+            str(path),
+            is_trainable=True,
+            autocast_adapter_dtype=not launch_from_env().zero3,
+        )
         prov["adapter"] = str(path.resolve())
     return model, tok, prov
 
@@ -364,8 +372,15 @@ def train_adapter(
         run = _run_training(trainer, cfg, ckpt, resume)
         history = [dict(h) for h in trainer.state.log_history]
         # collective under several processes (gathers ZeRO-3 / FSDP shards); only the main
-        # process writes
+        # process writes. Under FSDP it writes nothing unless the state dict is a full one.
+        full_state_dict_for_saving(trainer, launch_from_env())
         trainer.save_model(str(tmp))
+        missing = missing_adapter_files(tmp) if main else []
+        if missing:
+            raise ModelError(
+                f"the trained adapter was not saved ({', '.join(missing)} missing after "
+                "save_model); nothing was written to the output folder"
+            )
         if not main:
             state.wait_for_everyone()  # the main process finishes the folder
             return _adapter_ref(target, cfg, trainer, history, None, run)

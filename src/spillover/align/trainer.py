@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import ConfigError, MissingDependencyError
 from .config import DPO_LOSSES, OTHER_METHODS, AlignConfig, check_method
 from .packing import pair_packing
+from .sharding import launch_bf16, launch_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def check_environment(cfg: AlignConfig) -> str:
             method's trainer absent from the installed TRL.
     """
     from ..models import resolve_device
+    from .sharding import check_launch, launch_from_env
 
+    check_launch(launch_from_env(), merge=cfg.merge, load_in_4bit=cfg.load_in_4bit, bf16=cfg.bf16)
     if cfg.load_in_4bit:
         import torch
 
@@ -306,7 +309,8 @@ def trl_config(
         "data_seed": cfg.seed,
         "max_length": max_length,
         _checkpointing_key(): cfg.gradient_checkpointing,
-        "bf16": resolve_bf16(cfg.bf16, device),
+        # an `accelerate launch` config's mixed_precision decides when --bf16 is not given
+        "bf16": resolve_bf16(launch_bf16(cfg.bf16, launch_from_env()), device),
         "fp16": False,
         "use_cpu": device == "cpu",
         "report_to": [] if cfg.report_to == "none" else [cfg.report_to],
