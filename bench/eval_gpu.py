@@ -6,13 +6,19 @@ Items are real BBQ items in the ``lm-eval`` prompt format, tokenised with the Sm
 tokenizer (ids fit Qwen's larger vocabulary; BBQ text gives similar token counts under
 either BPE). The script
 
-1. checks correctness: the packed scores of 16 items against one unpadded forward per
-   answer (``score_naive``), in bf16, and the share of identical decisions;
-2. scores ``--items`` items once to warm up kernels and allocator, then again timed
-   (``torch.cuda.synchronize`` around it), and prints items/s, tokens/s (tokens run
-   through the model, padding included, and prompt + answer tokens scored), the
+1. checks correctness on ``--check-items`` items: the packed bf16 scores against one
+   unpadded forward per answer (``score_naive``) in bf16 (the packing: must agree within
+   ``--tolerance`` nats, else the script exits 1) and in float32 (the model cast to float32
+   for the check and back, which is exact: the bf16 error, and the share of decisions
+   equal to float32's among items whose float32 margin exceeds that error);
+2. measures the device's dense bf16 matmul rate (8192^3 products), the reference for the
+   utilisation figure;
+3. tokenises ``--items`` items (timed), scores them once to warm up kernels and allocator,
+   then again timed (``torch.cuda.synchronize`` around it), and prints items/s, tokens/s
+   (tokens run through the model, padding included, and prompt + answer tokens scored), the
    estimated matmul TFLOP/s (2 x non-embedding parameters x tokens, plus the LM head on
-   scored positions) and the projected time for all 58,492 BBQ items.
+   scored positions) as a share of the measured rate, and the projected time for all
+   58,492 BBQ items, tokenisation included.
 
 The machine that runs it needs torch and transformers only; prepare its inputs here::
 
@@ -33,10 +39,10 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BBQ_ITEMS = 58_492
-H200_BF16_TFLOPS = 785.0  # dense bf16 matmul rate measured on the H200 (see docs/benchmarks.md)
 
 # Qwen2.5-7B(-Instruct) config.json, public values
 QWEN25_7B = {
@@ -85,6 +91,23 @@ def export(out: Path, bbq_dir: str | None, n_items: int, seed: int) -> None:
     print(f"wrote {len(items)} items and the tokenizer to {out}")
 
 
+def matmul_tflops(torch: Any, dev: Any, dtype: Any, n: int = 8192, reps: int = 10) -> float:
+    """Measured dense matmul rate of ``dev`` in ``dtype`` (n x n by n x n products)."""
+    if dev.type != "cuda":
+        n, reps = 1024, 3
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, default=None, help="write inputs here and stop")
@@ -96,6 +119,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-tokens", type=int, default=32768)
     ap.add_argument("--max-row-tokens", type=int, default=512)
+    ap.add_argument("--check-items", type=int, default=64)
+    ap.add_argument("--tolerance", type=float, default=0.1, help="packed vs naive, nats")
     args = ap.parse_args()
     if args.export is not None:
         export(args.export, args.bbq_dir, args.items, args.seed)
@@ -142,24 +167,46 @@ def main() -> None:
         model, tok, batch_tokens=args.batch_tokens, max_row_tokens=args.max_row_tokens
     )
 
-    # 1. correctness against one unpadded forward per answer
-    check = requests[:16]
+    # 1. correctness against one unpadded forward per answer, same dtype and float32
+    check = requests[: args.check_items]
     packed = scorer.score(check)
     pairs = [(o.context, o.continuation) for opts in scorer.encode(check) for o in opts]
-    naive = score_naive(model, pairs)
     flat = [v for s in packed for v in s.logprobs]
+    naive = score_naive(model, pairs)
     diff = max(abs(a - b) for a, b in zip(flat, naive, strict=True))
-    same = sum(
-        max(range(3), key=lambda j: s.logprobs[j]) == max(range(3), key=lambda j: naive[3 * i + j])
-        for i, s in enumerate(packed)
-    )
-    print(
-        f"check on {len(check)} items: max |packed - naive| = {diff:.3g} nats, "
-        f"same decision {same}/{len(check)}"
-    )
+    model.float()  # bf16 -> float32 -> bf16 is exact: the timed model is unchanged
+    exact = score_naive(model, pairs)
+    model.to(dtype)
+    err = max(abs(a - b) for a, b in zip(flat, exact, strict=True))
 
-    # 2. throughput
+    def top(v: list[float]) -> tuple[int, float]:
+        order = sorted(range(3), key=lambda j: -v[j])
+        return order[0], v[order[0]] - v[order[1]]
+
+    clear = same = 0
+    for i, s in enumerate(packed):
+        win, margin = top(exact[3 * i : 3 * i + 3])
+        if margin > err:
+            clear += 1
+            same += top(list(s.logprobs))[0] == win
+    print(
+        f"check on {len(check)} items: max |packed - naive| = {diff:.3g} nats in {dtype} "
+        f"(tolerance {args.tolerance}); max |packed - float32| = {err:.3g} nats; "
+        f"decisions equal to float32 where its margin exceeds that: {same}/{clear}"
+    )
+    if not diff <= args.tolerance:
+        print("FAILED: packed scores differ from the per-answer forwards")
+        raise SystemExit(1)
+
+    # 2. the device's dense matmul rate, the reference for utilisation
+    peak = matmul_tflops(torch, dev, dtype)
+    side = 8192 if dev.type == "cuda" else 1024
+    print(f"dense {dtype} matmul rate ({side}^3 products, measured): {peak:.1f} TFLOP/s")
+
+    # 3. throughput (tokenisation timed too: it is part of a real evaluation)
+    t0 = time.perf_counter()
     encoded = scorer.encode(requests)
+    tok_secs = time.perf_counter() - t0
     scorer.score_encoded(encoded)  # warm-up: kernels, allocator, autotuning
     before = scorer.stats.forward_tokens, scorer.stats.batches
     if on_gpu:
@@ -183,13 +230,12 @@ def main() -> None:
         f"tokens/s: {fwd / secs:,.0f} through the model ({fwd:,} tokens incl. padding), "
         f"{useful / secs:,.0f} prompt + answer tokens ({useful:,})"
     )
-    print(f"matmul rate: {tflops:.1f} TFLOP/s", end="")
+    print(f"matmul rate: {tflops:.1f} TFLOP/s = {100 * tflops / peak:.0f} % of the measured rate")
     if on_gpu:
-        print(f" = {100 * tflops / H200_BF16_TFLOPS:.0f} % of {H200_BF16_TFLOPS:.0f}")
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
-    else:
-        print()
-    print(f"projected full BBQ ({BBQ_ITEMS:,} items): {BBQ_ITEMS / (n / secs):.0f} s")
+    print(f"tokenisation: {tok_secs:.2f} s ({n / tok_secs:.0f} items/s, one CPU process)")
+    full = BBQ_ITEMS / n * (secs + tok_secs)
+    print(f"projected full BBQ ({BBQ_ITEMS:,} items): {full:.0f} s, tokenisation included")
 
 
 if __name__ == "__main__":
