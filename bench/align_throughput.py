@@ -1,4 +1,4 @@
-"""Alignment throughput on CPU: our DPO configuration vs TRL ``DPOTrainer`` defaults.
+"""Alignment throughput on CPU: our DPO configuration vs TRL ``DPOTrainer``, default and tuned.
 
 Both arms train the same LoRA (r=16, alpha=32, dropout 0.05, the seven attention
 and MLP projections) on the same model (the embedded SmolLM2-135M-Instruct) and
@@ -11,6 +11,15 @@ steps. Each arm runs in its own Python process so that its peak RSS is clean.
   processing_class, peft_config)``: TRL's defaults (bf16 autocast, gradient
   checkpointing, a reference forward pass every step, the whole dataset
   tokenized).
+* ``trl-tuned``: ``trl.DPOTrainer`` with TRL's own best options for this hardware and the
+  same settings as ours: the ``smollm2-135m`` preset's learning rate, beta, scheduler,
+  warm-up, weight decay, gradient clipping, bf16 and seed, the same LoRA and batch,
+  ``precompute_ref_log_probs=True`` (``precompute_ref_batch_size`` 32), no gradient
+  checkpointing, one log per step, and the very rows ours trains on (the seeded
+  ``max_steps`` sample), so that their loss trajectories can be compared. ``max_length``
+  stays TRL's 1024, which truncates no BBQ pair (ours uses the longest pair's length; both
+  pad each batch to its longest). ``padding_free`` is not available for DPO in TRL 1.16
+  (it warns and falls back) and Liger kernels need a GPU, so neither applies here.
 * ``ours``: ``spillover.align.train_adapter`` with the ``smollm2-135m`` preset
   (bf16 autocast, reference log-probs precomputed once, no gradient
   checkpointing, pair packing, only the rows a ``max_steps`` run uses).
@@ -68,7 +77,7 @@ def _losses(history: list[dict[str, Any]]) -> list[float]:
     return [float(h["loss"]) for h in history if "loss" in h and "train_loss" not in h]
 
 
-def worker_trl(pairs: Path, steps: int, batch: int) -> dict[str, Any]:
+def worker_trl(pairs: Path, steps: int, batch: int, tuned: bool = False) -> dict[str, Any]:
     import pandas as pd
     import trl
     from datasets import Dataset
@@ -87,14 +96,18 @@ def worker_trl(pairs: Path, steps: int, batch: int) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     with tempfile.TemporaryDirectory() as tmp:
-        # use_cpu=True is the one addition: without it TrainingArguments refuses bf16 on CPU
-        args = trl.DPOConfig(
-            output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, use_cpu=True
-        )
+        if tuned:
+            args, train = _trl_tuned(tmp, df, steps, batch)
+        else:
+            # use_cpu=True is the one addition: without it TrainingArguments refuses bf16 on CPU
+            args = trl.DPOConfig(
+                output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, use_cpu=True
+            )
+            train = Dataset.from_pandas(df)
         trainer = trl.DPOTrainer(
             model=loaded.model,
             args=args,
-            train_dataset=Dataset.from_pandas(df),
+            train_dataset=train,
             processing_class=loaded.tokenizer,
             peft_config=lora,
         )
@@ -103,7 +116,7 @@ def worker_trl(pairs: Path, steps: int, batch: int) -> dict[str, Any]:
         t2, c2 = time.perf_counter(), time.process_time()
         history = list(trainer.state.log_history)
     return {
-        "arm": "trl-defaults",
+        "arm": "trl-tuned" if tuned else "trl-defaults",
         "setup_s": t1 - t0,
         "train_s": t2 - t1,
         "train_cpu_s": c2 - c1,
@@ -118,6 +131,39 @@ def worker_trl(pairs: Path, steps: int, batch: int) -> dict[str, Any]:
             "max_length": args.max_length,
         },
     }
+
+
+def _trl_tuned(tmp: str, df: Any, steps: int, batch: int) -> tuple[Any, Any]:
+    """TRL's config with our preset's settings and its own speed options; our rows."""
+    import trl
+
+    from spillover.align import AlignConfig
+    from spillover.align.trainer import resolve_bf16, to_trl_dataset, used_rows
+
+    cfg = AlignConfig.from_preset(
+        "smollm2-135m", Path(tmp) / "unused", max_steps=steps, batch_size=batch, device="cpu"
+    )
+    args = trl.DPOConfig(
+        output_dir=tmp,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        use_cpu=True,
+        learning_rate=cfg.learning_rate,
+        beta=cfg.beta,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=resolve_bf16(cfg.bf16, "cpu"),
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=32,
+        logging_steps=1,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+    )
+    return args, used_rows(to_trl_dataset(df, "dpo"), cfg)
 
 
 def worker_ours(pairs: Path, steps: int, batch: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +275,9 @@ def main() -> None:
         default="[]",
         help="JSON list of extra arms: AlignConfig overrides, e.g. '[{\"pack_pairs\": false}]'",
     )
-    ap.add_argument("--worker", choices=["trl", "ours", "trajectory"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", choices=["trl", "trl-tuned", "ours", "trajectory"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -239,8 +287,8 @@ def main() -> None:
 
         torch.manual_seed(a.seed)
         pairs = Path(a.pairs)
-        if a.worker == "trl":
-            res = worker_trl(pairs, a.steps, a.batch_size)
+        if a.worker in ("trl", "trl-tuned"):
+            res = worker_trl(pairs, a.steps, a.batch_size, tuned=a.worker == "trl-tuned")
         elif a.worker == "ours":
             res = worker_ours(pairs, a.steps, a.batch_size, json.loads(a.extra))
         else:
@@ -258,6 +306,7 @@ def main() -> None:
         arms = [
             run_worker(["--worker", "trl", "--steps", str(a.steps), *common]),
             run_worker(["--worker", "ours", "--steps", str(a.steps), *common]),
+            run_worker(["--worker", "trl-tuned", "--steps", str(a.steps), *common]),
         ]
         for extra in json.loads(a.variants):
             arms.append(
@@ -319,6 +368,17 @@ def main() -> None:
         f"end to end {ratio_e2e:.2f}x; "
         f"peak RSS {ours['peak_rss_mib']:.0f} vs {base['peak_rss_mib']:.0f} MiB"
     )
+    tuned = arms[2]
+    ratio_tuned = (ours["steps"] / ours["train_s"]) / (tuned["steps"] / tuned["train_s"])
+    print(
+        f"ours vs trl-tuned: training loop {ratio_tuned:.2f}x; "
+        f"peak RSS {ours['peak_rss_mib']:.0f} vs {tuned['peak_rss_mib']:.0f} MiB"
+    )
+    first = list(zip(ours["losses"][:10], tuned["losses"][:10], strict=False))
+    if first:
+        gap = max(abs(x - y) for x, y in first)
+        print(f"loss, first {len(first)} steps, ours | trl-tuned (max gap {gap:.2e}):")
+        print("  " + " ".join(f"{x:.4f}|{y:.4f}" for x, y in first))
     for r in arms:
         print(f"settings {r['arm']}: {json.dumps(r['settings'])}")
     if traj is not None:
