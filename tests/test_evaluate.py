@@ -208,6 +208,23 @@ def test_packed_scoring_equals_naive_per_option(tiny_dir: Path, attn: str) -> No
     assert scorer.stats.forward_tokens < naive_tokens / 2
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cpu_scoring_attention_and_row_width_change_no_score(tiny_dir: Path, attn: str) -> None:
+    """On a CPU the scorer uses eager attention and narrow rows (faster, docs/benchmarks.md);
+    the scores equal the model's own attention with wide rows, and its setting comes back."""
+    lm = load_model(str(tiny_dir), device="cpu", attn_implementation=attn)
+    reqs = _requests(ITEMS)
+    cpu = HFChoiceScorer(lm.model, lm.tokenizer)
+    assert (cpu.attention, cpu.max_row_tokens) == ("eager", 96)
+    got = [v for s in cpu.score(reqs) for v in s.logprobs]
+    assert lm.model.config._attn_implementation == attn  # restored
+    own = HFChoiceScorer(lm.model, lm.tokenizer, attention=attn, max_row_tokens=256)
+    want = [v for s in own.score(reqs) for v in s.logprobs]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+    with pytest.raises(ConfigError, match="`attention`='flash'"):
+        HFChoiceScorer(lm.model, lm.tokenizer, attention="flash")
+
+
 def test_options_with_different_contexts_are_scored_apart(tiny: Any) -> None:
     tok = tiny.tokenizer
     a = tok("The doctor and the nurse", add_special_tokens=False)["input_ids"]

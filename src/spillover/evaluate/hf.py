@@ -12,7 +12,8 @@ only on the positions whose next token is scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import ConfigError, ModelError
@@ -25,6 +26,12 @@ from .scoring import (
     ScoreProgress,
     ScorerStats,
 )
+
+CPU_ROW_TOKENS = 96
+"""Row width of packed scoring on a CPU. Attention over a row costs its width per token, and a
+BBQ request is about 60 tokens: rows of 96 tokens with eager attention scored 506 items' bf16
+pass in 15.2-17.0 s against 19.1-19.4 s for 256-token rows with SDPA (2 cores, AVX512-BF16;
+docs/benchmarks.md, "Row width and attention on a CPU")."""
 
 
 class _Tree:
@@ -176,7 +183,11 @@ class HFChoiceScorer:
         boundary, add_special_tokens: Tokenisation, see :class:`ChoiceEncoder`.
         max_row_tokens: Row width: several requests are packed into one row
             (a forest of token trees, so no padding inside it) up to this many
-            tokens; a request longer than that gets a row of its own size.
+            tokens; a request longer than that gets a row of its own size. None:
+            :data:`CPU_ROW_TOKENS` on a CPU, 256 elsewhere.
+        attention: Attention implementation used while scoring (``eager`` or ``sdpa``);
+            None: ``eager`` on a CPU, the model's own elsewhere. The model's setting is
+            restored after every pass.
     """
 
     def __init__(
@@ -187,14 +198,14 @@ class HFChoiceScorer:
         batch_tokens: int = 4096,
         boundary: str = "lm-eval",
         add_special_tokens: bool | None = None,
-        max_row_tokens: int = 256,
+        max_row_tokens: int | None = None,
+        attention: str | None = None,
     ) -> None:
         if batch_tokens < 1:
             raise ConfigError(f"`batch_tokens`={batch_tokens}; expected a positive integer")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
-        self.max_row_tokens = max_row_tokens
         self.stats = ScorerStats()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._config = base.config
@@ -204,6 +215,13 @@ class HFChoiceScorer:
                 f"packed scoring needs eager or sdpa attention (custom 4D masks); "
                 f"this model uses {impl!r}: load it with attn_implementation='sdpa'"
             )
+        if attention not in (None, "eager", "sdpa"):
+            raise ConfigError(f"`attention`={attention!r}; expected eager or sdpa")
+        on_cpu = next(base.parameters()).device.type == "cpu"
+        self.attention = attention or ("eager" if on_cpu else impl)
+        if max_row_tokens is None:
+            max_row_tokens = CPU_ROW_TOKENS if on_cpu else 256
+        self.max_row_tokens = max_row_tokens
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         if decoder is None:
             decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
@@ -296,7 +314,7 @@ class HFChoiceScorer:
         # no_grad there.
         autocast = torch.autocast(device_type=self._device.type, dtype=torch.bfloat16, enabled=bf16)
         grad_off = torch.no_grad() if bf16 else torch.inference_mode()
-        with grad_off, autocast:
+        with grad_off, autocast, self._attention():
             start = 0
             while start < len(order):
                 longest = len(trees[order[start]])
@@ -315,6 +333,16 @@ class HFChoiceScorer:
             ChoiceScores(tuple(lp), tuple(len(o.continuation) for o in opts))
             for lp, opts in zip(logprobs, encoded, strict=True)
         ]
+
+    @contextlib.contextmanager
+    def _attention(self) -> Iterator[None]:
+        """Score with :attr:`attention`; the model's own setting is put back afterwards."""
+        saved = self._config._attn_implementation
+        self._config._attn_implementation = self.attention
+        try:
+            yield
+        finally:
+            self._config._attn_implementation = saved
 
     def _run_batch(self, batch: Sequence[_Tree], logprobs: list[list[float]]) -> None:
         import torch

@@ -34,8 +34,8 @@ from ..stats import CompareConfig
 from .yaml_doc import YamlDoc, build_dataclass, check_keys, load_yaml, locate, near_match, relocate
 from .yaml_doc import section as yaml_section
 
-DEFAULT_PER_STRATUM = 24
-"""Items per category x context in the embedded default run (528 items per evaluation)."""
+DEFAULT_PER_STRATUM = 100
+"""Items per category x context in the embedded default run (2,200 items per evaluation)."""
 
 DEFAULT_STUDY: Mapping[str, Any] = {
     "name": "default",
