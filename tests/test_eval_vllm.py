@@ -5,19 +5,24 @@ absent. The engine call itself needs CUDA and is not run here."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from spillover.errors import ModelError  # noqa: E402
+from spillover.errors import ConfigError, ModelError  # noqa: E402
 from spillover.evaluate import (  # noqa: E402
     ChoiceEncoder,
     ChoiceRequest,
     HFChoiceScorer,
     continuation_logprob,
+    load_vllm_model,
 )
 from spillover.models import load_model  # noqa: E402
 
@@ -126,3 +131,112 @@ def test_cli_backend_errors_are_one_line(
     tail = res.output[res.output.index("error:") :].strip()
     assert "\n" not in tail and needle in tail
     assert not out.exists()
+
+
+class FakeLLM:
+    """The part of ``vllm.LLM`` the backend uses: its keyword arguments and ``generate``
+    (prompt logprobs from a real forward of the tiny model, so scores can be checked)."""
+
+    made: list[FakeLLM] = []
+
+    def __init__(
+        self, kwargs: dict[str, Any], hf_model: Any = None, fail: BaseException | None = None
+    ) -> None:
+        self.kwargs = kwargs
+        self.hf_model = hf_model
+        self.fail = fail
+        self.calls: list[list[list[int]]] = []
+        FakeLLM.made.append(self)
+
+    def generate(self, prompts: list[Any], params: Any, **kwargs: Any) -> list[Any]:
+        if self.fail is not None:
+            raise self.fail
+        seqs = [list(p["prompt_token_ids"]) for p in prompts]
+        self.calls.append(seqs)
+        return [SimpleNamespace(prompt_logprobs=_prompt_logprobs(self.hf_model, s)) for s in seqs]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in ``vllm`` package: ``LLM`` records its arguments (or raises what the test
+    puts in ``fake.llm_error``), ``SamplingParams``, ``TokensPrompt`` and ``LoRARequest``."""
+    fake = ModuleType("vllm")
+    fake.llm_error = None  # type: ignore[attr-defined]
+
+    def make_llm(**kwargs: Any) -> Any:
+        if fake.llm_error is not None:  # type: ignore[attr-defined]
+            raise fake.llm_error  # type: ignore[attr-defined]
+        return FakeLLM(kwargs)
+
+    fake.LLM = make_llm  # type: ignore[attr-defined]
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)  # type: ignore[attr-defined]
+    inputs = ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict  # type: ignore[attr-defined]
+    lora = ModuleType("vllm.lora")
+    lora_request = ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = lambda *a: SimpleNamespace(args=a)  # type: ignore[attr-defined]
+    for name, mod in [
+        ("vllm", fake),
+        ("vllm.inputs", inputs),
+        ("vllm.lora", lora),
+        ("vllm.lora.request", lora_request),
+    ]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    FakeLLM.made.clear()
+    return fake
+
+
+def _adapter(tmp_path: Path, config: Any) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "rank"),
+    [
+        ({"r": 1}, 1),
+        ({"r": 4}, 8),
+        ({"r": 8}, 8),
+        ({"r": 12}, 16),
+        ({"r": 16, "rank_pattern": {"q_proj": 64, "v_proj": 4}}, 64),
+        ({"r": 300}, 320),
+        ({"r": 8, "rank_pattern": {"mlp": 500}}, 512),
+    ],
+)
+def test_max_lora_rank_is_the_smallest_vllm_rank_that_holds_the_adapter(
+    tiny: Any, fake_vllm: Any, tmp_path: Path, config: dict[str, Any], rank: int
+) -> None:
+    from spillover.evaluate.vllm import VLLM_LORA_RANKS
+
+    assert rank in VLLM_LORA_RANKS
+    folder = _adapter(tmp_path, config)
+    loaded = load_vllm_model(tiny.spec.location, adapter=folder)
+    assert loaded.model.kwargs["max_lora_rank"] == rank
+    assert loaded.model.kwargs["enable_lora"] is True
+    assert loaded.adapter == str(folder.resolve())
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "needle"),
+    [
+        ({"r": 1024}, ConfigError, "adapter_config.json: LoRA rank 1024; the vllm backend"),
+        (
+            {"r": 8, "rank_pattern": {"q_proj": 513}},
+            ConfigError,
+            "adapter_config.json: LoRA rank 513;",
+        ),
+        ({"r": 0}, ModelError, "field 'r'=0; expected > 0"),
+        ({"r": 8, "rank_pattern": {"q": "x"}}, ModelError, "field 'rank_pattern'="),
+    ],
+)
+def test_unservable_lora_ranks_are_one_line_errors(
+    tiny: Any, fake_vllm: Any, tmp_path: Path, config: Any, error: type, needle: str
+) -> None:
+    folder = _adapter(tmp_path, config)
+    with pytest.raises(error, match=re.escape(needle)) as info:
+        load_vllm_model(tiny.spec.location, adapter=folder)
+    assert "\n" not in str(info.value)
+    assert str(folder) in str(info.value)
+    assert not FakeLLM.made

@@ -160,15 +160,46 @@ class VLLMChoiceScorer:
         ]
 
 
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts (``MaxLoRARanks`` in its ``vllm/config/lora.py``)."""
+
+
 def _lora_rank(adapter: Path) -> int:
+    """The ``max_lora_rank`` for ``adapter``: the smallest value vLLM accepts that holds the
+    adapter's largest rank (``r`` and every ``rank_pattern`` value of its config).
+
+    Raises:
+        ModelError: the config cannot be read or holds no valid rank.
+        ConfigError: a rank above the largest one vLLM serves.
+    """
+    where = adapter / "adapter_config.json"
     try:
-        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{adapter / 'adapter_config.json'}: cannot read it ({exc})") from None
+        raise ModelError(f"{where}: cannot read it ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{where}: expected a JSON object")
     rank = cfg.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise ModelError(f"{adapter / 'adapter_config.json'}: field 'r'={rank!r}; expected > 0")
-    return rank
+    if not _is_rank(rank):
+        raise ModelError(f"{where}: field 'r'={rank!r}; expected > 0")
+    pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_is_rank(v) for v in pattern.values()):
+        raise ModelError(
+            f"{where}: field 'rank_pattern'={pattern!r}; expected a mapping of module "
+            "names to ranks > 0"
+        )
+    largest = max([rank, *pattern.values()])
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= largest:
+            return allowed
+    raise ConfigError(
+        f"{where}: LoRA rank {largest}; the vllm backend serves ranks up to "
+        f"{VLLM_LORA_RANKS[-1]} (use --backend hf)"
+    )
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def load_vllm_model(
@@ -219,4 +250,10 @@ def load_vllm_model(
     return LoadedModel(llm, tok, spec, dtype_name, "cuda", adapter_str, backend="vllm")
 
 
-__all__ = ["INSTALL_HINT", "VLLMChoiceScorer", "continuation_logprob", "load_vllm_model"]
+__all__ = [
+    "INSTALL_HINT",
+    "VLLM_LORA_RANKS",
+    "VLLMChoiceScorer",
+    "continuation_logprob",
+    "load_vllm_model",
+]
