@@ -117,6 +117,10 @@ def _invoke(tiny: Any, mini_dir: Path, out: Path, extra: list[str]) -> Any:
             ["--tensor-parallel-size", "2"],
             "--tensor-parallel-size=2; expected 1, or >= 1 with --backend vllm",
         ),
+        (
+            ["--max-model-len", "2048"],
+            "--max-model-len=2048; expected unset, or a positive integer with --backend vllm",
+        ),
         (["--backend", "vllm", "--device", "cpu"], "--backend vllm runs on CUDA GPUs"),
         (["--backend", "onnx"], "--backend='onnx'; expected one of hf, vllm"),
     ],
@@ -240,3 +244,52 @@ def test_unservable_lora_ranks_are_one_line_errors(
     assert "\n" not in str(info.value)
     assert str(folder) in str(info.value)
     assert not FakeLLM.made
+
+
+def test_max_model_len_defaults_to_4096_capped_by_the_model(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate.vllm import DEFAULT_MAX_MODEL_LEN
+
+    assert DEFAULT_MAX_MODEL_LEN == 4096
+    # the tiny model's max_position_embeddings is 512
+    assert load_vllm_model(tiny.spec.location).model.kwargs["max_model_len"] == 512
+    got = load_vllm_model(tiny.spec.location, max_model_len=2048).model.kwargs
+    assert got["max_model_len"] == 2048
+
+
+def test_max_model_len_reaches_the_engine_from_the_eval_config(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate import EvalConfig
+    from spillover.evaluate.run import load_for_eval
+
+    cfg = EvalConfig(backend="vllm", tensor_parallel_size=2, max_model_len=1024)
+    loaded, scorer = load_for_eval(tiny.spec.location, cfg)
+    assert loaded.model.kwargs["max_model_len"] == 1024
+    assert loaded.model.kwargs["tensor_parallel_size"] == 2
+    assert scorer is not None and scorer.llm is loaded.model
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 1.5, "4096"])
+def test_max_model_len_must_be_a_positive_integer(value: Any) -> None:
+    from spillover.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"`max_model_len`=.*; expected unset, or a positive"):
+        EvalConfig(backend="vllm", max_model_len=value)
+
+
+def test_max_model_len_needs_the_vllm_backend() -> None:
+    from spillover.evaluate import EvalConfig
+
+    assert EvalConfig(backend="vllm", max_model_len=2048).max_model_len == 2048
+    assert EvalConfig().max_model_len is None
+    with pytest.raises(ConfigError, match="with `backend`: vllm"):
+        EvalConfig(max_model_len=2048)
+
+
+def test_run_config_takes_eval_max_model_len(tmp_path: Path) -> None:
+    from spillover.runs import RunConfig
+
+    path = tmp_path / "study.yaml"
+    path.write_text("eval:\n  backend: vllm\n  max_model_len: 2048\n", encoding="utf-8")
+    assert RunConfig.load(path).eval.max_model_len == 2048
+    path.write_text("eval:\n  max_model_len: 2048\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"study\.yaml:2: `eval\.max_model_len`=2048; expected"):
+        RunConfig.load(path)

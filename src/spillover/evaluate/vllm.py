@@ -202,6 +202,33 @@ def _is_rank(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+DEFAULT_MAX_MODEL_LEN = 4096
+"""``max_model_len`` when none is given. vLLM otherwise builds the engine for the model's
+full context (128k tokens for some), and refuses to start when the KV cache cannot hold one
+sequence that long, although the longest BBQ request in any prompt format is a few hundred
+tokens. 4096 leaves ample room for those and for longer prompt formats."""
+
+
+def _default_max_model_len(spec: Any, where: str, trust_remote_code: bool) -> int:
+    """:data:`DEFAULT_MAX_MODEL_LEN`, or the model config's ``max_position_embeddings`` when
+    smaller (vLLM refuses a longer ``max_model_len`` than the model allows)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(
+            where,
+            revision=spec.revision if spec.kind == "hub" else None,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError):  # vLLM reads it again and names what is wrong
+        return DEFAULT_MAX_MODEL_LEN
+    cfg = getattr(cfg, "text_config", None) or cfg
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return min(DEFAULT_MAX_MODEL_LEN, limit)
+    return DEFAULT_MAX_MODEL_LEN
+
+
 def load_vllm_model(
     name: str,
     *,
@@ -213,27 +240,38 @@ def load_vllm_model(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
+    max_model_len: int | None = None,
 ) -> Any:
     """A :class:`spillover.models.LoadedModel` whose ``model`` is a ``vllm.LLM``.
 
     Aliases, hub ids and folders resolve as for the transformers backend (the embedded
-    model is served from its converted safetensors folder).
+    model is served from its converted safetensors folder). ``max_model_len`` None is
+    :data:`DEFAULT_MAX_MODEL_LEN`, capped by the model's ``max_position_embeddings``.
+
+    Raises:
+        ModelError: vLLM could not build the engine (one line, with what to try).
     """
     from ..models import LoadedModel, load_tokenizer, resolve_dtype, resolve_model, weights_location
 
     vllm = _import_vllm()
     if tensor_parallel_size < 1:
         raise ConfigError(f"`tensor_parallel_size`={tensor_parallel_size}; expected >= 1")
+    if max_model_len is not None and max_model_len < 1:
+        raise ConfigError(f"`max_model_len`={max_model_len}; expected a positive integer")
     spec = resolve_model(name, revision)
     dtype_name = resolve_dtype(dtype, "cuda")
+    where = weights_location(spec, cache_dir)
+    if max_model_len is None:
+        max_model_len = _default_max_model_len(spec, where, trust_remote_code)
     kwargs: dict[str, Any] = {
-        "model": weights_location(spec, cache_dir),
+        "model": where,
         "dtype": dtype_name,
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "enable_prefix_caching": True,
         "seed": seed,
+        "max_model_len": max_model_len,
     }
     if spec.kind == "hub" and spec.revision:
         kwargs["revision"] = spec.revision
@@ -251,6 +289,7 @@ def load_vllm_model(
 
 
 __all__ = [
+    "DEFAULT_MAX_MODEL_LEN",
     "INSTALL_HINT",
     "VLLM_LORA_RANKS",
     "VLLMChoiceScorer",
