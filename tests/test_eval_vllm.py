@@ -293,3 +293,53 @@ def test_run_config_takes_eval_max_model_len(tmp_path: Path) -> None:
     path.write_text("eval:\n  max_model_len: 2048\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"study\.yaml:2: `eval\.max_model_len`=2048; expected"):
         RunConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError(
+            "The model's max seq len (4096) is larger than the maximum number of tokens\n"
+            "that can be stored in KV cache (2048). Try increasing `gpu_memory_utilization`\n"
+            "or decreasing `max_model_len` when initializing the engine."
+        ),
+        RuntimeError("Engine core initialization failed. See root cause above."),
+        ValueError("x" * 1000),
+    ],
+)
+def test_engine_build_errors_are_one_line_model_errors(
+    tiny: Any, fake_vllm: Any, exc: Exception
+) -> None:
+    fake_vllm.llm_error = exc
+    with pytest.raises(ModelError) as info:
+        load_vllm_model(tiny.spec.location, tensor_parallel_size=2)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 800
+    assert msg.startswith(f"vLLM could not start {tiny.spec.location!r} (max_model_len 512, ")
+    assert "tensor_parallel_size 2" in msg
+    assert type(exc).__name__ + ": " + str(exc).split()[0][:40] in msg
+    for hint in ("--max-model-len", "--tensor-parallel-size", "GPU with more free memory"):
+        assert hint in msg
+
+
+def test_engine_errors_while_scoring_are_one_line_model_errors(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate import VLLMChoiceScorer
+
+    llm = FakeLLM({}, tiny.model, fail=RuntimeError("CUDA out of memory.\nTried to allocate"))
+    scorer = VLLMChoiceScorer(llm, tiny.tokenizer)
+    with pytest.raises(ModelError) as info:
+        scorer.score(REQUESTS)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("vLLM failed while scoring: RuntimeError: CUDA out of memory. Tried")
+    assert "--max-model-len" in msg and "--tensor-parallel-size" in msg
+
+
+def test_missing_vllm_is_still_a_missing_dependency(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spillover.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(MissingDependencyError, match=re.escape("pip install 'spillover[vllm]'")):
+        load_vllm_model(tiny.spec.location)

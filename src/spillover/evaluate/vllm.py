@@ -40,6 +40,21 @@ def _import_vllm() -> Any:
     return vllm
 
 
+ENGINE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
+"""What vLLM raises when the engine cannot be built or a request cannot run (too little GPU
+memory, a ``max_model_len`` the model or the KV cache cannot hold, CUDA out of memory,
+a failed engine process); each becomes a one-line :class:`ModelError`."""
+
+
+def engine_error(what: str, exc: BaseException, hint: str) -> ModelError:
+    """The one-line error for an engine failure: what failed, vLLM's message on one line
+    (cut at 400 characters), and what to try."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 400:
+        text = text[:399] + "…"
+    return ModelError(f"{what}: {type(exc).__name__}: {text}; {hint}")
+
+
 def continuation_logprob(
     sequence: Sequence[int],
     context_len: int,
@@ -138,12 +153,21 @@ class VLLMChoiceScorer:
         remaining = [len(opts) for opts in encoded]
         for start in range(0, len(flat), self.chunk_requests):
             part = flat[start : start + self.chunk_requests]
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=seq) for _, _, seq, _ in part],
-                self.params,
-                lora_request=self.lora,
-                use_tqdm=False,
-            )
+            try:
+                outputs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=seq) for _, _, seq, _ in part],
+                    self.params,
+                    lora_request=self.lora,
+                    use_tqdm=False,
+                )
+            except ENGINE_ERRORS as exc:
+                raise engine_error(
+                    "vLLM failed while scoring",
+                    exc,
+                    "a request longer than --max-model-len needs a larger one; out of GPU "
+                    "memory: a smaller --max-model-len, a larger --tensor-parallel-size, or "
+                    "a GPU with more free memory",
+                ) from None
             done = 0
             for (r, j, seq, ctx_len), out in zip(part, outputs, strict=True):
                 logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
@@ -283,8 +307,15 @@ def load_vllm_model(
     tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     try:
         llm = vllm.LLM(**kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"vLLM could not load {spec.name!r}: {exc}") from None
+    except ENGINE_ERRORS as exc:
+        raise engine_error(
+            f"vLLM could not start {spec.name!r} (max_model_len {max_model_len}, "
+            f"tensor_parallel_size {tensor_parallel_size}, gpu_memory_utilization "
+            f"{gpu_memory_utilization})",
+            exc,
+            "try a smaller --max-model-len (eval.max_model_len), a larger "
+            "--tensor-parallel-size, or a GPU with more free memory",
+        ) from None
     return LoadedModel(llm, tok, spec, dtype_name, "cuda", adapter_str, backend="vllm")
 
 
