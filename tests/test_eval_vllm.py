@@ -343,3 +343,33 @@ def test_missing_vllm_is_still_a_missing_dependency(
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(MissingDependencyError, match=re.escape("pip install 'spillover[vllm]'")):
         load_vllm_model(tiny.spec.location)
+
+
+def test_identical_sequences_are_sent_to_the_engine_once(tiny: Any, fake_vllm: Any) -> None:
+    """With the ``lm-eval`` format the prompt does not list the answers, so every answer order
+    of an item repeats the same three sequences; the engine gets each one once and every
+    order gets its scores."""
+    import itertools
+
+    from spillover.evaluate import VLLMChoiceScorer
+
+    orders = [
+        ChoiceRequest(req.prompt, tuple(opts))
+        for req in REQUESTS
+        for opts in itertools.permutations(req.continuations)
+    ]
+    want = HFChoiceScorer(tiny.model, tiny.tokenizer).score(orders)
+    llm = FakeLLM({}, tiny.model)
+    scorer = VLLMChoiceScorer(llm, tiny.tokenizer, chunk_requests=4)
+    seen: list[int] = []
+    got = scorer.score(orders, seen.append)
+    sent = [tuple(s) for call in llm.calls for s in call]
+    assert len(sent) == len(set(sent)) == 3 * len(REQUESTS)
+    assert [len(c) for c in llm.calls] == [4, 4, 1]
+    assert sum(seen) == len(orders) == 6 * len(REQUESTS)
+    for g, w in zip(got, want, strict=True):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert g.n_tokens == w.n_tokens
+    assert scorer.stats.requests == len(orders)
+    assert scorer.stats.batches == 3
+    assert scorer.stats.forward_tokens == sum(len(s) for s in sent)

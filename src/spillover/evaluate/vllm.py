@@ -143,19 +143,30 @@ class VLLMChoiceScorer:
             )
 
         encoded = self.encoder.encode(requests)
-        flat: list[tuple[int, int, list[int], int]] = []
+        # One engine request per distinct token sequence (the adapter is the same for all):
+        # answer permutations repeat each (prompt, answer) sequence 3 or 6 times, and vLLM
+        # would recompute every copy (see the module docstring). ``users`` fans each result
+        # back out to the (request, option, context length) that asked for it.
+        index: dict[tuple[int, ...], int] = {}
+        distinct: list[list[int]] = []
+        users: list[list[tuple[int, int, int]]] = []
         for r, opts in enumerate(encoded):
             for j, o in enumerate(opts):
                 if o.merged:
                     self.stats.boundary_merges += 1
-                flat.append((r, j, [*o.context, *o.continuation], len(o.context)))
+                seq = [*o.context, *o.continuation]
+                k = index.setdefault(tuple(seq), len(distinct))
+                if k == len(distinct):
+                    distinct.append(seq)
+                    users.append([])
+                users[k].append((r, j, len(o.context)))
         logprobs = [[0.0] * len(opts) for opts in encoded]
         remaining = [len(opts) for opts in encoded]
-        for start in range(0, len(flat), self.chunk_requests):
-            part = flat[start : start + self.chunk_requests]
+        for start in range(0, len(distinct), self.chunk_requests):
+            part = range(start, min(start + self.chunk_requests, len(distinct)))
             try:
                 outputs = self.llm.generate(
-                    [TokensPrompt(prompt_token_ids=seq) for _, _, seq, _ in part],
+                    [TokensPrompt(prompt_token_ids=distinct[k]) for k in part],
                     self.params,
                     lora_request=self.lora,
                     use_tqdm=False,
@@ -169,11 +180,13 @@ class VLLMChoiceScorer:
                     "a GPU with more free memory",
                 ) from None
             done = 0
-            for (r, j, seq, ctx_len), out in zip(part, outputs, strict=True):
-                logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
+            for k, out in zip(part, outputs, strict=True):
+                seq = distinct[k]
                 self.stats.forward_tokens += len(seq)
-                remaining[r] -= 1
-                done += remaining[r] == 0
+                for r, j, ctx_len in users[k]:
+                    logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
+                    remaining[r] -= 1
+                    done += remaining[r] == 0
             self.stats.batches += 1
             if progress is not None and done:
                 progress(done)
