@@ -373,3 +373,25 @@ def test_identical_sequences_are_sent_to_the_engine_once(tiny: Any, fake_vllm: A
     assert scorer.stats.requests == len(orders)
     assert scorer.stats.batches == 3
     assert scorer.stats.forward_tokens == sum(len(s) for s in sent)
+
+
+def test_docs_do_not_claim_the_prefix_cache_shares_prompt_logprob_requests() -> None:
+    """vLLM never reads its prefix cache for a request with ``prompt_logprobs``
+    (``skip_reading_prefix_cache``), so no text may say the prompt is computed once."""
+    import spillover.evaluate.vllm as backend
+
+    root = Path(__file__).resolve().parents[1]
+    texts = {
+        "module": backend.__doc__ or "",
+        "README.md": (root / "README.md").read_text(encoding="utf-8"),
+        "docs/predictions.md": (root / "docs/predictions.md").read_text(encoding="utf-8"),
+    }
+    for name, text in texts.items():
+        flat = " ".join(text.split())
+        for stale in (
+            "prefix cache computes each shared prompt once",
+            "prefix cache sharing each prompt",
+            "three answers is computed once",
+        ):
+            assert stale not in flat, (name, stale)
+        assert "prefix cache does not share" in flat, name

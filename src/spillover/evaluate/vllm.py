@@ -1,12 +1,17 @@
 """vLLM backend for choice scoring (optional: ``pip install 'spillover[vllm]'``, CUDA only).
 
 For models too large for the transformers backend's throughput: vLLM's paged attention,
-continuous batching, tensor parallelism and automatic prefix caching (the prompt shared by
-an item's three answers is computed once). Each option is one vLLM request of
+continuous batching and tensor parallelism. Each option is one vLLM request of
 ``prompt tokens + continuation tokens`` with ``max_tokens=1`` and ``prompt_logprobs``; its
 score is the sum of the prompt log-probabilities at the continuation positions, which is
 lm-evaluation-harness's vLLM recipe. Tokenisation is :class:`ChoiceEncoder`'s, shared with
 the transformers backend, so both backends score exactly the same token sequences.
+
+vLLM's prefix cache does not share the prompt between an item's options: a request that
+asks for ``prompt_logprobs`` never reads the cache (the cached positions would have no
+log-probabilities), so every option recomputes its whole sequence. What is not recomputed
+are identical sequences: answer orders (``permutations``) in the ``lm-eval`` format repeat
+each item's three sequences, and each distinct sequence is sent once per call.
 
 vLLM is imported only when this backend is used.
 """
@@ -306,6 +311,10 @@ def load_vllm_model(
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
+        # kept on, but it saves nothing here: vLLM's SamplingParams sets
+        # skip_reading_prefix_cache when prompt_logprobs is asked for (vllm/sampling_params.py),
+        # and KVCacheManager.get_computed_blocks (vllm/v1/core/kv_cache_manager.py) then
+        # returns no cached blocks, so each request's prompt is computed in full
         "enable_prefix_caching": True,
         "seed": seed,
         "max_model_len": max_model_len,
