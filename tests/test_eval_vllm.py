@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -141,7 +141,7 @@ class FakeLLM:
     """The part of ``vllm.LLM`` the backend uses: its keyword arguments and ``generate``
     (prompt logprobs from a real forward of the tiny model, so scores can be checked)."""
 
-    made: list[FakeLLM] = []
+    made: ClassVar[list[FakeLLM]] = []
 
     def __init__(
         self, kwargs: dict[str, Any], hf_model: Any = None, fail: BaseException | None = None
