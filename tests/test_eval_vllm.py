@@ -5,19 +5,24 @@ absent. The engine call itself needs CUDA and is not run here."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from spillover.errors import ModelError  # noqa: E402
+from spillover.errors import ConfigError, ModelError  # noqa: E402
 from spillover.evaluate import (  # noqa: E402
     ChoiceEncoder,
     ChoiceRequest,
     HFChoiceScorer,
     continuation_logprob,
+    load_vllm_model,
 )
 from spillover.models import load_model  # noqa: E402
 
@@ -112,6 +117,10 @@ def _invoke(tiny: Any, mini_dir: Path, out: Path, extra: list[str]) -> Any:
             ["--tensor-parallel-size", "2"],
             "--tensor-parallel-size=2; expected 1, or >= 1 with --backend vllm",
         ),
+        (
+            ["--max-model-len", "2048"],
+            "--max-model-len=2048; expected unset, or a positive integer with --backend vllm",
+        ),
         (["--backend", "vllm", "--device", "cpu"], "--backend vllm runs on CUDA GPUs"),
         (["--backend", "onnx"], "--backend='onnx'; expected one of hf, vllm"),
     ],
@@ -126,3 +135,263 @@ def test_cli_backend_errors_are_one_line(
     tail = res.output[res.output.index("error:") :].strip()
     assert "\n" not in tail and needle in tail
     assert not out.exists()
+
+
+class FakeLLM:
+    """The part of ``vllm.LLM`` the backend uses: its keyword arguments and ``generate``
+    (prompt logprobs from a real forward of the tiny model, so scores can be checked)."""
+
+    made: ClassVar[list[FakeLLM]] = []
+
+    def __init__(
+        self, kwargs: dict[str, Any], hf_model: Any = None, fail: BaseException | None = None
+    ) -> None:
+        self.kwargs = kwargs
+        self.hf_model = hf_model
+        self.fail = fail
+        self.calls: list[list[list[int]]] = []
+        FakeLLM.made.append(self)
+
+    def generate(self, prompts: list[Any], params: Any, **kwargs: Any) -> list[Any]:
+        if self.fail is not None:
+            raise self.fail
+        seqs = [list(p["prompt_token_ids"]) for p in prompts]
+        self.calls.append(seqs)
+        return [SimpleNamespace(prompt_logprobs=_prompt_logprobs(self.hf_model, s)) for s in seqs]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in ``vllm`` package: ``LLM`` records its arguments (or raises what the test
+    puts in ``fake.llm_error``), ``SamplingParams``, ``TokensPrompt`` and ``LoRARequest``."""
+    fake = ModuleType("vllm")
+    fake.llm_error = None  # type: ignore[attr-defined]
+
+    def make_llm(**kwargs: Any) -> Any:
+        if fake.llm_error is not None:  # type: ignore[attr-defined]
+            raise fake.llm_error  # type: ignore[attr-defined]
+        return FakeLLM(kwargs)
+
+    fake.LLM = make_llm  # type: ignore[attr-defined]
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)  # type: ignore[attr-defined]
+    inputs = ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict  # type: ignore[attr-defined]
+    lora = ModuleType("vllm.lora")
+    lora_request = ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = lambda *a: SimpleNamespace(args=a)  # type: ignore[attr-defined]
+    for name, mod in [
+        ("vllm", fake),
+        ("vllm.inputs", inputs),
+        ("vllm.lora", lora),
+        ("vllm.lora.request", lora_request),
+    ]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    FakeLLM.made.clear()
+    return fake
+
+
+def _adapter(tmp_path: Path, config: Any) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "rank"),
+    [
+        ({"r": 1}, 1),
+        ({"r": 4}, 8),
+        ({"r": 8}, 8),
+        ({"r": 12}, 16),
+        ({"r": 16, "rank_pattern": {"q_proj": 64, "v_proj": 4}}, 64),
+        ({"r": 300}, 320),
+        ({"r": 8, "rank_pattern": {"mlp": 500}}, 512),
+    ],
+)
+def test_max_lora_rank_is_the_smallest_vllm_rank_that_holds_the_adapter(
+    tiny: Any, fake_vllm: Any, tmp_path: Path, config: dict[str, Any], rank: int
+) -> None:
+    from spillover.evaluate.vllm import VLLM_LORA_RANKS
+
+    assert rank in VLLM_LORA_RANKS
+    folder = _adapter(tmp_path, config)
+    loaded = load_vllm_model(tiny.spec.location, adapter=folder)
+    assert loaded.model.kwargs["max_lora_rank"] == rank
+    assert loaded.model.kwargs["enable_lora"] is True
+    assert loaded.adapter == str(folder.resolve())
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "needle"),
+    [
+        ({"r": 1024}, ConfigError, "adapter_config.json: LoRA rank 1024; the vllm backend"),
+        (
+            {"r": 8, "rank_pattern": {"q_proj": 513}},
+            ConfigError,
+            "adapter_config.json: LoRA rank 513;",
+        ),
+        ({"r": 0}, ModelError, "field 'r'=0; expected > 0"),
+        ({"r": 8, "rank_pattern": {"q": "x"}}, ModelError, "field 'rank_pattern'="),
+    ],
+)
+def test_unservable_lora_ranks_are_one_line_errors(
+    tiny: Any, fake_vllm: Any, tmp_path: Path, config: Any, error: type, needle: str
+) -> None:
+    folder = _adapter(tmp_path, config)
+    with pytest.raises(error, match=re.escape(needle)) as info:
+        load_vllm_model(tiny.spec.location, adapter=folder)
+    assert "\n" not in str(info.value)
+    assert str(folder) in str(info.value)
+    assert not FakeLLM.made
+
+
+def test_max_model_len_defaults_to_4096_capped_by_the_model(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate.vllm import DEFAULT_MAX_MODEL_LEN
+
+    assert DEFAULT_MAX_MODEL_LEN == 4096
+    # the tiny model's max_position_embeddings is 512
+    assert load_vllm_model(tiny.spec.location).model.kwargs["max_model_len"] == 512
+    got = load_vllm_model(tiny.spec.location, max_model_len=2048).model.kwargs
+    assert got["max_model_len"] == 2048
+
+
+def test_max_model_len_reaches_the_engine_from_the_eval_config(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate import EvalConfig
+    from spillover.evaluate.run import load_for_eval
+
+    cfg = EvalConfig(backend="vllm", tensor_parallel_size=2, max_model_len=1024)
+    loaded, scorer = load_for_eval(tiny.spec.location, cfg)
+    assert loaded.model.kwargs["max_model_len"] == 1024
+    assert loaded.model.kwargs["tensor_parallel_size"] == 2
+    assert scorer is not None and scorer.llm is loaded.model
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 1.5, "4096"])
+def test_max_model_len_must_be_a_positive_integer(value: Any) -> None:
+    from spillover.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"`max_model_len`=.*; expected unset, or a positive"):
+        EvalConfig(backend="vllm", max_model_len=value)
+
+
+def test_max_model_len_needs_the_vllm_backend() -> None:
+    from spillover.evaluate import EvalConfig
+
+    assert EvalConfig(backend="vllm", max_model_len=2048).max_model_len == 2048
+    assert EvalConfig().max_model_len is None
+    with pytest.raises(ConfigError, match="with `backend`: vllm"):
+        EvalConfig(max_model_len=2048)
+
+
+def test_run_config_takes_eval_max_model_len(tmp_path: Path) -> None:
+    from spillover.runs import RunConfig
+
+    path = tmp_path / "study.yaml"
+    path.write_text("eval:\n  backend: vllm\n  max_model_len: 2048\n", encoding="utf-8")
+    assert RunConfig.load(path).eval.max_model_len == 2048
+    path.write_text("eval:\n  max_model_len: 2048\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"study\.yaml:2: `eval\.max_model_len`=2048; expected"):
+        RunConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError(
+            "The model's max seq len (4096) is larger than the maximum number of tokens\n"
+            "that can be stored in KV cache (2048). Try increasing `gpu_memory_utilization`\n"
+            "or decreasing `max_model_len` when initializing the engine."
+        ),
+        RuntimeError("Engine core initialization failed. See root cause above."),
+        ValueError("x" * 1000),
+    ],
+)
+def test_engine_build_errors_are_one_line_model_errors(
+    tiny: Any, fake_vllm: Any, exc: Exception
+) -> None:
+    fake_vllm.llm_error = exc
+    with pytest.raises(ModelError) as info:
+        load_vllm_model(tiny.spec.location, tensor_parallel_size=2)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 800
+    assert msg.startswith(f"vLLM could not start {tiny.spec.location!r} (max_model_len 512, ")
+    assert "tensor_parallel_size 2" in msg
+    assert type(exc).__name__ + ": " + str(exc).split()[0][:40] in msg
+    for hint in ("--max-model-len", "--tensor-parallel-size", "GPU with more free memory"):
+        assert hint in msg
+
+
+def test_engine_errors_while_scoring_are_one_line_model_errors(tiny: Any, fake_vllm: Any) -> None:
+    from spillover.evaluate import VLLMChoiceScorer
+
+    llm = FakeLLM({}, tiny.model, fail=RuntimeError("CUDA out of memory.\nTried to allocate"))
+    scorer = VLLMChoiceScorer(llm, tiny.tokenizer)
+    with pytest.raises(ModelError) as info:
+        scorer.score(REQUESTS)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("vLLM failed while scoring: RuntimeError: CUDA out of memory. Tried")
+    assert "--max-model-len" in msg and "--tensor-parallel-size" in msg
+
+
+def test_missing_vllm_is_still_a_missing_dependency(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spillover.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(MissingDependencyError, match=re.escape("pip install 'spillover[vllm]'")):
+        load_vllm_model(tiny.spec.location)
+
+
+def test_identical_sequences_are_sent_to_the_engine_once(tiny: Any, fake_vllm: Any) -> None:
+    """With the ``lm-eval`` format the prompt does not list the answers, so every answer order
+    of an item repeats the same three sequences; the engine gets each one once and every
+    order gets its scores."""
+    import itertools
+
+    from spillover.evaluate import VLLMChoiceScorer
+
+    orders = [
+        ChoiceRequest(req.prompt, tuple(opts))
+        for req in REQUESTS
+        for opts in itertools.permutations(req.continuations)
+    ]
+    want = HFChoiceScorer(tiny.model, tiny.tokenizer).score(orders)
+    llm = FakeLLM({}, tiny.model)
+    scorer = VLLMChoiceScorer(llm, tiny.tokenizer, chunk_requests=4)
+    seen: list[int] = []
+    got = scorer.score(orders, seen.append)
+    sent = [tuple(s) for call in llm.calls for s in call]
+    assert len(sent) == len(set(sent)) == 3 * len(REQUESTS)
+    assert [len(c) for c in llm.calls] == [4, 4, 1]
+    assert sum(seen) == len(orders) == 6 * len(REQUESTS)
+    for g, w in zip(got, want, strict=True):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert g.n_tokens == w.n_tokens
+    assert scorer.stats.requests == len(orders)
+    assert scorer.stats.batches == 3
+    assert scorer.stats.forward_tokens == sum(len(s) for s in sent)
+
+
+def test_docs_do_not_claim_the_prefix_cache_shares_prompt_logprob_requests() -> None:
+    """vLLM never reads its prefix cache for a request with ``prompt_logprobs``
+    (``skip_reading_prefix_cache``), so no text may say the prompt is computed once."""
+    import spillover.evaluate.vllm as backend
+
+    root = Path(__file__).resolve().parents[1]
+    texts = {
+        "module": backend.__doc__ or "",
+        "README.md": (root / "README.md").read_text(encoding="utf-8"),
+        "docs/predictions.md": (root / "docs/predictions.md").read_text(encoding="utf-8"),
+    }
+    for name, text in texts.items():
+        flat = " ".join(text.split())
+        for stale in (
+            "prefix cache computes each shared prompt once",
+            "prefix cache sharing each prompt",
+            "three answers is computed once",
+        ):
+            assert stale not in flat, (name, stale)
+        assert "prefix cache does not share" in flat, name

@@ -61,6 +61,10 @@ class EvalConfig:
     'spillover[vllm]')."""
     tensor_parallel_size: int = 1
     """GPUs one model is spread over (``vllm`` backend only)."""
+    max_model_len: int | None = None
+    """Longest sequence, in tokens, the vLLM engine is built for (``vllm`` backend only); its KV
+    cache is sized for it. Unset: 4096, or the model's ``max_position_embeddings`` if smaller
+    (a BBQ request is a few hundred tokens)."""
 
     def __post_init__(self) -> None:
         check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
@@ -90,6 +94,13 @@ class EvalConfig:
             raise ConfigError(
                 f"`tensor_parallel_size`={self.tensor_parallel_size}; expected 1, or >= 1 with "
                 "`backend`: vllm"
+            )
+        if self.max_model_len is not None and (
+            not _is_int(self.max_model_len) or self.max_model_len < 1 or self.backend != "vllm"
+        ):
+            raise ConfigError(
+                f"`max_model_len`={self.max_model_len!r}; expected unset, or a positive integer "
+                "with `backend`: vllm"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -165,6 +165,7 @@ def load_for_eval(
         dtype=dtype,
         cache_dir=cache_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len,
         seed=cfg.seed,
     )
     scorer = VLLMChoiceScorer(

@@ -1,12 +1,17 @@
 """vLLM backend for choice scoring (optional: ``pip install 'spillover[vllm]'``, CUDA only).
 
 For models too large for the transformers backend's throughput: vLLM's paged attention,
-continuous batching, tensor parallelism and automatic prefix caching (the prompt shared by
-an item's three answers is computed once). Each option is one vLLM request of
+continuous batching and tensor parallelism. Each option is one vLLM request of
 ``prompt tokens + continuation tokens`` with ``max_tokens=1`` and ``prompt_logprobs``; its
 score is the sum of the prompt log-probabilities at the continuation positions, which is
 lm-evaluation-harness's vLLM recipe. Tokenisation is :class:`ChoiceEncoder`'s, shared with
 the transformers backend, so both backends score exactly the same token sequences.
+
+vLLM's prefix cache does not share the prompt between an item's options: a request that
+asks for ``prompt_logprobs`` never reads the cache (the cached positions would have no
+log-probabilities), so every option recomputes its whole sequence. What is not recomputed
+are identical sequences: answer orders (``permutations``) in the ``lm-eval`` format repeat
+each item's three sequences, and each distinct sequence is sent once per call.
 
 vLLM is imported only when this backend is used.
 """
@@ -38,6 +43,21 @@ def _import_vllm() -> Any:
     except ImportError:
         raise MissingDependencyError(INSTALL_HINT) from None
     return vllm
+
+
+ENGINE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
+"""What vLLM raises when the engine cannot be built or a request cannot run (too little GPU
+memory, a ``max_model_len`` the model or the KV cache cannot hold, CUDA out of memory,
+a failed engine process); each becomes a one-line :class:`ModelError`."""
+
+
+def engine_error(what: str, exc: BaseException, hint: str) -> ModelError:
+    """The one-line error for an engine failure: what failed, vLLM's message on one line
+    (cut at 400 characters), and what to try."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 400:
+        text = text[:399] + "…"
+    return ModelError(f"{what}: {type(exc).__name__}: {text}; {hint}")
 
 
 def continuation_logprob(
@@ -128,28 +148,50 @@ class VLLMChoiceScorer:
             )
 
         encoded = self.encoder.encode(requests)
-        flat: list[tuple[int, int, list[int], int]] = []
+        # One engine request per distinct token sequence (the adapter is the same for all):
+        # answer permutations repeat each (prompt, answer) sequence 3 or 6 times, and vLLM
+        # would recompute every copy (see the module docstring). ``users`` fans each result
+        # back out to the (request, option, context length) that asked for it.
+        index: dict[tuple[int, ...], int] = {}
+        distinct: list[list[int]] = []
+        users: list[list[tuple[int, int, int]]] = []
         for r, opts in enumerate(encoded):
             for j, o in enumerate(opts):
                 if o.merged:
                     self.stats.boundary_merges += 1
-                flat.append((r, j, [*o.context, *o.continuation], len(o.context)))
+                seq = [*o.context, *o.continuation]
+                k = index.setdefault(tuple(seq), len(distinct))
+                if k == len(distinct):
+                    distinct.append(seq)
+                    users.append([])
+                users[k].append((r, j, len(o.context)))
         logprobs = [[0.0] * len(opts) for opts in encoded]
         remaining = [len(opts) for opts in encoded]
-        for start in range(0, len(flat), self.chunk_requests):
-            part = flat[start : start + self.chunk_requests]
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=seq) for _, _, seq, _ in part],
-                self.params,
-                lora_request=self.lora,
-                use_tqdm=False,
-            )
+        for start in range(0, len(distinct), self.chunk_requests):
+            part = range(start, min(start + self.chunk_requests, len(distinct)))
+            try:
+                outputs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=distinct[k]) for k in part],
+                    self.params,
+                    lora_request=self.lora,
+                    use_tqdm=False,
+                )
+            except ENGINE_ERRORS as exc:
+                raise engine_error(
+                    "vLLM failed while scoring",
+                    exc,
+                    "a request longer than --max-model-len needs a larger one; out of GPU "
+                    "memory: a smaller --max-model-len, a larger --tensor-parallel-size, or "
+                    "a GPU with more free memory",
+                ) from None
             done = 0
-            for (r, j, seq, ctx_len), out in zip(part, outputs, strict=True):
-                logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
+            for k, out in zip(part, outputs, strict=True):
+                seq = distinct[k]
                 self.stats.forward_tokens += len(seq)
-                remaining[r] -= 1
-                done += remaining[r] == 0
+                for r, j, ctx_len in users[k]:
+                    logprobs[r][j] = continuation_logprob(seq, ctx_len, out.prompt_logprobs)
+                    remaining[r] -= 1
+                    done += remaining[r] == 0
             self.stats.batches += 1
             if progress is not None and done:
                 progress(done)
@@ -160,15 +202,73 @@ class VLLMChoiceScorer:
         ]
 
 
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts (``MaxLoRARanks`` in its ``vllm/config/lora.py``)."""
+
+
 def _lora_rank(adapter: Path) -> int:
+    """The ``max_lora_rank`` for ``adapter``: the smallest value vLLM accepts that holds the
+    adapter's largest rank (``r`` and every ``rank_pattern`` value of its config).
+
+    Raises:
+        ModelError: the config cannot be read or holds no valid rank.
+        ConfigError: a rank above the largest one vLLM serves.
+    """
+    where = adapter / "adapter_config.json"
     try:
-        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{adapter / 'adapter_config.json'}: cannot read it ({exc})") from None
+        raise ModelError(f"{where}: cannot read it ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{where}: expected a JSON object")
     rank = cfg.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise ModelError(f"{adapter / 'adapter_config.json'}: field 'r'={rank!r}; expected > 0")
-    return rank
+    if not _is_rank(rank):
+        raise ModelError(f"{where}: field 'r'={rank!r}; expected > 0")
+    pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_is_rank(v) for v in pattern.values()):
+        raise ModelError(
+            f"{where}: field 'rank_pattern'={pattern!r}; expected a mapping of module "
+            "names to ranks > 0"
+        )
+    largest = max([rank, *pattern.values()])
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= largest:
+            return allowed
+    raise ConfigError(
+        f"{where}: LoRA rank {largest}; the vllm backend serves ranks up to "
+        f"{VLLM_LORA_RANKS[-1]} (use --backend hf)"
+    )
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+DEFAULT_MAX_MODEL_LEN = 4096
+"""``max_model_len`` when none is given. vLLM otherwise builds the engine for the model's
+full context (128k tokens for some), and refuses to start when the KV cache cannot hold one
+sequence that long, although the longest BBQ request in any prompt format is a few hundred
+tokens. 4096 leaves ample room for those and for longer prompt formats."""
+
+
+def _default_max_model_len(spec: Any, where: str, trust_remote_code: bool) -> int:
+    """:data:`DEFAULT_MAX_MODEL_LEN`, or the model config's ``max_position_embeddings`` when
+    smaller (vLLM refuses a longer ``max_model_len`` than the model allows)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(
+            where,
+            revision=spec.revision if spec.kind == "hub" else None,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError):  # vLLM reads it again and names what is wrong
+        return DEFAULT_MAX_MODEL_LEN
+    cfg = getattr(cfg, "text_config", None) or cfg
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return min(DEFAULT_MAX_MODEL_LEN, limit)
+    return DEFAULT_MAX_MODEL_LEN
 
 
 def load_vllm_model(
@@ -182,27 +282,42 @@ def load_vllm_model(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
+    max_model_len: int | None = None,
 ) -> Any:
     """A :class:`spillover.models.LoadedModel` whose ``model`` is a ``vllm.LLM``.
 
     Aliases, hub ids and folders resolve as for the transformers backend (the embedded
-    model is served from its converted safetensors folder).
+    model is served from its converted safetensors folder). ``max_model_len`` None is
+    :data:`DEFAULT_MAX_MODEL_LEN`, capped by the model's ``max_position_embeddings``.
+
+    Raises:
+        ModelError: vLLM could not build the engine (one line, with what to try).
     """
     from ..models import LoadedModel, load_tokenizer, resolve_dtype, resolve_model, weights_location
 
     vllm = _import_vllm()
     if tensor_parallel_size < 1:
         raise ConfigError(f"`tensor_parallel_size`={tensor_parallel_size}; expected >= 1")
+    if max_model_len is not None and max_model_len < 1:
+        raise ConfigError(f"`max_model_len`={max_model_len}; expected a positive integer")
     spec = resolve_model(name, revision)
     dtype_name = resolve_dtype(dtype, "cuda")
+    where = weights_location(spec, cache_dir)
+    if max_model_len is None:
+        max_model_len = _default_max_model_len(spec, where, trust_remote_code)
     kwargs: dict[str, Any] = {
-        "model": weights_location(spec, cache_dir),
+        "model": where,
         "dtype": dtype_name,
         "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
+        # kept on, but it saves nothing here: vLLM's SamplingParams sets
+        # skip_reading_prefix_cache when prompt_logprobs is asked for (vllm/sampling_params.py),
+        # and KVCacheManager.get_computed_blocks (vllm/v1/core/kv_cache_manager.py) then
+        # returns no cached blocks, so each request's prompt is computed in full
         "enable_prefix_caching": True,
         "seed": seed,
+        "max_model_len": max_model_len,
     }
     if spec.kind == "hub" and spec.revision:
         kwargs["revision"] = spec.revision
@@ -214,9 +329,23 @@ def load_vllm_model(
     tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     try:
         llm = vllm.LLM(**kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"vLLM could not load {spec.name!r}: {exc}") from None
+    except ENGINE_ERRORS as exc:
+        raise engine_error(
+            f"vLLM could not start {spec.name!r} (max_model_len {max_model_len}, "
+            f"tensor_parallel_size {tensor_parallel_size}, gpu_memory_utilization "
+            f"{gpu_memory_utilization})",
+            exc,
+            "try a smaller --max-model-len (eval.max_model_len), a larger "
+            "--tensor-parallel-size, or a GPU with more free memory",
+        ) from None
     return LoadedModel(llm, tok, spec, dtype_name, "cuda", adapter_str, backend="vllm")
 
 
-__all__ = ["INSTALL_HINT", "VLLMChoiceScorer", "continuation_logprob", "load_vllm_model"]
+__all__ = [
+    "DEFAULT_MAX_MODEL_LEN",
+    "INSTALL_HINT",
+    "VLLM_LORA_RANKS",
+    "VLLMChoiceScorer",
+    "continuation_logprob",
+    "load_vllm_model",
+]
