@@ -248,6 +248,7 @@ def worker_trajectory(pairs: Path, steps: int, batch: int, n_heldout: int) -> di
 
 
 def run_worker(argv: list[str]) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, __file__, *argv],
         capture_output=True,
@@ -258,6 +259,7 @@ def run_worker(argv: list[str]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit(f"worker {argv[:2]} failed:\n{proc.stderr[-4000:]}")
     res = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    res["load_before"], res["load_after"] = load_before, os.getloadavg()[0]
     print(f"# {json.dumps(res)}", file=sys.stderr, flush=True)  # raw result, as soon as it is in
     return res
 
@@ -266,6 +268,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--defaults-steps",
+        type=int,
+        help="steps of the trl-defaults arm (default: --steps; it runs ~30x slower)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trajectory", type=int, default=0, help="also run N steps of ours")
@@ -304,7 +311,7 @@ def main() -> None:
         make_pairs(a.bbq_dir, pairs, a.seed)
         common = ["--pairs", str(pairs), "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
         arms = [
-            run_worker(["--worker", "trl", "--steps", str(a.steps), *common]),
+            run_worker(["--worker", "trl", "--steps", str(a.defaults_steps or a.steps), *common]),
             run_worker(["--worker", "ours", "--steps", str(a.steps), *common]),
             run_worker(["--worker", "trl-tuned", "--steps", str(a.steps), *common]),
         ]
@@ -339,11 +346,12 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct, CPU ({os.cpu_count()} cores), gender pairs seed {a.seed}, "
         f"batch {a.batch_size}, LoRA r={LORA['r']} alpha={LORA['alpha']} on 7 projections, "
-        f"{a.steps} steps"
+        f"{a.steps} steps (trl-defaults {a.defaults_steps or a.steps})"
     )
     header = (
         f"{'arm':<34} {'loop steps/s':>12} {'loop steps/CPU-s':>16} {'e2e steps/s':>12} "
-        f"{'setup s':>8} {'peak RSS MiB':>12} {'loss (last 5)':>14} {'train_loss':>10}"
+        f"{'setup s':>8} {'peak RSS MiB':>12} {'loss (last 5)':>14} {'train_loss':>10} "
+        f"{'load before/after':>17}"
     )
     print(header)
     print("-" * len(header))
@@ -355,7 +363,8 @@ def main() -> None:
         cpu = r["steps"] / r["train_cpu_s"]
         print(
             f"{r['arm']:<34} {loop:>12.4f} {cpu:>16.4f} {e2e:>12.4f} {r['setup_s']:>8.1f} "
-            f"{r['peak_rss_mib']:>12.0f} {loss:>14.4f} {r['train_loss'] or math.nan:>10.4f}"
+            f"{r['peak_rss_mib']:>12.0f} {loss:>14.4f} {r['train_loss'] or math.nan:>10.4f} "
+            f"{r['load_before']:>8.2f}/{r['load_after']:<8.2f}"
         )
     base, ours = arms[0], arms[1]
     ratio_loop = (ours["steps"] / ours["train_s"]) / (base["steps"] / base["train_s"])

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGINS = (0.2, 0.25, 0.3, 0.4, 0.5)
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompt-format", default="lm-eval")
+    ap.add_argument(
+        "--compile", action="store_true", help="also the compiled bf16 pass (torch.compile)"
+    )
     args = ap.parse_args()
     if not args.bbq_dir:
         raise SystemExit("give --bbq-dir or set SPILLOVER_BBQ_DIR")
@@ -59,19 +63,41 @@ def main() -> None:
     requests = [ChoiceRequest(r.prompt, r.continuations) for r in rendered]
     scorer = HFChoiceScorer(loaded.model, loaded.tokenizer)
     encoded = scorer.encode(requests)
+    modes = ["bf16-autocast", "float32"] + (["bf16-compiled"] if args.compile else [])
     runs = {}
-    for mode in ("bf16-autocast", "float32"):
-        scorer.autocast_bf16 = mode == "bf16-autocast"
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    for mode in modes:
+        pass_scorer = scorer
+        if mode == "bf16-compiled":
+            pass_scorer = HFChoiceScorer(loaded.model, loaded.tokenizer, compile=True)
+            t0 = time.perf_counter()
+            pass_scorer.score_encoded(encoded[:8], bf16=True)  # compiles
+            print(f"compile (first batch): {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        runs[mode] = np.array([s.logprobs for s in scorer.score_encoded(encoded)])
-        print(f"{mode}: {len(requests)} requests scored in {time.perf_counter() - t0:.1f} s")
-    bf, fp = runs["bf16-autocast"], runs["float32"]
+        scores = pass_scorer.score_encoded(encoded, bf16=mode != "float32")
+        runs[mode] = np.array([s.logprobs for s in scores])
+        print(
+            f"{mode}: {len(requests)} requests scored in {time.perf_counter() - t0:.1f} s "
+            f"(load {os.getloadavg()[0]:.2f})"
+        )
     ntok = np.array([[len(o.continuation) for o in opts] for opts in encoded])
-    n = len(requests)
+    print(
+        f"\nitems: {len(requests)} ({args.model}, prompt format {args.prompt_format}, "
+        f"seed {args.seed})"
+    )
+    for mode in modes:
+        if mode != "float32":
+            print(f"\n== {mode} against float32")
+            report(runs[mode], runs["float32"], ntok)
 
-    print(f"\nitems: {n} ({args.model}, prompt format {args.prompt_format}, seed {args.seed})")
+
+def report(bf: Any, fp: Any, ntok: Any) -> None:
+    """Decision changes, pairwise error distribution and margins of one bf16 pass."""
+    import numpy as np
+
+    n = len(bf)
     flips = int(np.sum(bf.argmax(1) != fp.argmax(1)))
-    print(f"decisions changed by plain bf16 autocast: {flips}/{n} ({100 * flips / n:.2f} %)")
+    print(f"decisions changed by the plain bf16 pass: {flips}/{n} ({100 * flips / n:.2f} %)")
 
     errs, sizes = [], []
     for i in range(n):

@@ -35,6 +35,7 @@ from spillover.evaluate import (  # noqa: E402
     Prediction,
     ScorerStats,
     evaluate_model,
+    load_for_eval,
     normalised,
     read_metadata,
     read_predictions_table,
@@ -223,6 +224,87 @@ def test_cpu_scoring_attention_and_row_width_change_no_score(tiny_dir: Path, att
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
     with pytest.raises(ConfigError, match="`attention`='flash'"):
         HFChoiceScorer(lm.model, lm.tokenizer, attention="flash")
+
+
+def _fresh_compile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **patch: Any) -> Any:
+    """No compiled code from earlier tests: a compile inside this context builds its kernels."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    return inductor_config.patch({"fx_graph_cache": False, **patch})
+
+
+def test_compiled_bf16_pass_scores_like_eager_and_leaves_the_model_as_it_was(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = load_model(str(tiny_dir), device="cpu")
+    reqs = _requests(ITEMS)
+    eager = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=96)
+    compiled = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=96, compile=True)
+    enc = eager.encode(reqs)
+    want = [v for s in eager.score_encoded(enc, bf16=True) for v in s.logprobs]
+    with _fresh_compile(monkeypatch, tmp_path):
+        got = [v for s in compiled.score_encoded(enc, bf16=True) for v in s.logprobs]
+    assert compiled.stats.compiled_batches == compiled.stats.batches > 2
+    assert eager.stats.compiled_batches == 0
+    assert all(layer._compiled_call_impl is None for layer in lm.model.model.layers)
+    # the float32 pass (the rescoring of close calls) is never compiled: exactly the eager one
+    exact = [v for s in compiled.score_encoded(enc) for v in s.logprobs]
+    assert exact == [v for s in eager.score_encoded(enc) for v in s.logprobs]
+    # both bf16 passes compute the same thing and differ from float32 by rounding alike
+    err_eager = max(abs(a - b) for a, b in zip(want, exact, strict=True))
+    err_compiled = max(abs(a - b) for a, b in zip(got, exact, strict=True))
+    assert 0 < err_compiled < max(2 * err_eager, 0.05)
+    assert compiled.stats.compiled_batches < compiled.stats.batches
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(
+    tiny_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lm = load_model(str(tiny_dir), device="cpu")
+    reqs = _requests(ITEMS)
+    eager = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=256)
+    scorer = HFChoiceScorer(lm.model, lm.tokenizer, batch_tokens=256, compile=True)
+    # a C++ compiler that does not exist: inductor's real build fails
+    no_cxx = {"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}
+    with (
+        _fresh_compile(monkeypatch, tmp_path, **no_cxx),
+        caplog.at_level("WARNING", logger="spillover.evaluate.hf"),
+    ):
+        got = scorer.score(reqs, rescore=lambda i, s: False)
+    assert "torch.compile failed" in caplog.text and "SPILLOVER_COMPILE=0" in caplog.text
+    assert scorer.compile is False and scorer.stats.compiled_batches == 0
+    want = eager.score(reqs, rescore=lambda i, s: False)
+    assert got == want
+    assert all(layer._compiled_call_impl is None for layer in lm.model.model.layers)
+
+
+def test_auto_compile_follows_size_device_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spillover.evaluate.hf import COMPILE_MIN_REQUESTS, auto_compile, compile_available
+
+    monkeypatch.delenv("SPILLOVER_COMPILE", raising=False)
+    assert auto_compile("cpu", COMPILE_MIN_REQUESTS) is compile_available()
+    assert auto_compile("cpu", COMPILE_MIN_REQUESTS - 1) is False
+    assert auto_compile("cuda:0", 10**6) is False
+    monkeypatch.setenv("SPILLOVER_COMPILE", "1")
+    assert auto_compile("cuda:0", 1) is True
+    monkeypatch.setenv("SPILLOVER_COMPILE", "0")
+    assert auto_compile("cpu", 10**6) is False
+    monkeypatch.setenv("SPILLOVER_COMPILE", "yes")
+    with pytest.raises(ConfigError, match=r"\$SPILLOVER_COMPILE='yes'; expected 0, 1 or unset"):
+        auto_compile("cpu", 10)
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("SPILLOVER_COMPILE")
+    assert compile_available() is False
+    assert auto_compile("cpu", 10**6) is False
 
 
 def test_options_with_different_contexts_are_scored_apart(tiny: Any) -> None:
@@ -500,6 +582,18 @@ def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path:
     assert [p.pred_index for p in adapted] != [p.pred_index for p in plain]
     assert max(abs(a - b) for a, b in zip(scores(adapted), scores(merged), strict=True)) < 1e-3
     assert [p.pred_index for p in adapted] == [p.pred_index for p in merged]
+
+    # the evaluation stage loads the adapter merged: a plain model, the same predictions,
+    # and the provenance says both which adapter and that it was merged
+    loaded, scorer = load_for_eval(str(tiny_dir), cfg, adapter=adapter_dir, device="cpu")
+    assert scorer is None and not hasattr(loaded.model, "peft_config")
+    assert loaded.provenance()["adapter_merged"] is True
+    assert loaded.provenance()["adapter"] == str(adapter_dir.resolve())
+    via_stage = evaluate_model(loaded, ITEMS, cfg)
+    assert max(abs(a - b) for a, b in zip(scores(via_stage), scores(adapted), strict=True)) < 1e-3
+    assert [p.pred_index for p in via_stage] == [p.pred_index for p in adapted]
+    assert via_stage[0].adapter == adapted[0].adapter
+    assert adapted_lm.provenance()["adapter_merged"] is False
 
 
 def test_letters_chat_scores_the_letter(tiny: Any) -> None:

@@ -36,7 +36,7 @@ from .files import (
     write_shard,
     write_table,
 )
-from .hf import HFChoiceScorer
+from .hf import HFChoiceScorer, auto_compile
 from .scoring import ChoiceRequest, ChoiceScorer, ChoiceScores
 
 logger = logging.getLogger(__name__)
@@ -154,9 +154,16 @@ def load_for_eval(
     if cfg.backend == "hf":
         from ..models import load_model
 
-        return load_model(
-            model, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
-        ), None
+        # the adapter is merged for scoring: as fast as the base model, same predictions
+        loaded = load_model(
+            model,
+            adapter=adapter,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            merge_adapter=True,
+        )
+        return loaded, None
     from .vllm import VLLMChoiceScorer, load_vllm_model
 
     loaded = load_vllm_model(
@@ -257,7 +264,8 @@ def evaluate_model(
         out: Predictions Parquet file to write, or None to only return predictions.
         progress: ``progress(done, total)`` callback in rows (items x permutations).
         provenance: Extra file metadata, e.g. ``{"bbq": data.provenance()}``.
-        scorer: Scoring backend; defaults to :class:`HFChoiceScorer` on the model.
+        scorer: Scoring backend; defaults to :class:`HFChoiceScorer` on the model, its bf16
+            pass compiled as :func:`~spillover.evaluate.hf.auto_compile` decides.
 
     Returns:
         Predictions in output order.
@@ -274,8 +282,13 @@ def evaluate_model(
     tokenizer = loaded_model.tokenizer
     render(ordered[0], cfg.prompt_format, tokenizer=tokenizer)  # fail early (chat template)
     if scorer is None:
+        n_requests = len(ordered) * len(permutations(cfg.permutations))
         scorer = HFChoiceScorer(
-            loaded_model.model, tokenizer, batch_tokens=cfg.batch_tokens, boundary=cfg.boundary
+            loaded_model.model,
+            tokenizer,
+            batch_tokens=cfg.batch_tokens,
+            boundary=cfg.boundary,
+            compile=auto_compile(loaded_model.device, n_requests),
         )
     cfg = resolve_precision(cfg, loaded_model, scorer)
     model_info = loaded_model.provenance()

@@ -68,6 +68,8 @@ class ScorerStats:
     """Forward passes."""
     verified_requests: int = 0
     """Requests rescored in full precision after a bf16 pass (``precision="bf16-verified"``)."""
+    compiled_batches: int = 0
+    """Forward passes run through ``torch.compile`` (see ``HFChoiceScorer(compile=...)``)."""
 
     def as_dict(self) -> dict[str, int]:
         """Plain dict view."""
@@ -78,6 +80,7 @@ class ScorerStats:
             "forward_tokens": self.forward_tokens,
             "verified_requests": self.verified_requests,
             "batches": self.batches,
+            "compiled_batches": self.compiled_batches,
         }
 
 
