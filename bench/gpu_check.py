@@ -13,8 +13,8 @@ crash or CUDA out-of-memory in one is reported in the table while the others sti
     cosine schedule, bf16 autocast, reference log-probs precomputed once, pair packing) at
     batch 8, one accumulation step and no gradient checkpointing (the preset checkpoints;
     at batch 8 of BBQ-length pairs a 7B model fits an H200 without it, and it matches the
-    TRL arm). Loading and saving differ from ``train_adapter`` only in where the model comes
-    from; the adapter is saved at the end with ``trainer.save_model`` and its files checked.
+    TRL arm). Unlike ``train_adapter`` the model is built here, not loaded, and after
+    training only ``trainer.save_model`` runs, whose adapter files are then checked.
 ``trl-tuned``
     ``trl.DPOTrainer`` configured as ``bench/align_throughput.py``'s "trl-tuned" arm
     (``trl_tuned``): the same preset settings, LoRA, batch, bf16 and rows,
@@ -34,14 +34,15 @@ number is printed and, with ``--out``, written as JSON.
 
 Inputs: the GPU machine has no BBQ, so they are exported beforehand, as for
 ``bench/eval_gpu.py``: ``items.jsonl`` and ``tokenizer/`` (that script's export) plus
-``pairs.parquet``, real preference pairs built from BBQ's gender items (``spillover prefs``
-defaults, seed 0; prompts about 57 SmolLM2 tokens on average, at most about 90, answers 2-4
-tokens). The SmolLM2 tokenizer is used with Qwen's larger vocabulary, as in
-``bench/eval_gpu.py``.
+``pairs.parquet``, real preference pairs from BBQ's gender items as
+``bench/align_throughput.py`` builds them (seed 0; prompts about 57 SmolLM2 tokens on
+average, at most about 90, answers 2-4 tokens), so no synthetic rows are needed. The
+SmolLM2 tokenizer is used with Qwen's larger vocabulary, as in ``bench/eval_gpu.py``.
 
 That machine has torch, transformers, peft, accelerate and datasets but not trl, so TRL
-travels as a wheel in ``.whl/`` (pure Python; nothing of it is committed). Here, from the
-repository root::
+travels as a wheel in ``.whl/`` (pure Python). Both ``.whl/`` and ``gpu-inputs/`` are ignored
+by git: whatever copies the working tree to the GPU machine must be told to take them. Here,
+from the repository root::
 
     python bench/gpu_check.py --export gpu-inputs --bbq-dir <bbq> --items 5000
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
@@ -103,18 +104,18 @@ def write_pairs(out: Path, pairs: Any, n: int | None = None) -> int:
     return len(df)
 
 
-def export(out: Path, bbq_dir: str | None, n_items: int, n_pairs: int, seed: int) -> None:
-    """``bench/eval_gpu.py``'s inputs (items, tokenizer) plus BBQ gender preference pairs."""
+def export(out: Path, bbq_dir: str, n_items: int, n_pairs: int, seed: int) -> None:
+    """``bench/eval_gpu.py``'s inputs (items, tokenizer) plus the first ``n_pairs`` training
+    pairs ``bench/align_throughput.py`` builds (BBQ gender items, seeded)."""
     import pandas as pd
 
+    import align_throughput
     import eval_gpu
-    from spillover.align import PrefsConfig, build_pairs
-    from spillover.data import load_bbq
 
     eval_gpu.export(out, bbq_dir, n_items, seed)
-    data = load_bbq(bbq_dir, categories=["gender"])
-    pairs = build_pairs(data.items, PrefsConfig(targets=("gender",), seed=seed))
-    n = write_pairs(out, pd.DataFrame([p.to_row() for p in pairs.train]), n_pairs)
+    with tempfile.TemporaryDirectory() as tmp:
+        align_throughput.make_pairs(bbq_dir, Path(tmp) / "pairs", seed)
+        n = write_pairs(out, pd.read_parquet(Path(tmp) / "pairs" / "train.parquet"), n_pairs)
     print(f"wrote {n} preference pairs to {out / PAIRS_FILE}")
 
 
