@@ -97,7 +97,7 @@ def worker_trl(pairs: Path, steps: int, batch: int, tuned: bool = False) -> dict
     )
     with tempfile.TemporaryDirectory() as tmp:
         if tuned:
-            args, train = _trl_tuned(tmp, df, steps, batch)
+            args, train = trl_tuned(tmp, df, steps, batch)
         else:
             # use_cpu=True is the one addition: without it TrainingArguments refuses bf16 on CPU
             args = trl.DPOConfig(
@@ -133,28 +133,48 @@ def worker_trl(pairs: Path, steps: int, batch: int, tuned: bool = False) -> dict
     }
 
 
-def _trl_tuned(tmp: str, df: Any, steps: int, batch: int) -> tuple[Any, Any]:
-    """TRL's config with our preset's settings and its own speed options; our rows."""
+def trl_tuned(
+    tmp: str,
+    df: Any,
+    steps: int,
+    batch: int,
+    *,
+    preset: str = "smollm2-135m",
+    device: str = "cpu",
+    max_length: int | None = None,
+    **overrides: Any,
+) -> tuple[Any, Any]:
+    """TRL's config with our preset's settings and its own speed options; our rows.
+
+    ``preset``, ``device`` and ``overrides`` (AlignConfig fields) pick the settings copied;
+    ``max_length`` None keeps TRL's default (bench/gpu_check.py passes ours).
+    """
     import trl
 
     from spillover.align import AlignConfig
     from spillover.align.trainer import resolve_bf16, to_trl_dataset, used_rows
 
     cfg = AlignConfig.from_preset(
-        "smollm2-135m", Path(tmp) / "unused", max_steps=steps, batch_size=batch, device="cpu"
+        preset,
+        Path(tmp) / "unused",
+        max_steps=steps,
+        batch_size=batch,
+        device=device,
+        **overrides,
     )
+    extra: dict[str, Any] = {} if max_length is None else {"max_length": max_length}
     args = trl.DPOConfig(
         output_dir=tmp,
         per_device_train_batch_size=batch,
         max_steps=steps,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         learning_rate=cfg.learning_rate,
         beta=cfg.beta,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=resolve_bf16(cfg.bf16, "cpu"),
+        bf16=resolve_bf16(cfg.bf16, device),
         gradient_checkpointing=False,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=32,
@@ -162,6 +182,7 @@ def _trl_tuned(tmp: str, df: Any, steps: int, batch: int) -> tuple[Any, Any]:
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[],
+        **extra,
     )
     return args, used_rows(to_trl_dataset(df, "dpo"), cfg)
 

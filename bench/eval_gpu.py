@@ -108,67 +108,75 @@ def matmul_tflops(torch: Any, dev: Any, dtype: Any, n: int = 8192, reps: int = 1
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--export", type=Path, default=None, help="write inputs here and stop")
-    ap.add_argument("--bbq-dir", default=None)
-    ap.add_argument("--inputs", type=Path, default=Path("gpu-inputs"))
-    ap.add_argument("--items", type=int, default=5000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--config", choices=("qwen2.5-7b", "tiny"), default="qwen2.5-7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch-tokens", type=int, default=32768)
-    ap.add_argument("--max-row-tokens", type=int, default=512)
-    ap.add_argument("--check-items", type=int, default=64)
-    ap.add_argument("--tolerance", type=float, default=0.1, help="packed vs naive, nats")
-    args = ap.parse_args()
-    if args.export is not None:
-        export(args.export, args.bbq_dir, args.items, args.seed)
-        return
+def build_model(torch: Any, config: str, dev: Any, dtype: Any) -> Any:
+    """A ``Qwen2ForCausalLM`` of ``config``'s shape (:data:`QWEN25_7B` or :data:`TINY`) with
+    random ``dtype`` weights, built directly on ``dev`` (seed 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    shape = QWEN25_7B if config == "qwen2.5-7b" else TINY
+    cfg = Qwen2Config(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return model
+
+
+def measure(
+    inputs: Path,
+    *,
+    items: int = 5000,
+    config: str = "qwen2.5-7b",
+    device: str = "cuda",
+    batch_tokens: int = 32768,
+    max_row_tokens: int = 512,
+    check_items: int = 64,
+    tolerance: float = 0.1,
+) -> dict[str, Any]:
+    """Run the check and the timing (see the module docstring), printing as it goes.
+
+    Returns the numbers printed; ``check_passed`` False (packed scores beyond ``tolerance``)
+    stops before the timing.
+    """
     sys.path.insert(0, str(ROOT / "src"))
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM  # noqa: F401  (not timed below)
 
     from spillover.evaluate import ChoiceRequest, HFChoiceScorer, score_naive
 
-    dev = torch.device(args.device)
+    dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    lines = (args.inputs / "items.jsonl").read_text(encoding="utf-8").splitlines()
-    recs = [json.loads(x) for x in lines[: args.items]]
+    lines = (inputs / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(x) for x in lines[:items]]
     requests = [
         ChoiceRequest(
             f"{r['context']}\n\nQ: {r['question']}\nA:", tuple(f" {a}" for a in r["answers"])
         )
         for r in recs
     ]
-    tok = AutoTokenizer.from_pretrained(str(args.inputs / "tokenizer"))
-    shape = QWEN25_7B if args.config == "qwen2.5-7b" else TINY
-    cfg = Qwen2Config(**shape, attn_implementation="sdpa")
-    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(inputs / "tokenizer"))
     t0 = time.perf_counter()
-    with torch.device(dev):
-        model = Qwen2ForCausalLM(cfg).to(dtype)
+    model = build_model(torch, config, dev, dtype)
     model.eval()
-    if on_gpu:
-        torch.cuda.synchronize()
     n_params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
     print(
-        f"model: {args.config} shape, {n_params / 1e9:.2f} B parameters, {dtype}, {dev}, "
+        f"model: {config} shape, {n_params / 1e9:.2f} B parameters, {dtype}, {dev}, "
         f"built in {time.perf_counter() - t0:.1f} s"
     )
+    out: dict[str, Any] = {"config": config, "device": str(dev), "dtype": str(dtype)}
+    out["parameters"] = n_params
     if on_gpu:
-        print(f"device: {torch.cuda.get_device_name(dev)}")
+        out["device_name"] = torch.cuda.get_device_name(dev)
+        print(f"device: {out['device_name']}")
 
-    scorer = HFChoiceScorer(
-        model, tok, batch_tokens=args.batch_tokens, max_row_tokens=args.max_row_tokens
-    )
+    scorer = HFChoiceScorer(model, tok, batch_tokens=batch_tokens, max_row_tokens=max_row_tokens)
 
     # 1. correctness against one unpadded forward per answer, same dtype and float32
-    check = requests[: args.check_items]
+    check = requests[:check_items]
     packed = scorer.score(check)
     pairs = [(o.context, o.continuation) for opts in scorer.encode(check) for o in opts]
     flat = [v for s in packed for v in s.logprobs]
@@ -191,12 +199,21 @@ def main() -> None:
             same += top(list(s.logprobs))[0] == win
     print(
         f"check on {len(check)} items: max |packed - naive| = {diff:.3g} nats in {dtype} "
-        f"(tolerance {args.tolerance}); max |packed - float32| = {err:.3g} nats; "
+        f"(tolerance {tolerance}); max |packed - float32| = {err:.3g} nats; "
         f"decisions equal to float32 where its margin exceeds that: {same}/{clear}"
     )
-    if not diff <= args.tolerance:
+    out.update(
+        check_items=len(check),
+        max_packed_vs_naive=diff,
+        tolerance=tolerance,
+        max_packed_vs_fp32=err,
+        fp32_decisions_equal=same,
+        fp32_decisions_clear=clear,
+        check_passed=bool(diff <= tolerance),
+    )
+    if not out["check_passed"]:
         print("FAILED: packed scores differ from the per-answer forwards")
-        raise SystemExit(1)
+        return out
 
     # 2. the device's dense matmul rate, the reference for utilisation
     peak = matmul_tflops(torch, dev, dtype)
@@ -232,10 +249,56 @@ def main() -> None:
     )
     print(f"matmul rate: {tflops:.1f} TFLOP/s = {100 * tflops / peak:.0f} % of the measured rate")
     if on_gpu:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        print(f"peak GPU memory: {out['peak_gpu_gib']:.1f} GiB")
     print(f"tokenisation: {tok_secs:.2f} s ({n / tok_secs:.0f} items/s, one CPU process)")
     full = BBQ_ITEMS / n * (secs + tok_secs)
     print(f"projected full BBQ ({BBQ_ITEMS:,} items): {full:.0f} s, tokenisation included")
+    out.update(
+        items=n,
+        batches=batches,
+        scoring_s=secs,
+        items_per_s=n / secs,
+        forward_tokens_per_s=fwd / secs,
+        useful_tokens_per_s=useful / secs,
+        matmul_peak_tflops=peak,
+        tflops=tflops,
+        utilisation=tflops / peak,
+        tokenisation_s=tok_secs,
+        projected_full_bbq_s=full,
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", type=Path, default=None, help="write inputs here and stop")
+    ap.add_argument("--bbq-dir", default=None)
+    ap.add_argument("--inputs", type=Path, default=Path("gpu-inputs"))
+    ap.add_argument("--items", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", choices=("qwen2.5-7b", "tiny"), default="qwen2.5-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-tokens", type=int, default=32768)
+    ap.add_argument("--max-row-tokens", type=int, default=512)
+    ap.add_argument("--check-items", type=int, default=64)
+    ap.add_argument("--tolerance", type=float, default=0.1, help="packed vs naive, nats")
+    args = ap.parse_args()
+    if args.export is not None:
+        export(args.export, args.bbq_dir, args.items, args.seed)
+        return
+    res = measure(
+        args.inputs,
+        items=args.items,
+        config=args.config,
+        device=args.device,
+        batch_tokens=args.batch_tokens,
+        max_row_tokens=args.max_row_tokens,
+        check_items=args.check_items,
+        tolerance=args.tolerance,
+    )
+    if not res["check_passed"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

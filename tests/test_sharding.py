@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from spillover.align.sharding import (
     missing_adapter_files,
 )
 from spillover.errors import ConfigError, ModelError
-from test_align import cfg_for, lora_weights, tiny_pairs
+from test_align import CHOSEN, cfg_for, lora_weights, tiny_pairs
 from tiny_models import make_tiny
 
 ZERO3 = {
@@ -212,3 +215,113 @@ def test_the_compact_lm_head_stays_off_sharded_and_non_cpu_weights() -> None:
     weight.ds_id = 7  # type: ignore[attr-defined]  # how DeepSpeed ZeRO-3 marks a partition
     assert _sharded(weight)
     assert _sharded(torch.nn.Parameter(torch.zeros(0)))  # a ZeRO-3 shard's local data
+
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO3_CPU_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: true
+  zero3_save_16bit_model: true
+  zero_stage: 3
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: true
+"""
+"""configs/accelerate/deepspeed_zero3.yaml for two CPU processes (no bf16 on this CPU)."""
+ENGINE_PROBE = """\
+import sys
+
+import spillover.align.train as train
+from spillover.cli import main
+
+real = train._run_training
+
+
+def run(trainer, *args, **kwargs):
+    out = real(trainer, *args, **kwargs)
+    weight = next(trainer.model.parameters())
+    print(f"engine: {type(trainer.model_wrapped).__name__}, partitioned: {hasattr(weight, 'ds_id')}")
+    return out
+
+
+train._run_training = run
+sys.argv = ["spillover", *sys.argv[1:]]
+main()
+"""
+"""`spillover align`, printing after training what wraps the model and whether its parameters
+are ZeRO-3 partitions (DeepSpeed marks those with ``ds_id``)."""
+
+
+@pytest.mark.skipif(
+    not HAS_DEEPSPEED,
+    reason="deepspeed is not installed (pip install --no-build-isolation deepspeed; on a "
+    "machine without CUDA it runs on DeepSpeed's CPU accelerator)",
+)
+def test_two_process_zero3_training_saves_the_whole_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with a ZeRO-3 config, 2 CPU processes x batch 2: the parameters are
+    really partitioned (DeepSpeed's engine), the saved adapter has the full LoRA shapes,
+    loads, and equals one process with batch 4."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    df = tiny_pairs(32)
+    df["chosen"] = [CHOSEN[(i // 4) % 4] for i in range(32)]  # vary the pairs per step
+    df.to_parquet(pairs / "train.parquet")
+    (pairs / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    config = tmp_path / "zero3_cpu.yaml"
+    config.write_text(ZERO3_CPU_CONFIG)
+    common = [
+        "-m", "spillover", "align", "--model", str(tiny_dir), "--pairs", str(pairs),
+        "--max-steps", "3", "--target-modules", "q_proj,v_proj", "--no-bf16",
+        "--device", "cpu", "--lr", "0.05", "--lora-r", "4", "--lora-alpha", "8",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, *common, "--batch-size", "4", "--out", str(one)],
+        check=True,
+        capture_output=True,
+    )
+    probe = tmp_path / "probe.py"
+    probe.write_text(ENGINE_PROBE)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    proc = subprocess.run(
+        [*launch, str(probe), *common[2:], "--batch-size", "2", "--out", str(two)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter ->") == 1  # the main process reports
+    assert proc.stdout.count("engine: DeepSpeedEngine, partitioned: True") == 2, proc.stdout
+    assert missing_adapter_files(two) == []
+    a, b = lora_weights(one), lora_weights(two)
+    assert sorted(a) == sorted(b)
+    assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 0.01  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    losses = [
+        [h["loss"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
+        for d in (one, two)
+    ]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    loaded = PeftModel.from_pretrained(base, str(two))
+    state = loaded.state_dict()
+    key = next(k for k in state if "lora_B" in k)
+    assert torch.equal(state[key], b[key.replace(".default", "")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one",
+        "pairs",
+        "probe.py",
+        "two",
+        "zero3_cpu.yaml",
+    ]  # no scratch folder left
