@@ -284,27 +284,23 @@ def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(
     assert all(layer._compiled_call_impl is None for layer in lm.model.model.layers)
 
 
-def test_auto_compile_follows_size_device_and_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
+def test_compile_is_asked_for_through_the_environment_only(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spillover.evaluate.hf import COMPILE_MIN_REQUESTS, auto_compile, compile_available
+    from spillover.evaluate.hf import compile_requested
 
     monkeypatch.delenv("SPILLOVER_COMPILE", raising=False)
-    assert auto_compile("cpu", COMPILE_MIN_REQUESTS) is compile_available()
-    assert auto_compile("cpu", COMPILE_MIN_REQUESTS - 1) is False
-    assert auto_compile("cuda:0", 10**6) is False
-    monkeypatch.setenv("SPILLOVER_COMPILE", "1")
-    assert auto_compile("cuda:0", 1) is True
+    assert compile_requested() is False
     monkeypatch.setenv("SPILLOVER_COMPILE", "0")
-    assert auto_compile("cpu", 10**6) is False
+    assert compile_requested() is False
+    monkeypatch.setenv("SPILLOVER_COMPILE", "1")
+    assert compile_requested() is True
     monkeypatch.setenv("SPILLOVER_COMPILE", "yes")
     with pytest.raises(ConfigError, match=r"\$SPILLOVER_COMPILE='yes'; expected 0, 1 or unset"):
-        auto_compile("cpu", 10)
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.delenv("SPILLOVER_COMPILE")
-    assert compile_available() is False
-    assert auto_compile("cpu", 10**6) is False
+        compile_requested()
+    # evaluate_model reads it before any work
+    with pytest.raises(ConfigError, match="SPILLOVER_COMPILE"):
+        evaluate_model(load_model(str(tiny_dir), device="cpu"), ITEMS, EvalConfig())
 
 
 def test_options_with_different_contexts_are_scored_apart(tiny: Any) -> None:

@@ -366,7 +366,7 @@ def load_model(
         merge_adapter: Merge the adapter into the weights (inference only): the model is
             then a plain transformers model and runs as fast as the base, where an unmerged
             adapter adds its low-rank products to every adapted layer (measured on the
-            default study's aligned SmolLM2: bf16 scoring 1.25x faster, float32 1.19x, every
+            default study's aligned SmolLM2: bf16 scoring 1.7x faster, float32 1.2x, every
             float32 prediction equal, log-probabilities within 5e-5; docs/benchmarks.md).
 
     Raises:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,32 +37,24 @@ BBQ request is about 60 tokens: rows of 96 tokens with eager attention scored 50
 pass in 15.2-17.0 s against 19.1-19.4 s for 256-token rows with SDPA (2 cores, AVX512-BF16;
 docs/benchmarks.md, "Row width and attention on a CPU")."""
 
-COMPILE_MIN_REQUESTS = 1000
-"""Smallest evaluation (requests) whose bf16 pass is compiled by default on a CPU. Compiling the
-decoder layer took 36 s the first time on 2 cores and about 4 s once inductor's cache holds it,
-and made SmolLM2-135M's bf16 pass 1.4x faster (docs/benchmarks.md, "Compiled bf16 pass"): below
-about a thousand requests the first compile costs more than it saves."""
-
 ENV_COMPILE = "SPILLOVER_COMPILE"
-"""``0`` never compiles the scoring pass, ``1`` always does (CPU or not); unset: automatic."""
+"""``1`` runs the bf16 pass of ``evaluate_model`` through ``torch.compile``; ``0`` or unset does
+not. Off by default: on 2 cores with AVX512-BF16 it made SmolLM2-135M's bf16 pass 0-15 % faster
+(noise of the same size) and a 1,100-item ``spillover eval`` took 59.6 s of scoring compiled
+against 58.6 s eager, while the first compile on a machine costs about 36 s
+(docs/benchmarks.md, "Compiled bf16 pass")."""
 
 
-def compile_available() -> bool:
-    """Whether torch.compile's CPU backend can build kernels here (a C++ compiler on PATH)."""
-    cxx = os.environ.get("CXX")
-    return bool((cxx and shutil.which(cxx)) or shutil.which("g++") or shutil.which("clang++"))
+def compile_requested() -> bool:
+    """Whether ``$SPILLOVER_COMPILE`` asks for the compiled bf16 pass.
 
-
-def auto_compile(device: str, n_requests: int) -> bool:
-    """Whether :class:`HFChoiceScorer` should compile its bf16 pass for this evaluation:
-    ``$SPILLOVER_COMPILE`` if set, else on a CPU with a C++ compiler for at least
-    :data:`COMPILE_MIN_REQUESTS` requests."""
+    Raises:
+        ConfigError: a value other than ``0``, ``1`` or empty.
+    """
     env = os.environ.get(ENV_COMPILE, "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
+    if env not in ("", "0", "1"):
         raise ConfigError(f"${ENV_COMPILE}={env!r}; expected 0, 1 or unset")
-    return device == "cpu" and n_requests >= COMPILE_MIN_REQUESTS and compile_available()
+    return env == "1"
 
 
 def _inductor_cache() -> None:
@@ -234,8 +225,7 @@ class HFChoiceScorer:
             half of a CPU pass; matmuls are unchanged). The layers are compiled for the
             pass only and the model is left as it was; if compiling fails, the pass falls
             back to eager with a warning. The float32 rescoring is never compiled (it gained
-            nothing measurable). Off by default; :func:`auto_compile` decides for
-            ``evaluate_model``.
+            nothing measurable). Off by default (see :data:`ENV_COMPILE`).
     """
 
     def __init__(

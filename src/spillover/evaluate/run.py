@@ -36,7 +36,7 @@ from .files import (
     write_shard,
     write_table,
 )
-from .hf import HFChoiceScorer, auto_compile
+from .hf import HFChoiceScorer, compile_requested
 from .scoring import ChoiceRequest, ChoiceScorer, ChoiceScores
 
 logger = logging.getLogger(__name__)
@@ -264,8 +264,8 @@ def evaluate_model(
         out: Predictions Parquet file to write, or None to only return predictions.
         progress: ``progress(done, total)`` callback in rows (items x permutations).
         provenance: Extra file metadata, e.g. ``{"bbq": data.provenance()}``.
-        scorer: Scoring backend; defaults to :class:`HFChoiceScorer` on the model, its bf16
-            pass compiled as :func:`~spillover.evaluate.hf.auto_compile` decides.
+        scorer: Scoring backend; defaults to :class:`HFChoiceScorer` on the model (its bf16
+            pass compiled when ``$SPILLOVER_COMPILE`` is ``1``).
 
     Returns:
         Predictions in output order.
@@ -282,13 +282,12 @@ def evaluate_model(
     tokenizer = loaded_model.tokenizer
     render(ordered[0], cfg.prompt_format, tokenizer=tokenizer)  # fail early (chat template)
     if scorer is None:
-        n_requests = len(ordered) * len(permutations(cfg.permutations))
         scorer = HFChoiceScorer(
             loaded_model.model,
             tokenizer,
             batch_tokens=cfg.batch_tokens,
             boundary=cfg.boundary,
-            compile=auto_compile(loaded_model.device, n_requests),
+            compile=compile_requested(),
         )
     cfg = resolve_precision(cfg, loaded_model, scorer)
     model_info = loaded_model.provenance()
