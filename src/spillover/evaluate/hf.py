@@ -61,7 +61,7 @@ def _inductor_cache() -> None:
     """Keep inductor's compiled kernels with spillover's other caches (unless the user chose
     a place), so a warm cache means a fast compile after a reboot too."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from ..data.sources import default_cache_root
+        from ..data import default_cache_root
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_root() / "inductor")
 
