@@ -61,6 +61,39 @@ def lora_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
+def logged_losses(adapter_dir: Path) -> list[float]:
+    """The per-step losses a training wrote to its ``log_history.json``."""
+    history = json.loads((adapter_dir / "log_history.json").read_text())
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def one_process_reference(tiny_dir: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """For the two-process tests: pairs that vary per step under ``tmp_path/pairs``, the
+    ``python -m spillover align`` arguments (without batch size and output), and the folder
+    of the one-process run with the combined batch of 4 they are compared with."""
+    import subprocess
+    import sys
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    df = tiny_pairs(32)
+    df["chosen"] = [CHOSEN[(i // 4) % 4] for i in range(32)]  # vary the pairs per step
+    df.to_parquet(pairs / "train.parquet")
+    (pairs / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    common = [
+        "-m", "spillover", "align", "--model", str(tiny_dir), "--pairs", str(pairs),
+        "--max-steps", "3", "--target-modules", "q_proj,v_proj", "--no-bf16",
+        "--device", "cpu", "--lr", "0.05", "--lora-r", "4", "--lora-alpha", "8",
+    ]  # fmt: skip
+    one = tmp_path / "one"
+    subprocess.run(
+        [sys.executable, *common, "--batch-size", "4", "--out", str(one)],
+        check=True,
+        capture_output=True,
+    )
+    return common, one
+
+
 def cfg_for(model: Path, out: Path, method: str, **kw: Any) -> AlignConfig:
     base: dict[str, Any] = {
         "method": method,
@@ -393,23 +426,8 @@ def test_two_process_training_equals_one_process_with_the_combined_batch(
     import subprocess
     import sys
 
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    df = tiny_pairs(32)
-    df["chosen"] = [CHOSEN[(i // 4) % 4] for i in range(32)]  # vary the pairs per step
-    df.to_parquet(pairs / "train.parquet")
-    (pairs / "split.json").write_text(json.dumps({"heldout_templates": {}}))
-    common = [
-        "-m", "spillover", "align", "--model", str(tiny_dir), "--pairs", str(pairs),
-        "--max-steps", "3", "--target-modules", "q_proj,v_proj", "--no-bf16",
-        "--device", "cpu", "--lr", "0.05", "--lora-r", "4", "--lora-alpha", "8",
-    ]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        [sys.executable, *common, "--batch-size", "4", "--out", str(one)],
-        check=True,
-        capture_output=True,
-    )
+    common, one = one_process_reference(tiny_dir, tmp_path)
+    two = tmp_path / "two"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", *common, "--batch-size", "2", "--out", str(two)],
@@ -418,10 +436,7 @@ def test_two_process_training_equals_one_process_with_the_combined_batch(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter ->") == 1  # the main process reports
-    losses = [
-        [h["loss"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
-        for d in (one, two)
-    ]
+    losses = [logged_losses(d) for d in (one, two)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0][-1] < losses[0][0]
     a, b = lora_weights(one), lora_weights(two)
     assert sorted(a) == sorted(b)

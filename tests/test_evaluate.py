@@ -583,6 +583,7 @@ def test_adapter_changes_predictions_and_equals_merged(tiny_dir: Path, tmp_path:
     # and the provenance says both which adapter and that it was merged
     loaded, scorer = load_for_eval(str(tiny_dir), cfg, adapter=adapter_dir, device="cpu")
     assert scorer is None and not hasattr(loaded.model, "peft_config")
+    assert not any(m.training for m in loaded.model.modules())  # still in eval mode
     assert loaded.provenance()["adapter_merged"] is True
     assert loaded.provenance()["adapter"] == str(adapter_dir.resolve())
     via_stage = evaluate_model(loaded, ITEMS, cfg)

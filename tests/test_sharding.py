@@ -22,7 +22,7 @@ from spillover.align.sharding import (
     missing_adapter_files,
 )
 from spillover.errors import ConfigError, ModelError
-from test_align import CHOSEN, cfg_for, lora_weights, tiny_pairs
+from test_align import cfg_for, logged_losses, lora_weights, one_process_reference, tiny_pairs
 from tiny_models import make_tiny
 
 ZERO3 = {
@@ -272,25 +272,10 @@ def test_two_process_zero3_training_saves_the_whole_adapter(tiny_dir: Path, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    df = tiny_pairs(32)
-    df["chosen"] = [CHOSEN[(i // 4) % 4] for i in range(32)]  # vary the pairs per step
-    df.to_parquet(pairs / "train.parquet")
-    (pairs / "split.json").write_text(json.dumps({"heldout_templates": {}}))
+    common, one = one_process_reference(tiny_dir, tmp_path)
+    two = tmp_path / "two"
     config = tmp_path / "zero3_cpu.yaml"
     config.write_text(ZERO3_CPU_CONFIG)
-    common = [
-        "-m", "spillover", "align", "--model", str(tiny_dir), "--pairs", str(pairs),
-        "--max-steps", "3", "--target-modules", "q_proj,v_proj", "--no-bf16",
-        "--device", "cpu", "--lr", "0.05", "--lora-r", "4", "--lora-alpha", "8",
-    ]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        [sys.executable, *common, "--batch-size", "4", "--out", str(one)],
-        check=True,
-        capture_output=True,
-    )
     probe = tmp_path / "probe.py"
     probe.write_text(ENGINE_PROBE)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
@@ -308,10 +293,7 @@ def test_two_process_zero3_training_saves_the_whole_adapter(tiny_dir: Path, tmp_
     assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 0.01  # it trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
-    losses = [
-        [h["loss"] for h in json.loads((d / "log_history.json").read_text()) if "loss" in h]
-        for d in (one, two)
-    ]
+    losses = [logged_losses(d) for d in (one, two)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     loaded = PeftModel.from_pretrained(base, str(two))

@@ -418,12 +418,8 @@ def apply_adapter(model: Any, adapter: str | os.PathLike[str], *, merge: bool = 
     from peft import PeftModel
 
     wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    wrapped.eval()
-    if merge:
-        merged = wrapped.merge_and_unload()
-        merged.eval()
-        return merged
-    return wrapped
+    wrapped.eval()  # reaches the base modules, so a merged model stays in eval mode
+    return wrapped.merge_and_unload() if merge else wrapped
 
 
 __all__ = [
