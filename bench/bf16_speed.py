@@ -3,8 +3,9 @@
 Usage: python bench/bf16_speed.py [--size 1024] [--repeat 20]
 
 Prints the seconds per product of two size x size matrices in each dtype, their ratio, and
-whether oneDNN reports native bf16 support (what ``spillover.models.fast_bf16`` reads to choose
-bf16 autocast for training and bf16-verified scoring). Run it alone on the machine.
+whether oneDNN reports bf16 support (true wherever it can emulate bf16, e.g. any AVX-512 CPU) and
+whether the CPU has bf16 instructions (``spillover.models.native_cpu_bf16``, what ``fast_bf16``
+reads to choose bf16 autocast for training and bf16-verified scoring). Run it alone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main() -> None:
 
     import torch
 
-    from spillover.models import fast_bf16
+    from spillover.models import fast_bf16, native_cpu_bf16
 
     torch.manual_seed(0)
     a, b = torch.randn(args.size, args.size), torch.randn(args.size, args.size)
@@ -38,7 +39,8 @@ def main() -> None:
         names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
     cpu = names[0] if names else "unknown"
     print(f"cpu: {cpu}; torch threads: {torch.get_num_threads()}; load average: {os.getloadavg()}")
-    print(f"oneDNN native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(f"oneDNN reports bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(f"bf16 instructions (AVX512-BF16 / AMX-BF16): {native_cpu_bf16()}")
     print(f"fast_bf16('cpu'): {fast_bf16('cpu')}")
     for dtype, s in seconds.items():
         print(f"{dtype!s:15s} {s * 1000:9.2f} ms per {args.size}x{args.size} product")

@@ -124,3 +124,42 @@ def test_unsafe_model_folders_are_refused_in_one_line(
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert needle in " ".join(res.output.split())
     assert not (tmp_path / "ran").exists() and not out.exists()  # nothing ran, nothing written
+
+
+def _linux_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def test_native_cpu_bf16_means_bf16_instructions_not_onednn_support() -> None:
+    """oneDNN reports bf16 "supported" on any AVX-512 CPU (it emulates it there); the choice of
+    bf16 follows the CPU's own bf16 instructions, as Linux lists them."""
+    flags = _linux_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    expected = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert models.native_cpu_bf16() is expected
+    assert models.fast_bf16("cpu") is expected
+    assert models.fast_bf16("mps") is False
+
+
+def test_native_cpu_bf16_falls_back_to_the_linux_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    for flags, expected in [
+        ({"avx512f", "avx512bw", "avx512_vnni"}, False),  # Ice Lake: AVX-512, no bf16
+        ({"avx2", "fma"}, False),
+        ({"avx512f", "avx512_bf16"}, True),  # Cooper Lake, Zen 4
+        ({"amx_tile", "amx_bf16"}, True),  # Sapphire Rapids
+        (set(), False),
+    ]:
+        monkeypatch.setattr(models, "_cpu_flags", lambda f=flags: frozenset(f))
+        assert models.native_cpu_bf16() is expected, flags

@@ -198,16 +198,50 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16).
+
+    oneDNN's own ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not this question: it is
+    also true on AVX-512 CPUs without bf16 instructions (Skylake to Ice Lake servers), where
+    oneDNN emulates bf16, measured 2.9-4.5x slower than float32 on an Ice Lake Xeon
+    (``bench/bf16_speed.py``). torch's probes of the instructions themselves are private,
+    so the Linux flags are the fallback.
+    """
+    import torch
+
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [p for p in (getattr(torch.cpu, n, None) for n in names) if callable(p)]
+    if len(probes) == len(names):
+        try:
+            return any(bool(p()) for p in probes)
+        except RuntimeError:
+            pass
+    flags = _cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def fast_bf16(device: str) -> bool:
     """Whether bfloat16 matrix products are fast on ``device``: a CUDA GPU with bf16 support,
-    or a CPU with native bf16 instructions (AVX512-BF16 or AMX, as oneDNN reports). Without
-    them, CPUs emulate bf16: measured 59x slower than float32 on an AVX2-only CPU
-    (``bench/bf16_speed.py``)."""
+    or a CPU with native bf16 instructions (:func:`native_cpu_bf16`). Without them, CPUs
+    emulate bf16: measured 128x slower than float32 on an AVX2-only CPU and 2.9-4.5x slower on an
+    AVX-512 CPU without AVX512-BF16 (``bench/bf16_speed.py``)."""
     import torch
 
     if device.startswith("cuda"):
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool(device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device == "cpu" and native_cpu_bf16()
 
 
 def embedded_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
