@@ -58,6 +58,11 @@ def test_the_launch_is_read_from_accelerates_environment() -> None:
     plain = launch_from_env({"ACCELERATE_MIXED_PRECISION": "no"})
     assert (plain.kind, plain.sharded, plain.mixed_precision) == ("single", False, "no")
     assert launch_from_env({}) == Launch()
+    # accelerate trains an FSDP config launched with --cpu as plain data parallelism
+    cpu = launch_from_env({**FSDP, "ACCELERATE_USE_CPU": "True"})
+    assert (cpu.kind, cpu.sharded, cpu.describe()) == ("single", False, "one process")
+    check_launch(cpu, merge=True, load_in_4bit=False, bf16=None)
+    assert launch_from_env({**FSDP, "ACCELERATE_USE_CPU": "False"}).sharded
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """How training was launched (one process, DDP, FSDP, DeepSpeed) and what that allows.
 
 ``accelerate launch`` describes the launch to its processes through environment
-variables (``accelerate.utils.launch``: ``ACCELERATE_USE_FSDP``, ``FSDP_STATE_DICT_TYPE``,
-``FSDP_CPU_RAM_EFFICIENT_LOADING``, ``ACCELERATE_USE_DEEPSPEED``,
+variables (``accelerate.utils.launch``: ``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_CPU``,
+``FSDP_STATE_DICT_TYPE``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``, ``ACCELERATE_USE_DEEPSPEED``,
 ``ACCELERATE_DEEPSPEED_ZERO_STAGE``, ``ACCELERATE_MIXED_PRECISION``). They are read here,
 before any model is loaded, so that combinations the training path cannot honour fail in
 one line before any work:
@@ -80,7 +80,10 @@ def launch_from_env(env: Mapping[str, str] | None = None) -> Launch:
         return Launch(
             kind="deepspeed", zero_stage=int(stage) if stage.isdigit() else None, mixed_precision=mp
         )
-    if _flag(env, "ACCELERATE_USE_FSDP"):
+    if _flag(env, "ACCELERATE_USE_FSDP") and not _flag(env, "ACCELERATE_USE_CPU"):
+        # An FSDP config launched with --cpu is trained as plain data parallelism: accelerate's
+        # AcceleratorState turns FSDP on only for GPU-type (MULTI_GPU, MULTI_XPU, ...) launches,
+        # never MULTI_CPU (read in accelerate 1.16), so nothing is sharded and merging works.
         return Launch(
             kind="fsdp",
             fsdp_state_dict_type=env.get("FSDP_STATE_DICT_TYPE") or None,
