@@ -227,8 +227,9 @@ class Bars:
     """Progress of named tasks: rich bars on a terminal, plain lines anywhere else.
 
     Off a terminal (a log file, a pipe, SLURM, CI) a task prints one line when it starts, a
-    line with done / total, rate and ETA at most every :func:`progress_seconds`, and one line
-    when it finishes, with its time. Rich columns may show ``{task.fields[note]}``.
+    line with done / total, rate and ETA at most every :func:`progress_seconds` (the rate
+    since the previous line; the first line has none, as its window holds the start-up), and
+    one line when it finishes, with its time. Rich columns may show ``{task.fields[note]}``.
     """
 
     def __init__(
@@ -305,7 +306,10 @@ class Bars:
             parts.append(f"{100 * line.done / line.total:.0f}%")
         window = now - line.printed
         rate = (line.done - line.printed_done) / window if window > 0 else 0.0
-        if rate > 0:
+        # The first line's window holds the start-up too (model load, tokenisation, the
+        # reference pass of DPO): a rate from it said "ETA 35m" for a 3-minute training.
+        # Rates start at the first line.
+        if rate > 0 and line.printed_done > 0:
             parts.append(f"{self._qty(line, rate)}/s")
             if line.total:
                 parts.append(f"ETA {clock(max(0.0, line.total - line.done) / rate)}")
