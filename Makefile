@@ -6,8 +6,12 @@ VENV ?= .venv
 # A CPU build of torch is taken from local wheels where available; GPU users:
 # install the torch build for your CUDA first (see README), then run make.
 TORCH_SPEC ?= torch==2.13.0
+# The tests also launch a 2-process DeepSpeed ZeRO-3 training (on DeepSpeed's CPU accelerator
+# where there is no GPU). Its setup imports torch, hence no build isolation; no ops are built.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spillover-installed
+TEST_STAMP := $(VENV)/.spillover-test-installed
 HINT := spillover is installed in $(VENV): call $(BIN)/spillover (e.g. $(BIN)/spillover --help), or activate the environment first with: . $(BIN)/activate
 
 .PHONY: demo test install lint clean
@@ -29,7 +33,11 @@ demo: $(STAMP)
 	$(BIN)/spillover run
 	@echo "$(HINT)"
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -217,7 +217,8 @@ def native_cpu_bf16() -> bool:
     also true on AVX-512 CPUs without bf16 instructions (Skylake to Ice Lake servers), where
     oneDNN emulates bf16, measured 2.9-4.5x slower than float32 on an Ice Lake Xeon
     (``bench/bf16_speed.py``). torch's probes of the instructions themselves are private,
-    so the Linux flags are the fallback.
+    so the Linux flags are the fallback. Arm CPUs' bf16 (``Features: ... bf16``) is not
+    counted: unmeasured here, so they score and train in float32.
     """
     import torch
 
