@@ -21,8 +21,10 @@ steps. Each arm runs in its own Python process so that its peak RSS is clean.
   pad each batch to its longest). ``padding_free`` is not available for DPO in TRL 1.16
   (it warns and falls back) and Liger kernels need a GPU, so neither applies here.
 * ``ours``: ``spillover.align.train_adapter`` with the ``smollm2-135m`` preset
-  (bf16 autocast, reference log-probs precomputed once, no gradient
-  checkpointing, pair packing, only the rows a ``max_steps`` run uses).
+  (bf16 autocast where the CPU has bf16 instructions, reference log-probs precomputed once,
+  no gradient checkpointing, pair packing, only the rows a ``max_steps`` run uses). Its loop
+  time includes the preset's periodic held-out evaluation, which the TRL arms do not run;
+  ``--variants '[{"eval_strategy": "no"}]'`` adds an arm doing the same work as theirs.
 
 Reported per arm: training-loop steps/s (``trainer.train()`` only), end-to-end
 steps/s (model loading, trainer construction, tokenization, reference
