@@ -307,7 +307,7 @@ class Bars:
         window = now - line.printed
         rate = (line.done - line.printed_done) / window if window > 0 else 0.0
         # The first line's window holds the start-up too (model load, tokenisation, the
-        # reference pass of DPO): a rate from it said "ETA 35m" for a 3-minute training.
+        # reference pass of DPO): a rate from it said "ETA 35m" for a 3.5-minute training.
         # Rates start at the first line.
         if rate > 0 and line.printed_done > 0:
             parts.append(f"{self._qty(line, rate)}/s")
