@@ -112,6 +112,83 @@ def compare(ours_file: Path, lm_eval_out: Path) -> list[str]:
     ]
 
 
+def _batch_size(value: str) -> int | None:
+    """lm-eval's ``--batch_size`` as a number (None for ``auto``: padding then not counted)."""
+    return int(value) if value.isdigit() else None
+
+
+def model_work(work: Path, folder: str, batch_size: int | None) -> dict[str, int]:
+    """The arithmetic each system asks of the model, from token counts (no timing).
+
+    Ours: the token positions its packed rows ran through the model (``forward_tokens`` of the
+    predictions file ``work/ours.parquet``, padding included) and the LM head on scored
+    positions only (one per answer token). lm-eval (``hf``, 0.4.x ``loglikelihood``) on the
+    items of ``work/items.jsonl``: every choice as its own sequence, ``context + " " + choice``
+    encoded whole and its last token dropped, batches of ``batch_size`` sorted by length and
+    right-padded to their longest (padding not counted for ``auto``), the LM head on every
+    position. FLOPs are 2 x parameters per position for the decoder body (embedding excluded)
+    and 2 x vocab x hidden per LM-head position; attention scores are left out (rows and
+    sequences are under 300 tokens, where they are a few per cent). When both systems run
+    their matrix products at the same rate, the ratio bounds the whole-process speed-up.
+    """
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spillover.evaluate.files import read_metadata
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.quantization_config = None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    body = total - embed.numel() - (0 if head is embed else head.numel())
+
+    ours_file = work / "ours.parquet"
+    cols = pq.read_table(ours_file, columns=["n_tokens_0", "n_tokens_1", "n_tokens_2"])
+    lengths: list[int] = []
+    for line in (work / "items.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        context = f"{doc['context']}\n\nQ: {doc['question']}\nA:"
+        for choice in doc["choices"]:
+            whole = tok.encode(context + " " + choice, add_special_tokens=False)
+            lengths.append(len(whole) - 1)
+    lengths.sort(reverse=True)
+    step = batch_size or 1
+    return {
+        "items": len(lengths) // 3,
+        "body_params": body,
+        "head_params": head.numel(),
+        "ours_positions": int(read_metadata(ours_file)["scorer_stats"]["forward_tokens"]),
+        "ours_head_positions": sum(sum(c.to_pylist()) for c in cols.columns),
+        "lm_eval_positions": sum(
+            max(lengths[i : i + step]) * len(lengths[i : i + step])
+            for i in range(0, len(lengths), step)
+        ),
+        "lm_eval_unpadded": sum(lengths),
+    }
+
+
+def work_lines(w: dict[str, int]) -> list[str]:
+    """:func:`model_work` as a table, with the GFLOP ratio."""
+    body, head, n = 2 * w["body_params"], 2 * w["head_params"], w["items"]
+    ours = (w["ours_positions"] * body + w["ours_head_positions"] * head) / 1e9
+    lm = w["lm_eval_positions"] * (body + head) / 1e9
+    return [
+        f"model work ({w['body_params'] / 1e6:.1f} M body parameters, LM head "
+        f"{w['head_params'] / 1e6:.1f} M; attention scores left out):",
+        f"{'system':<10} {'positions':>10} {'LM head':>10} {'GFLOP':>8} {'GFLOP/item':>11}",
+        f"{'spillover':<10} {w['ours_positions']:10d} {w['ours_head_positions']:10d} "
+        f"{ours:8.0f} {ours / n:11.2f}",
+        f"{'lm-eval':<10} {w['lm_eval_positions']:10d} {w['lm_eval_positions']:10d} "
+        f"{lm:8.0f} {lm / n:11.2f}  (unpadded {w['lm_eval_unpadded']})",
+        f"work ratio (lm-eval / spillover GFLOP): {lm / ours:.2f}x",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
@@ -137,11 +214,15 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.compare_only is not None:
-        print(
-            "\n".join(
-                compare(args.compare_only / "ours.parquet", args.compare_only / "lm_eval_out")
-            )
+        sys.path.insert(0, str(ROOT / "src"))
+        from spillover.models import EMBEDDED_ALIAS, prepare_embedded
+
+        folder = str(prepare_embedded()) if args.model == EMBEDDED_ALIAS else args.model
+        out = compare(args.compare_only / "ours.parquet", args.compare_only / "lm_eval_out")
+        out += work_lines(
+            model_work(args.compare_only, folder, _batch_size(args.lm_eval_batch_size))
         )
+        print("\n".join(out))
         return
     if not args.bbq_dir:
         raise SystemExit("give --bbq-dir or set SPILLOVER_BBQ_DIR")
@@ -242,6 +323,8 @@ def main() -> None:
         if m:
             print(f"spillover inside its run: model load {m[1]} s, scoring {m[2]} s")
         print("\n".join(agreement))
+        work_done = model_work(work, folder, _batch_size(args.lm_eval_batch_size))
+        print("\n".join(work_lines(work_done)))
 
         if args.bf16:
             bf_out = work / "ours_bf16.parquet"

@@ -27,6 +27,7 @@ from spillover.data import CATEGORIES, BBQItem  # noqa: E402
 from spillover.errors import ConfigError  # noqa: E402
 from spillover.evaluate import (  # noqa: E402
     PREDICTION_COLUMNS,
+    ChoiceEncoder,
     ChoiceRequest,
     ChoiceScores,
     EncodedOption,
@@ -936,3 +937,56 @@ def test_progress_advances_per_batch_with_the_total_from_the_start(
     evaluate_model(tiny, ITEMS, small, out=out, progress=lambda d, t: again.append((d, t)))
     assert again[0] == (0, len(ITEMS)) and again[-1] == (len(ITEMS), len(ITEMS))
     assert [d for d, _ in again] == sorted(d for d, _ in again)
+
+
+def test_bench_model_work_counts_parameters_and_positions(
+    tiny: Any, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """bench/eval_throughput.py's work count (what bounds the float32 speed-up against
+    lm-eval): the parameter split equals the tiny config's hand count, ours' positions are
+    the scorer's own counter, lm-eval's equal our encoder's context + continuation lengths."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_throughput", Path(__file__).resolve().parents[1] / "bench" / "eval_throughput.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    evaluate_model(tiny, ITEMS, EvalConfig(precision="model"), out=tmp_path / "ours.parquet")
+    with open(tmp_path / "items.jsonl", "w") as fh:
+        for it in ITEMS:
+            doc = {"context": it.context, "question": it.question, "choices": list(it.answers)}
+            fh.write(json.dumps(doc) + "\n")
+    w1 = bench.model_work(tmp_path, str(tiny_dir), 1)
+    w4 = bench.model_work(tmp_path, str(tiny_dir), 4)
+
+    # hidden 32, MLP 64, 2 layers, 4 heads of 8, 2 KV heads; untied head over the vocabulary
+    per_layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32  # q, o; k, v; MLP; 2 norms
+    vocab = AutoConfig.from_pretrained(tiny_dir).vocab_size
+    assert w1["body_params"] == 2 * per_layer + 32  # + the final norm
+    assert w1["head_params"] == vocab * 32
+    assert w1["items"] == len(ITEMS)
+
+    meta = read_metadata(tmp_path / "ours.parquet")
+    assert w1["ours_positions"] == meta["scorer_stats"]["forward_tokens"]
+    table = pq.read_table(tmp_path / "ours.parquet").to_pylist()
+    assert w1["ours_head_positions"] == sum(r[f"n_tokens_{j}"] for r in table for j in range(3))
+
+    encoder = ChoiceEncoder(AutoTokenizer.from_pretrained(tiny_dir))
+    requests = [
+        ChoiceRequest(f"{it.context}\n\nQ: {it.question}\nA:", tuple(" " + a for a in it.answers))
+        for it in ITEMS
+    ]
+    lm_eval = sum(
+        len(o.context) + len(o.continuation) - 1 for opts in encoder.encode(requests) for o in opts
+    )
+    assert w1["lm_eval_unpadded"] == w1["lm_eval_positions"] == lm_eval  # batches of 1: no padding
+    assert w4["lm_eval_unpadded"] == lm_eval < w4["lm_eval_positions"]
+    # one prompt per item with its answers: fewer positions than lm-eval's, padding included
+    assert w1["ours_positions"] < lm_eval
+    assert any("work ratio" in line for line in bench.work_lines(w4))
