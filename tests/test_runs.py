@@ -18,6 +18,7 @@ import yaml
 
 from cli_runner import invoke
 from spillover.errors import ConfigError
+from spillover.models import fast_bf16
 from spillover.runs import STAGES, RunConfig, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,8 +273,15 @@ def test_tiny_run_end_to_end_and_resume(
     assert set(manifest["timings"]) == set(STAGES)
     assert manifest["bbq"]["verified"] is False and "UNVERIFIED" in manifest["warnings"][0]
     assert manifest["libraries"]["torch"] and manifest["sub_run"]["target"] == ["Gender_identity"]
+    env = manifest["environment"]  # what a reader needs to interpret the timings
+    assert env["cpu"] and env["cpu_capability"] and isinstance(env["cpu_bf16"], bool)
+    assert env["cpu_bf16"] is fast_bf16("cpu")  # bf16 chosen on this CPU iff it has the ISA
     evals = {m["role"]: m for m in manifest["models"] if m["role"].startswith("eval-")}
     assert set(evals) == {"eval-base", "eval-aligned"}
+    # precision follows the CPU: bf16-verified exactly where bf16 instructions exist
+    assert {m["precision"] for m in evals.values()} == {
+        "bf16-verified" if env["cpu_bf16"] else "model"
+    }
     assert all(m["precision"] in ("model", "bf16-verified") for m in evals.values())
     for m in evals.values():  # close calls are rescored only after a bf16 pass
         limit = manifest["n_eval_items"] if m["precision"] == "bf16-verified" else 0

@@ -164,15 +164,38 @@ def git_revision() -> str | None:
     return rev + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, Any]:
-    """Python, platform, CPU count and accelerator, for the manifest."""
+    """Python, platform, CPU and accelerator, for the manifest.
+
+    ``cpu_capability`` (torch's vector ISA: AVX2, AVX512, ...) and ``cpu_bf16`` (bf16
+    instructions, :func:`spillover.models.native_cpu_bf16`) say why the same run takes
+    different times on different CPUs: without bf16 instructions scoring and training run
+    in float32 (docs/benchmarks.md).
+    """
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
     }
     import torch
 
+    from .models import native_cpu_bf16
+
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["cpu_bf16"] = native_cpu_bf16()
     env["cuda"] = torch.cuda.is_available()
     if env["cuda"]:
         env["gpu"] = torch.cuda.get_device_name(0)

@@ -315,7 +315,8 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def provenance_rows(manifest: Mapping[str, Any] | None, comparison: Comparison) -> list[list[str]]:
-    """Key/value rows: versions, models, BBQ, seeds, config, libraries, timings, stats config."""
+    """Key/value rows: versions, models, BBQ, seeds, config, libraries, environment (CPU,
+    accelerator), timings, stats config."""
     rows: list[list[str]] = []
     if manifest is not None:
         for key in ("spillover_version", "git_revision"):
@@ -326,7 +327,7 @@ def provenance_rows(manifest: Mapping[str, Any] | None, comparison: Comparison) 
                 role = text(m.get("role")) or f"model {i}"
                 rest = ", ".join(f"{k}={text(v)}" for k, v in m.items() if k != "role")
                 rows.append([f"models.{role}", rest])
-        for key in ("bbq", "seeds", "config", "libraries", "timings"):
+        for key in ("bbq", "seeds", "config", "libraries", "environment", "timings"):
             if key in manifest:
                 value = manifest[key]
                 if key == "timings" and isinstance(value, Mapping):
