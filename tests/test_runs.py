@@ -172,6 +172,7 @@ def test_vllm_backend_without_vllm_fails_before_any_work(tmp_path: Path) -> None
     result = invoke(["run", str(cfg), "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "pip install 'spillover[vllm]'" in " ".join(result.output.split())
+    assert "download" not in result.output  # before BBQ is fetched (none is cached here)
     assert not out.exists()
 
 

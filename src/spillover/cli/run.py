@@ -94,10 +94,18 @@ def run_command(
 
 def _run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
     """Run the study with progress, then print each sub-run's summary."""
-    from ..runs import STAGE_TABLE, check_force, check_run_dir, load_data, run_study
+    from ..runs import (
+        STAGE_TABLE,
+        check_force,
+        check_machine,
+        check_run_dir,
+        load_data,
+        run_study,
+    )
 
     check_force(force)
     check_run_dir(run_dir.expanduser())
+    check_machine(cfg)  # a missing package or device fails before BBQ is downloaded
     with download_progress() as fetching:  # BBQ is downloaded when not cached
         data = load_data(cfg, progress=fetching)
     with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .config import DEFAULT_PER_STRATUM, DEFAULT_STUDY, RunConfig, SubRun
 from .plan import Plan, estimate_compute, plan_run
 from .stages import STAGE_TABLE, STAGES, Context, EventFn, Stage, StageResult, eval_provenance
-from .study import check_force, check_run_dir, load_data, load_items, run_study
+from .study import check_force, check_machine, check_run_dir, load_data, load_items, run_study
 
 __all__ = [
     "DEFAULT_PER_STRATUM",
@@ -31,6 +31,7 @@ __all__ = [
     "StageResult",
     "SubRun",
     "check_force",
+    "check_machine",
     "check_run_dir",
     "estimate_compute",
     "eval_provenance",
