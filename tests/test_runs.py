@@ -891,3 +891,23 @@ def test_tiny_target_sweep_draws_the_spillover_map(
         lb.replace("\\_", "_") for lb in labels
     }, rows[:3]
     assert 'id="fig-spillover_map"' in (sweep / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("bf16", "expected"),
+    [
+        (True, "about 6 min at 0.43 TFLOP/s (2 CPU cores with bf16 instructions"),
+        (False, "about 10 min to 16 min at 0.15-0.24 TFLOP/s (2 CPU cores in float32"),
+    ],
+)
+def test_plan_cpu_time_follows_the_cpus_bf16_instructions(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+) -> None:
+    """The default study's FLOP count (145.6 TFLOP) gives back its measured stage times:
+    5.6 min with bf16 instructions, 10-16 min in float32 (docs/benchmarks.md)."""
+    from spillover.runs import plan
+
+    monkeypatch.setattr(plan, "_cpu_bf16", lambda: bf16)
+    line = plan._times(145.6e12)
+    assert line.startswith(expected), line
+    assert line.endswith("0.4 s at 400 TFLOP/s (one H100/H200, bf16)")

@@ -31,8 +31,12 @@ _PARAMS = {
     "llama-3.1-8b": 8.03e9,
     "qwen-2.5-7b": 7.62e9,
 }
-CPU_FLOPS = 2e11
-"""Sustained FLOP/s assumed for a 2-core CPU in the estimate's time."""
+CPU_FLOPS_BF16 = 4.3e11
+"""Effective FLOP/s of 2 CPU cores with bf16 instructions: the estimate's 145.6 TFLOP for the
+default study over its 335.9 s of stages on such a CPU (docs/benchmarks.md, "Default run")."""
+CPU_FLOPS_FP32 = (1.5e11, 2.4e11)
+"""The same on 2 cores without them (float32 throughout): 954.9 s on an AVX2-only Zen 3 and
+603-610 s on an Ice Lake Xeon; a range, as float32 rates differ between CPUs."""
 GPU_FLOPS = 4e14
 """Sustained FLOP/s assumed for one H100/H200 in bf16."""
 
@@ -133,12 +137,32 @@ def total_line(total: Mapping[str, Any]) -> str:
     )
 
 
+def _cpu_bf16() -> bool:
+    from ..models import native_cpu_bf16
+
+    return native_cpu_bf16()
+
+
 def _times(flops: float) -> str:
-    """How long ``flops`` take on a small CPU and on one large GPU."""
-    return (
-        f"about {_duration(flops / CPU_FLOPS)} at {CPU_FLOPS / 1e12:.1f} TFLOP/s (2-core CPU), "
-        f"{_duration(flops / GPU_FLOPS)} at {GPU_FLOPS / 1e12:.0f} TFLOP/s (one H100/H200, bf16)"
-    )
+    """How long ``flops`` take on 2 cores of this machine's kind of CPU and on one large GPU.
+
+    The CPU rate is the effective rate of the measured default runs: with bf16 instructions
+    when this CPU has them (scoring and training then run in bf16), else float32's range.
+    """
+    if _cpu_bf16():
+        cpu = (
+            f"about {_duration(flops / CPU_FLOPS_BF16)} at {CPU_FLOPS_BF16 / 1e12:.2f} TFLOP/s "
+            "(2 CPU cores with bf16 instructions, as this CPU has)"
+        )
+    else:
+        low, high = CPU_FLOPS_FP32
+        cpu = (
+            f"about {_duration(flops / high)} to {_duration(flops / low)} at "
+            f"{low / 1e12:.2f}-{high / 1e12:.2f} TFLOP/s (2 CPU cores in float32: this CPU "
+            "has no bf16 instructions)"
+        )
+    gpu = f"{_duration(flops / GPU_FLOPS)} at {GPU_FLOPS / 1e12:.0f} TFLOP/s (one H100/H200, bf16)"
+    return f"{cpu}, {gpu}"
 
 
 def _duration(seconds: float) -> str:
