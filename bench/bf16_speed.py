@@ -23,7 +23,7 @@ def main() -> None:
 
     import torch
 
-    from spillover.models import fast_bf16, native_cpu_bf16
+    from spillover.models import cpu_name, fast_bf16, native_cpu_bf16
 
     torch.manual_seed(0)
     a, b = torch.randn(args.size, args.size), torch.randn(args.size, args.size)
@@ -35,10 +35,9 @@ def main() -> None:
         for _ in range(args.repeat):
             x @ y
         seconds[dtype] = (time.perf_counter() - start) / args.repeat
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-    cpu = names[0] if names else "unknown"
-    print(f"cpu: {cpu}; torch threads: {torch.get_num_threads()}; load average: {os.getloadavg()}")
+    print(
+        f"cpu: {cpu_name()}; torch threads: {torch.get_num_threads()}; load average: {os.getloadavg()}"
+    )
     print(f"oneDNN reports bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print(f"bf16 instructions (AVX512-BF16 / AMX-BF16): {native_cpu_bf16()}")
     print(f"fast_bf16('cpu'): {fast_bf16('cpu')}")

@@ -198,16 +198,28 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is absent)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of Linux's ``/proc/cpuinfo`` (None where it is absent)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is absent)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` says)."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def native_cpu_bf16() -> bool:

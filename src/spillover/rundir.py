@@ -164,18 +164,6 @@ def git_revision() -> str | None:
     return rev + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` says)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
     """Python, platform, CPU and accelerator, for the manifest.
 
@@ -184,18 +172,18 @@ def environment() -> dict[str, Any]:
     different times on different CPUs: without bf16 instructions scoring and training run
     in float32 (docs/benchmarks.md).
     """
+    import torch
+
+    from .models import cpu_name, native_cpu_bf16
+
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": native_cpu_bf16(),
     }
-    import torch
-
-    from .models import native_cpu_bf16
-
-    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    env["cpu_bf16"] = native_cpu_bf16()
     env["cuda"] = torch.cuda.is_available()
     if env["cuda"]:
         env["gpu"] = torch.cuda.get_device_name(0)
