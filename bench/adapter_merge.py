@@ -36,7 +36,10 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT / "src"))
     from spillover.data import load_bbq, select_items
-    from spillover.evaluate import ChoiceRequest, EvalConfig, HFChoiceScorer, render_all, sort_items
+    from spillover.evaluate import EvalConfig
+    from spillover.evaluate.hf import HFChoiceScorer
+    from spillover.evaluate.run import render_all, sort_items
+    from spillover.evaluate.scoring import ChoiceRequest
     from spillover.models import load_model
 
     data = load_bbq(args.bbq_dir)

@@ -65,7 +65,8 @@ def peak_rss_mib() -> float:
 
 
 def make_pairs(bbq_dir: str, out: Path, seed: int) -> None:
-    from spillover.align import PrefsConfig, build_pairs, write_pairs
+    from spillover.align import PrefsConfig, build_pairs
+    from spillover.align.prefs import write_pairs
     from spillover.data import load_bbq
 
     data = load_bbq(bbq_dir, categories=["gender"])
@@ -233,7 +234,8 @@ def worker_ours(pairs: Path, steps: int, batch: int, extra: dict[str, Any]) -> d
 def worker_trajectory(pairs: Path, steps: int, batch: int, n_heldout: int) -> dict[str, Any]:
     import pandas as pd
 
-    from spillover.align import AlignConfig, reward_accuracy, train_adapter
+    from spillover.align import AlignConfig, train_adapter
+    from spillover.align.diagnostics import reward_accuracy
     from spillover.models import load_model
 
     held = pd.read_parquet(pairs / "heldout.parquet")
@@ -245,7 +247,7 @@ def worker_trajectory(pairs: Path, steps: int, batch: int, n_heldout: int) -> di
         base = load_model("smollm2-135m", device="cpu")
         from peft import get_peft_model
 
-        from spillover.align import lora_config
+        from spillover.align.trainer import lora_config
 
         fresh = get_peft_model(base.model, lora_config(cfg))
         before = reward_accuracy(fresh, base.tokenizer, held, beta=cfg.beta)

@@ -149,13 +149,8 @@ def generate(
 
 def analyse_cell(base: np.ndarray, aligned: np.ndarray, scen: np.ndarray) -> tuple[float, ...]:
     """(item p, clustered p, Newcombe low/high, score low/high, delta) of one cell."""
-    from spillover.stats import (
-        cluster_totals,
-        mcnemar_test,
-        paired_difference_ci,
-        signflip_interval,
-        signflip_test,
-    )
+    from spillover.stats.clustered import cluster_totals, signflip_interval, signflip_test
+    from spillover.stats.tests import mcnemar_test, paired_difference_ci
 
     b = int(((base == 1) & (aligned == 0)).sum())
     c = int(((base == 0) & (aligned == 1)).sum())
@@ -186,7 +181,7 @@ def holm(p: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> None:
-    from spillover.stats import cluster_totals, minimum_detectable_change
+    from spillover.stats.clustered import cluster_totals, minimum_detectable_change
 
     keys = load_keys(args.bbq_dir)
     acc = targets()

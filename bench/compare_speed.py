@@ -93,7 +93,9 @@ def main() -> int:
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
         # phases, in this process (imports already warm except scipy/statsmodels)
-        from spillover.stats import CompareConfig, compare_runs, join_with_bbq, read_predictions
+        from spillover.predictions.bbq import join_with_bbq
+        from spillover.predictions.read import read_predictions
+        from spillover.stats import CompareConfig, compare_runs
 
         t = {"start": time.perf_counter()}
         bbq = load_bbq(args.bbq_dir)

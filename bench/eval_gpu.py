@@ -143,7 +143,8 @@ def measure(
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM  # noqa: F401  (not timed below)
 
-    from spillover.evaluate import ChoiceRequest, HFChoiceScorer, score_naive
+    from spillover.evaluate.hf import HFChoiceScorer, score_naive
+    from spillover.evaluate.scoring import ChoiceRequest
 
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"

@@ -135,7 +135,7 @@ def model_work(work: Path, folder: str, batch_size: int | None) -> dict[str, int
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from spillover.evaluate.files import read_metadata
+    from spillover.predictions.parquet import read_metadata
 
     tok = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
@@ -231,7 +231,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from spillover.data import load_bbq, select_items
-    from spillover.evaluate import sort_items
+    from spillover.evaluate.run import sort_items
     from spillover.models import EMBEDDED_ALIAS, prepare_embedded
 
     data = load_bbq(args.bbq_dir)

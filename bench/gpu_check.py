@@ -168,9 +168,15 @@ def dpo_section(
 
     import align_throughput
     import eval_gpu
-    from spillover.align import AlignConfig, build_trainer, lora_config
+    from spillover.align import AlignConfig
     from spillover.align.sharding import missing_adapter_files
-    from spillover.align.trainer import longest_pair_tokens, to_trl_dataset, used_rows
+    from spillover.align.trainer import (
+        build_trainer,
+        longest_pair_tokens,
+        lora_config,
+        to_trl_dataset,
+        used_rows,
+    )
 
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"

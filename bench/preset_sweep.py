@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spillover.runs import DEFAULT_STUDY, RunConfig, run_study
+from spillover.runs import RunConfig, run_study
 
 POINTS: list[dict[str, Any]] = [
     {"learning_rate": 5e-4, "beta": 0.1},
@@ -88,8 +88,8 @@ def main() -> None:
     shared: Path | None = None
     for i in chosen:
         point = POINTS[i]
-        study = {**DEFAULT_STUDY, "seed": args.seed, "bbq": {"dir": args.bbq_dir}}
-        study["align"] = {**DEFAULT_STUDY["align"], **point}
+        # keys left out take the default study's values (RunConfig())
+        study = {"seed": args.seed, "bbq": {"dir": args.bbq_dir}, "align": dict(point)}
         run_dir = args.out / f"point{i}"
         if shared is not None and not (run_dir / "eval/base").exists():
             shutil.copytree(shared, run_dir / "eval/base")

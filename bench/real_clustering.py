@@ -57,7 +57,7 @@ def read_formats(folder: Path) -> dict[str, pd.DataFrame]:
 
 def design_effect(x: np.ndarray, cluster: np.ndarray) -> float:
     """Scenario-level over item-level variance of the mean paired change."""
-    from spillover.stats import cluster_totals
+    from spillover.stats.clustered import cluster_totals
 
     d, n = cluster_totals(x, cluster)
     delta = float(x.mean())
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--bbq-dir", default=os.environ.get("SPILLOVER_BBQ_DIR"))
     args = parser.parse_args()
     from spillover.data import load_bbq
-    from spillover.stats import CompareConfig, compare_runs, join_with_bbq
+    from spillover.predictions.bbq import join_with_bbq
+    from spillover.stats import CompareConfig, compare_runs
 
     bbq = load_bbq(args.bbq_dir)
     folder = Path(bbq.root) / "reference" / "unifiedqa"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from spillover._io import sha256_lf
-from spillover.data import BBQ_SHA256, FileCheck, bbq_cache_dir, locate_files
+from spillover.data.sources import BBQ_SHA256, FileCheck, bbq_cache_dir, locate_files
 from spillover.errors import DataError
 
 

@@ -15,15 +15,10 @@ from safetensors.torch import load_file
 
 from cli_runner import invoke
 from full_bbq import FULL_BBQ_DIR
-from spillover.align import (
-    METHODS,
-    AlignConfig,
-    build_trainer,
-    pair_packing,
-    reward_accuracy,
-    train_adapter,
-    trainer_classes,
-)
+from spillover.align import METHODS, AlignConfig, train_adapter
+from spillover.align.diagnostics import reward_accuracy
+from spillover.align.packing import pair_packing
+from spillover.align.trainer import build_trainer, trainer_classes
 from spillover.errors import ConfigError, DataError
 from tiny_models import make_tiny
 
@@ -194,7 +189,9 @@ def test_no_duplicate_bos_eos_with_bos_tokenizer(tiny_bos_dir: Path, tmp_path: P
         args=trl.DPOConfig(output_dir=str(tmp_path / "p"), use_cpu=True, bf16=False, report_to=[]),
         train_dataset=__import__("datasets").Dataset.from_pandas(df),
         processing_class=tok,
-        peft_config=__import__("spillover.align", fromlist=["lora_config"]).lora_config(cfg),
+        peft_config=__import__("spillover.align.trainer", fromlist=["lora_config"]).lora_config(
+            cfg
+        ),
     )
     assert _processed(plain)["prompt_ids"][:2] == [tok.bos_token_id] * 2
 
@@ -311,7 +308,7 @@ def _cli_fails(args: list[str], out: Path, expect: str) -> None:
 
 
 def _empty_pairs(root: Path) -> Path:
-    from spillover.align import PAIR_COLUMNS
+    from spillover.align.prefs import PAIR_COLUMNS
 
     root.mkdir()
     pd.DataFrame(columns=list(PAIR_COLUMNS)).to_parquet(root / "train.parquet")
@@ -380,7 +377,8 @@ def test_empty_pairs_library_error(tmp_path: Path) -> None:
 @pytest.mark.fulldata
 @pytest.mark.skipif(not FULL_BBQ, reason="full BBQ not available: set SPILLOVER_BBQ_DIR")
 def test_smollm2_gender_dpo_learns(tmp_path: Path) -> None:
-    from spillover.align import PrefsConfig, build_pairs, write_pairs
+    from spillover.align import PrefsConfig, build_pairs
+    from spillover.align.prefs import write_pairs
     from spillover.data import load_bbq
     from spillover.models import load_model
 
@@ -448,7 +446,8 @@ def test_two_process_training_equals_one_process_with_the_combined_batch(
 
 def test_bf16_is_automatic_unless_asked() -> None:
     """Unset, bf16 autocast follows the hardware (emulated bf16 on a CPU is many times slower)."""
-    from spillover.align import AlignConfig, trl_config
+    from spillover.align import AlignConfig
+    from spillover.align.trainer import trl_config
     from spillover.models import fast_bf16
 
     auto = AlignConfig.from_preset("smollm2-135m", "o")
@@ -461,7 +460,7 @@ def test_bf16_is_automatic_unless_asked() -> None:
 def test_rpo_alpha_adds_a_scaled_nll_of_the_chosen_answer(tiny_dir: Path, tmp_path: Path) -> None:
     """RPO: the first-step loss (a fresh adapter equals the reference, DPO loss = log 2) is
     log 2 + rpo_alpha x NLL(chosen); the added term scales linearly with rpo_alpha."""
-    from spillover.align import trl_config
+    from spillover.align.trainer import trl_config
 
     first: dict[float, float] = {}
     for alpha in (0.5, 2.0):
@@ -551,7 +550,7 @@ def test_heldout_pairs_are_evaluated_at_the_eval_steps(tiny_dir: Path, tmp_path:
 
 
 def test_eval_pairs_caps_the_heldout_sample() -> None:
-    from spillover.align import eval_rows
+    from spillover.align.trainer import eval_rows
 
     cfg = AlignConfig(model="m", output_dir="o", eval_pairs=3, seed=1)
     rows = eval_rows(tiny_pairs(10), cfg)
@@ -631,19 +630,21 @@ def test_checkpoints_of_another_config_are_discarded(
 
 
 def test_trl_args_reach_the_trl_config_coerced_to_its_types(tmp_path: Path) -> None:
-    from spillover.align import trl_config
+    from spillover.align import resolve_trl_args
+    from spillover.align.trainer import trl_config
 
-    cfg = AlignConfig(
+    given = AlignConfig(
         model="m",
         output_dir=str(tmp_path / "o"),
         trl_args={"per_device_eval_batch_size": "3", "optim": "adafactor", "disable_dropout": 0},
     )
+    cfg = resolve_trl_args(given)
     assert cfg.trl_args == {
         "disable_dropout": False,
         "optim": "adafactor",
         "per_device_eval_batch_size": 3,
     }
-    args = trl_config(cfg, tmp_path / "t", device="cpu", max_length=64)
+    args = trl_config(given, tmp_path / "t", device="cpu", max_length=64)  # resolves them itself
     assert args.per_device_eval_batch_size == 3 and args.disable_dropout is False
     assert str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "adafactor"
     assert cfg.to_dict()["trl_args"] == cfg.trl_args
@@ -662,8 +663,10 @@ def test_trl_args_reach_the_trl_config_coerced_to_its_types(tmp_path: Path) -> N
 def test_trl_args_are_checked_against_the_methods_config(
     method: str, args: dict[str, Any], pattern: str
 ) -> None:
+    from spillover.align import resolve_trl_args
+
     with pytest.raises(ConfigError, match=pattern) as info:
-        AlignConfig.from_preset("m", "o", method=method, trl_args=args)
+        resolve_trl_args(AlignConfig.from_preset("m", "o", method=method, trl_args=args))
     assert "\n" not in str(info.value)
 
 
@@ -698,3 +701,57 @@ def test_cli_trl_arg(tiny_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "align_config.json").read_text())
     assert saved["config"]["trl_args"] == {"per_device_eval_batch_size": 5}
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_every_model_alias_has_its_preset_and_no_other() -> None:
+    """One model table: each alias of `models.MODEL_TABLE` has a preset, found by the alias
+    or the hub id; the compute estimate and the small-model caveat read the same table."""
+    from spillover.align.presets import PRESETS, preset_for_model
+    from spillover.models import MODEL_TABLE
+
+    assert set(PRESETS) == set(MODEL_TABLE)
+    for alias, info in MODEL_TABLE.items():
+        assert preset_for_model(alias) is PRESETS[alias]
+        assert preset_for_model(info.hub_id) is PRESETS[alias]
+    assert preset_for_model("org/unknown-model") is None
+    assert [a for a, m in MODEL_TABLE.items() if m.demo_only] == ["smollm2-135m"]
+
+
+def test_a_method_is_one_entry_of_the_method_table() -> None:
+    """Every method's TRL classes resolve from its table entry; what applies to it (packing,
+    RPO, a reference model, label smoothing) is read from the entry, not from name lists."""
+    from spillover.align.methods import METHOD_TABLE, method_of
+
+    assert tuple(METHOD_TABLE) == METHODS
+    for name, m in METHOD_TABLE.items():
+        cfg = AlignConfig.from_preset("smollm2-135m", "out", method=name)
+        assert cfg.pack_pairs == m.is_dpo and cfg.precompute_ref == (not m.reference_free)
+    assert method_of("DPO").name == "dpo" and method_of("apo-zero").name == "apo_zero"
+    assert {m.name for m in METHOD_TABLE.values() if m.reference_free} == {"cpo", "simpo", "orpo"}
+    with pytest.raises(ConfigError, match="has no effect with method 'ipo'; use it with dpo, "):
+        AlignConfig(model="m", output_dir="o", method="ipo", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"unknown `method`='dpoo' \(did you mean 'dpo'\?\)"):
+        method_of("dpoo")
+
+
+def test_validating_an_align_config_imports_no_trl() -> None:
+    """An AlignConfig is validated without TRL; its `trl_args` are checked against TRL when
+    they are resolved (the command, the run config and training do)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from spillover.align import AlignConfig\n"
+        "cfg = AlignConfig(model='m', output_dir='o', trl_args={'optim': 'adafactor'})\n"
+        "print('trl' in sys.modules, cfg.trl_args)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False {'optim': 'adafactor'}"
+    with pytest.raises(
+        ConfigError, match="key 'learning_rate' is set by spillover from `learning_rate`"
+    ):
+        AlignConfig(model="m", output_dir="o", trl_args={"learning_rate": 0.1})

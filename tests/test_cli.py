@@ -305,7 +305,7 @@ def test_full_bbq_tests_take_a_verified_cache_only(
     import os
 
     from full_bbq import FULL_BBQ_DIR, verified_cache
-    from spillover.data import BBQ_SHA256, locate_files
+    from spillover.data.sources import BBQ_SHA256, locate_files
 
     assert "SPILLOVER_BBQ_DIR" not in os.environ
     assert verified_cache(tmp_path / "empty") is None

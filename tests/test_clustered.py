@@ -16,17 +16,16 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 
 from spillover.data import CATEGORIES
-from spillover.stats import (
+from spillover.stats import compare_runs
+from spillover.stats.clustered import (
     cluster_totals,
-    compare_runs,
     heterogeneity_test,
-    mcnemar_test,
     minimum_detectable_change,
-    paired_difference_ci,
     signflip_distribution,
     signflip_interval,
     signflip_test,
 )
+from spillover.stats.tests import mcnemar_test, paired_difference_ci
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "clustered_inference.py"
 

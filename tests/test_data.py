@@ -23,20 +23,18 @@ import pytest
 
 from cli_runner import invoke
 from spillover.data import (
-    BBQ_SHA256,
     CATEGORIES,
-    METADATA_FILE,
     BBQItem,
     fetch_bbq,
     load_bbq,
-    locate_files,
-    read_item_list,
     resolve_categories,
     resolve_category,
     select_items,
     summarize,
 )
 from spillover.data import load as bbq_load
+from spillover.data.select import read_item_list
+from spillover.data.sources import BBQ_SHA256, METADATA_FILE, locate_files
 from spillover.errors import ConfigError, DataError
 
 # Per category: (ambig, disambig) item counts of the official release.

@@ -17,13 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from spillover.errors import ConfigError, ModelError  # noqa: E402
-from spillover.evaluate import (  # noqa: E402
-    ChoiceEncoder,
-    ChoiceRequest,
-    HFChoiceScorer,
-    continuation_logprob,
-    load_vllm_model,
-)
+from spillover.evaluate.hf import HFChoiceScorer  # noqa: E402
+from spillover.evaluate.scoring import ChoiceEncoder, ChoiceRequest  # noqa: E402
+from spillover.evaluate.vllm import continuation_logprob, load_vllm_model  # noqa: E402
 from spillover.models import load_model  # noqa: E402
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -323,7 +319,7 @@ def test_engine_build_errors_are_one_line_model_errors(
 
 
 def test_engine_errors_while_scoring_are_one_line_model_errors(tiny: Any, fake_vllm: Any) -> None:
-    from spillover.evaluate import VLLMChoiceScorer
+    from spillover.evaluate.vllm import VLLMChoiceScorer
 
     llm = FakeLLM({}, tiny.model, fail=RuntimeError("CUDA out of memory.\nTried to allocate"))
     scorer = VLLMChoiceScorer(llm, tiny.tokenizer)
@@ -351,7 +347,7 @@ def test_identical_sequences_are_sent_to_the_engine_once(tiny: Any, fake_vllm: A
     order gets its scores."""
     import itertools
 
-    from spillover.evaluate import VLLMChoiceScorer
+    from spillover.evaluate.vllm import VLLMChoiceScorer
 
     orders = [
         ChoiceRequest(req.prompt, tuple(opts))

@@ -25,27 +25,21 @@ transformers = pytest.importorskip("transformers")
 
 from spillover.data import CATEGORIES, BBQItem  # noqa: E402
 from spillover.errors import ConfigError  # noqa: E402
-from spillover.evaluate import (  # noqa: E402
-    PREDICTION_COLUMNS,
+from spillover.evaluate import EvalConfig, evaluate_model, summarize_predictions  # noqa: E402
+from spillover.evaluate.hf import HFChoiceScorer, score_naive  # noqa: E402
+from spillover.evaluate.run import load_for_eval, normalised  # noqa: E402
+from spillover.evaluate.scoring import (  # noqa: E402
     ChoiceEncoder,
     ChoiceRequest,
     ChoiceScores,
     EncodedOption,
-    EvalConfig,
-    HFChoiceScorer,
-    Prediction,
     ScorerStats,
-    evaluate_model,
-    load_for_eval,
-    normalised,
-    read_metadata,
-    read_predictions_table,
-    score_naive,
-    shard_dir,
     split_pair,
-    summarize_predictions,
 )
+from spillover.evaluate.shards import shard_dir  # noqa: E402
 from spillover.models import load_model  # noqa: E402
+from spillover.predictions.parquet import read_metadata, read_predictions_table  # noqa: E402
+from spillover.predictions.schema import PREDICTION_COLUMNS, Prediction  # noqa: E402
 from spillover.prompts import permutations, render  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -20,7 +20,9 @@ import pytest
 
 from cli_runner import invoke
 from spillover.errors import ConfigError, DataError
-from spillover.stats import LM_EVAL_UNKNOWN_PHRASINGS, join_with_bbq, read_predictions
+from spillover.predictions.bbq import join_with_bbq
+from spillover.predictions.lmeval import LM_EVAL_UNKNOWN_PHRASINGS
+from spillover.predictions.read import read_predictions
 
 LOGS = Path(__file__).parent / "fixtures" / "lm_eval"
 TASKS = ("bbq12_local", "bbq3_local")

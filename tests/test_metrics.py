@@ -18,13 +18,10 @@ import pytest
 from cli_runner import invoke
 from spillover.data import BBQData, BBQItem
 from spillover.errors import ConfigError, DataError
-from spillover.stats import (
-    bias_score,
-    compute_metrics,
-    join_with_bbq,
-    load_and_compute_metrics,
-    read_predictions,
-)
+from spillover.predictions.bbq import join_with_bbq
+from spillover.predictions.read import read_predictions
+from spillover.stats import compute_metrics, load_and_compute_metrics
+from spillover.stats.metrics import bias_score
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -11,18 +11,17 @@ import pytest
 
 from cli_runner import invoke
 from full_bbq import FULL_BBQ_DIR
-from spillover.align import (
+from spillover.align import PrefsConfig, build_pairs
+from spillover.align.prefs import (
     PAIR_COLUMNS,
-    PrefsConfig,
-    build_pairs,
     heldout_templates,
-    on_heldout,
     read_pairs,
     split_scenarios,
     split_targets,
     write_pairs,
 )
 from spillover.data import BBQItem
+from spillover.data.select import on_heldout
 from spillover.errors import ConfigError, DataError
 
 FULL_BBQ = os.fspath(FULL_BBQ_DIR) if FULL_BBQ_DIR else None  # env, else the cache
@@ -360,7 +359,7 @@ def test_cli_overwrite_replaces_its_own_pairs(mini_dir: Path, tmp_path: Path) ->
 def test_pairs_files_carry_the_unverified_warning(mini_dir: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from spillover.align import PAIRS_META_KEY
+    from spillover.align.prefs import PAIRS_META_KEY
 
     out = tmp_path / "pairs"
     assert _prefs(mini_dir, out).exit_code == 0

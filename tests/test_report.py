@@ -703,7 +703,9 @@ def test_report_from_a_folder_made_by_hand(tmp_path: Path) -> None:
         )
         assert "stats/heldout\\_target.json" in doc or "stats/heldout_target.json" in doc
         assert "manifest.json" in doc
-    assert "base.csv has no column(s) correct, displayed_pred, permutation" in html
+    # read as compare reads it: its answer order and positions follow from pred_index, but
+    # whether an answer is right needs the `correct` or `label` column
+    assert "base.csv has no column(s) correct: position view skipped" in html
     assert "## Training" not in md and "## What the alignment did" not in md
     # predictions named on the command line; a missing one is a one-line error
     elsewhere = tmp_path / "elsewhere.csv"

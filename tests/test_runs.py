@@ -19,7 +19,8 @@ import yaml
 from cli_runner import invoke
 from spillover.errors import ConfigError
 from spillover.models import fast_bf16
-from spillover.runs import STAGES, RunConfig, run_study
+from spillover.runs import RunConfig, run_study
+from spillover.runs.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -34,8 +35,32 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
 # --------------------------------------------------------------------------- configs
 
 
-def test_default_study_matches_configs_default() -> None:
-    assert RunConfig.load(CONFIGS / "default.yaml") == RunConfig.default()
+def test_default_study_is_written_once() -> None:
+    """`RunConfig()` is the default study; the YAML file, `RunConfig.default()` and the
+    resolved config a run records all read back equal to it."""
+    default = RunConfig()
+    assert RunConfig.default() == default
+    assert RunConfig.load(CONFIGS / "default.yaml") == default
+    assert RunConfig.from_mapping(default.to_dict()) == default
+    assert default.name == "default" and default.selection.per_stratum == 100
+    sub = default.sub_runs()[0]
+    assert (sub.model, sub.target, sub.method, sub.seed) == (
+        "smollm2-135m",
+        ("Gender_identity",),
+        "dpo",
+        0,
+    )
+    # the training steps come from the model's preset, the only place they are written
+    assert default.align == {} and default.align_for(sub, "x").max_steps == 40
+
+
+def test_a_yaml_item_choice_replaces_the_default_sample(tmp_path: Path) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text("category,example_id\nAge,0\n", encoding="utf-8")
+    listed = RunConfig.from_mapping({"eval": {"items": str(items)}})
+    assert listed.selection.items == str(items) and listed.selection.per_stratum is None
+    every = RunConfig.from_mapping({"eval": {"per_stratum": None}})
+    assert every.selection.per_stratum is None and every.selection.items is None
 
 
 def test_shipped_configs_validate() -> None:
@@ -667,7 +692,7 @@ def test_run_failing_at_the_first_stage_leaves_no_folder(workdir: Path, mini_dir
 )
 def test_sub_run_folders_are_plain_names(model: str) -> None:
     from spillover.data import CATEGORIES
-    from spillover.runs import SubRun
+    from spillover.runs.config import SubRun
 
     slug = SubRun(model, CATEGORIES, "sigmoid_norm", 2**32 - 1).slug
     assert "/" not in slug and not slug.startswith(".") and slug not in (".", "..")
@@ -675,10 +700,11 @@ def test_sub_run_folders_are_plain_names(model: str) -> None:
 
 
 def test_heldout_target_summary_carries_the_data_warnings(mini_dir: Path, tmp_path: Path) -> None:
+    from spillover.align.prefs import SPLIT_FILE
     from spillover.data import load_bbq
     from spillover.rundir import PREDICTION_FILES
-    from spillover.runs import Context, load_items
-    from spillover.runs.stages import target_summary
+    from spillover.runs.study import load_items
+    from spillover.stats import compare_files
 
     data = load_bbq(mini_dir, allow_unverified=True)
     assert data.warnings
@@ -697,9 +723,19 @@ def test_heldout_target_summary_carries_the_data_warnings(mini_dir: Path, tmp_pa
     for rel in PREDICTION_FILES.values():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         preds.to_parquet(tmp_path / rel)
-    ctx = Context(cfg, tmp_path, sub, tmp_path, data, items, lambda *a: None)
     targets = {it.question_index for it in items if it.category == "Gender_identity"}
-    summary = target_summary(ctx, {"Gender_identity": targets})
+    split = {"heldout_templates": {"Gender_identity": sorted(targets)},
+             "config": {"targets": ["Gender_identity"]}}  # fmt: skip
+    (tmp_path / SPLIT_FILE).write_text(json.dumps(split), encoding="utf-8")
+    from spillover.align import heldout_for
+
+    _, held = heldout_for(tmp_path / SPLIT_FILE, sub.target)
+    found = compare_files(
+        tmp_path / PREDICTION_FILES["base"], tmp_path / PREDICTION_FILES["aligned"], data,
+        cfg.compare_for(sub), heldout=held,
+    )  # fmt: skip
+    summary = found.heldout_target
+    assert summary is not None
     assert summary["warnings"] == list(data.warnings)
     assert summary["n_items"] > 0
     assert summary["comparison"]["warnings"][: len(data.warnings)] == list(data.warnings)
@@ -711,7 +747,7 @@ def test_dry_run_total_counts_every_sub_run_and_order(workdir: Path, mini_dir: P
     orders), the base evaluation shared by the two methods of a seed counted once."""
     import re
 
-    from spillover.runs import load_data, load_items
+    from spillover.runs.study import load_data, load_items
 
     body = (
         "name: sweep\nmodel: smollm2-135m\ntarget: gender\nmethod: [dpo, ipo]\nseed: [0, 1]\n"

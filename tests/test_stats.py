@@ -26,14 +26,12 @@ import spillover
 from cli_runner import invoke
 from spillover.data import CATEGORIES, BBQData
 from spillover.errors import ConfigError, DataError
-from spillover.stats import (
-    CompareConfig,
-    Comparison,
+from spillover.predictions.bbq import join_with_bbq
+from spillover.stats import CompareConfig, Comparison, compare_runs
+from spillover.stats.bootstrap import bootstrap_cell_sums
+from spillover.stats.tests import (
     adjust_pvalues,
-    bootstrap_cell_sums,
-    compare_runs,
     discordant_odds_ratio,
-    join_with_bbq,
     mcnemar_midp,
     mcnemar_test,
     paired_difference_ci,
@@ -836,7 +834,7 @@ def _mix_frame(preds: list[int], contexts: list[str]) -> pd.DataFrame:
 
 
 def test_collapse_guard_names_each_shortcut_and_spares_a_healthy_model() -> None:
-    from spillover.stats import answer_mix
+    from spillover.stats.guard import answer_mix
 
     ctx = ["ambig"] * 10 + ["disambig"] * 10
     base = _mix_frame([0, 1, 2, 1, 0, 2, 1, 0, 2, 1] * 2, ctx)
@@ -861,11 +859,11 @@ def test_collapse_guard_names_each_shortcut_and_spares_a_healthy_model() -> None
     assert edge["aligned"]["position_share"][0] == 0.9 and not edge["collapsed"]
 
 
-def test_load_and_compare_leaves_out_trained_on_templates(mini_dir: Path, tmp_path: Path) -> None:
-    """`heldout_only`: a listed category keeps only its listed templates, the others stay whole,
-    and a warning counts what was left out."""
+def test_compare_files_leaves_out_trained_on_templates(mini_dir: Path, tmp_path: Path) -> None:
+    """`heldout`: a target keeps only its held-out templates, the others stay whole, a warning
+    counts what was left out, and the held-out summary covers the kept target items."""
     from spillover.data import load_bbq
-    from spillover.stats import CompareConfig, load_and_compare
+    from spillover.stats import CompareConfig, compare_files
 
     data = load_bbq(mini_dir, allow_unverified=True)
     frame = data.frame()
@@ -876,10 +874,14 @@ def test_load_and_compare_leaves_out_trained_on_templates(mini_dir: Path, tmp_pa
     keep = {int(q) for q in sorted(gender["question_index"].unique())[:1]}
     n_gender_kept = int(gender["question_index"].isin(keep).sum())
     cfg = CompareConfig(bootstrap=0, targets=("Gender_identity",))
-    result = load_and_compare(
+    found = compare_files(
         tmp_path / "base.csv", tmp_path / "aligned.csv", data, cfg,
-        heldout_only={"Gender_identity": keep},
+        heldout={"Gender_identity": keep},
     )  # fmt: skip
+    result = found.comparison
+    assert found.heldout_target is not None
+    assert found.heldout_target["n_items"] == n_gender_kept
+    assert found.heldout_target["n_in_sample"] == len(gender) - n_gender_kept
     rows = {(r.category, r.context_condition): r.n for r in result.rows}
     n_gender = sum(n for (c, ctx), n in rows.items() if c == "Gender_identity" and ctx != "all")
     assert n_gender == n_gender_kept < len(gender)

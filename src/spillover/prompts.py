@@ -90,6 +90,11 @@ def _letters_body(item: BBQItem, order: tuple[int, int, int]) -> str:
     return f"{item.context}\n\nQuestion: {item.question}\n{options}\n{INSTRUCTION}"
 
 
+def is_chat_format(prompt_format: str) -> bool:
+    """Whether a prompt format renders through a model's chat template (``letters-chat``)."""
+    return prompt_format.endswith("-chat")
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether a tokenizer carries a chat template."""
     return bool(getattr(tokenizer, "chat_template", None))

@@ -1,24 +1,15 @@
 """The alignment config: one object for the Python API, the run config and ``spillover align``.
 
-:class:`AlignConfig` is turned into ``trl.DPOConfig`` (or the KTO, CPO or ORPO config)
-and ``peft.LoraConfig`` in :mod:`spillover.align.trainer` and nowhere else.
-
-Methods (``method``):
-
-* DPO loss types of ``trl.DPOTrainer``: ``dpo`` (= ``sigmoid``), ``ipo``,
-  ``robust``, ``hinge``, ``apo_zero``, ``apo_down``, ``exo_pair``, ``nca_pair``,
-  ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``discopop``,
-  ``sigmoid_norm``.
-* ``kto``: ``trl.KTOTrainer`` on unpaired data (each pair becomes a desirable
-  and an undesirable completion).
-* ``cpo``, ``simpo`` (CPO with ``loss_type="simpo"``, ``cpo_alpha=0``) and
-  ``orpo``: reference-free trainers of ``trl.experimental``.
+:class:`AlignConfig` is turned into the method's TRL config (``trl.DPOConfig``, KTO, CPO or
+ORPO) and ``peft.LoraConfig`` in :mod:`spillover.align.trainer` and nowhere else. The
+methods and what each needs are in :mod:`spillover.align.methods`. Validating a config
+imports no TRL; the TRL settings passed through (``trl_args``) are checked against the
+installed TRL by :func:`spillover.align.resolve_trl_args`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -27,39 +18,8 @@ from typing import Any
 
 from .._checks import check_choice, check_device, check_int, check_number, check_seed
 from ..errors import ConfigError
-
-DPO_LOSSES: Mapping[str, str] = {
-    "dpo": "sigmoid",
-    "sigmoid": "sigmoid",
-    "ipo": "ipo",
-    "robust": "robust",
-    "hinge": "hinge",
-    "apo_zero": "apo_zero",
-    "apo_down": "apo_down",
-    "exo_pair": "exo_pair",
-    "nca_pair": "nca_pair",
-    "bco_pair": "bco_pair",
-    "sppo_hard": "sppo_hard",
-    "aot": "aot",
-    "aot_unpaired": "aot_unpaired",
-    "discopop": "discopop",
-    "sigmoid_norm": "sigmoid_norm",
-}
-"""``--method`` name -> ``DPOConfig.loss_type`` of ``trl.DPOTrainer``."""
-
-OTHER_METHODS: Mapping[str, tuple[str, str, str, str]] = {
-    "kto": ("trl", "KTOConfig", "KTOTrainer", "trl>=0.9 (trl.KTOTrainer)"),
-    "cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer", "trl>=0.8 (trl.CPOTrainer)"),
-    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer", "trl>=0.9 (CPO, loss_type=simpo)"),
-    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", "trl>=0.8 (trl.ORPOTrainer)"),
-}
-"""Other trainers: method -> (module, config class, trainer class, where to get it)."""
-
-METHODS: tuple[str, ...] = (*DPO_LOSSES, *OTHER_METHODS)
-"""Every accepted ``--method``."""
-
-REFERENCE_FREE: frozenset[str] = frozenset({"cpo", "simpo", "orpo"})
-"""Methods without a reference model (``precompute_ref`` does not apply)."""
+from .methods import METHOD_TABLE, check_method, method_of
+from .trl_args import check_trl_keys
 
 REPORT_TO: tuple[str, ...] = ("none", "tensorboard", "wandb")
 """Experiment trackers ``report_to`` accepts."""
@@ -67,17 +27,6 @@ INTERVALS: tuple[str, ...] = ("steps", "epoch", "no")
 """What ``eval_strategy`` and ``save_strategy`` accept (transformers' names)."""
 LR_SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 """Learning-rate schedules offered (transformers' ``SchedulerType`` names)."""
-
-
-def check_method(method: str) -> str:
-    if method in METHODS:
-        return method
-    norm = method.strip().lower().replace("-", "_")
-    if norm in METHODS:
-        return norm
-    near = difflib.get_close_matches(norm, METHODS, n=1, cutoff=0.5)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise ConfigError(f"unknown `method`={method!r}{hint}; expected one of {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +169,7 @@ class AlignConfig:
         if self.eval_pairs is not None:
             check_int("eval_pairs", self.eval_pairs, minimum=0, example="e.g. 128, or 0 for none")
         check_int("save_total_limit", self.save_total_limit, minimum=1, example="e.g. 1")
-        from .trl_args import check_trl_args
-
-        object.__setattr__(self, "trl_args", check_trl_args(self.trl_args, self.method))
+        object.__setattr__(self, "trl_args", check_trl_keys(self.trl_args))
 
     def _check_flags(self) -> None:
         for name in (
@@ -312,10 +259,11 @@ class AlignConfig:
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"`beta`={self.beta}; expected a positive number (e.g. 0.1)")
         if self.label_smoothing is not None:
-            if self.method not in ("robust", "exo_pair", "dpo", "sigmoid", "cpo"):
+            if not method_of(self.method).takes_label_smoothing:
+                takers = [m.name for m in METHOD_TABLE.values() if m.takes_label_smoothing]
                 raise ConfigError(
                     f"`label_smoothing`={self.label_smoothing} has no effect with method "
-                    f"{self.method!r}; use it with robust, exo_pair, dpo or cpo, or drop it"
+                    f"{self.method!r}; use it with {', '.join(takers)}, or drop it"
                 )
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ConfigError(
@@ -324,7 +272,7 @@ class AlignConfig:
                 )
         if self.rpo_alpha is not None:
             check_number("rpo_alpha", self.rpo_alpha, low=0.0)
-            if self.rpo_alpha > 0 and self.method not in DPO_LOSSES:
+            if self.rpo_alpha > 0 and not method_of(self.method).is_dpo:
                 raise ConfigError(
                     f"`rpo_alpha`={self.rpo_alpha} with method {self.method!r}; the NLL term "
                     "applies to the DPO losses (cpo and orpo have their own)"
@@ -333,12 +281,12 @@ class AlignConfig:
             raise ConfigError(
                 "`label_smoothing`=0 with method 'exo_pair'; EXO needs > 0 (e.g. 1e-3)"
             )
-        if self.precompute_ref and self.method in REFERENCE_FREE:
+        if self.precompute_ref and method_of(self.method).reference_free:
             raise ConfigError(
                 f"`precompute_ref`=True with method {self.method!r}, which uses no reference "
                 "model; drop --precompute-ref"
             )
-        if self.pack_pairs and self.method not in DPO_LOSSES:
+        if self.pack_pairs and not method_of(self.method).is_dpo:
             raise ConfigError(
                 f"`pack_pairs`=True with method {self.method!r}; packing applies to the DPO loss "
                 "types only: drop --pack-pairs"
@@ -394,10 +342,10 @@ class AlignConfig:
         if "max_steps" in given or "epochs" in given:
             values.pop("max_steps", None)
             values.pop("epochs", None)
-        method = check_method(str(given.get("method", "dpo")))
-        if method in REFERENCE_FREE and "precompute_ref" not in given:
+        method = method_of(str(given.get("method", "dpo")))
+        if method.reference_free and "precompute_ref" not in given:
             values["precompute_ref"] = False
-        if method not in DPO_LOSSES and "pack_pairs" not in given:
+        if not method.is_dpo and "pack_pairs" not in given:
             values["pack_pairs"] = False
         values.update(given)
         values["model"] = model

@@ -44,16 +44,16 @@ import os
 import random
 import shutil
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .._checks import check_choice
 from .._io import atomic_open, atomic_write_json, check_output_dir, replace_dir, scratch_dir
-from ..data import CONTEXTS, BBQItem, resolve_categories
+from ..data import CONTEXTS, BBQData, BBQItem, BBQSource, resolve_categories
 from ..errors import ConfigError, DataError
-from ..prompts import check_format, render
+from ..prompts import check_format, has_chat_template, is_chat_format, render
 
 logger = logging.getLogger(__name__)
 
@@ -449,6 +449,56 @@ def write_pairs(
     return target
 
 
+def make_pairs(
+    data: BBQData | BBQSource,
+    cfg: PrefsConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> PairSet:
+    """The pairs stage: build the pairs of ``cfg`` and write them to ``out_dir``
+    (``spillover prefs`` and the run's ``prefs`` stage both call this).
+
+    Args:
+        data: Loaded BBQ, or where to load it from (only the target categories are read,
+            after the checks below).
+        cfg: Pair and split settings.
+        out_dir: The pairs folder to write.
+        model: Model whose tokenizer renders a chat format (``letters-chat``); ignored
+            for the other formats.
+        cache_dir: Cache root of the model's files.
+        overwrite: Replace an existing pairs folder (only one spillover made).
+
+    Raises:
+        ConfigError: ``out_dir`` is taken, or a chat format without ``model`` or with a
+            model that has no chat template; as :func:`build_pairs`.
+    """
+    target = Path(out_dir).expanduser()
+    check_output_dir(target, PAIRS_KIND, overwrite=overwrite)  # before any work
+    tokenizer = None
+    if is_chat_format(cfg.prompt_format):
+        if model is None:
+            raise ConfigError(
+                f"prompt format {cfg.prompt_format!r} renders prompts with a model's chat "
+                "template; give the model (e.g. --model smollm2-135m)"
+            )
+        from ..models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(model), cache_dir=cache_dir)
+        if not has_chat_template(tokenizer):
+            raise ConfigError(
+                f"prompt format {cfg.prompt_format!r} needs a model with a chat template; "
+                f"{model!r} has none (use prompt format lm-eval or letters)"
+            )
+    if isinstance(data, BBQSource):
+        data = data.load(categories=cfg.targets)
+    pairs = build_pairs(data.items, cfg, tokenizer=tokenizer, provenance=data.provenance())
+    write_pairs(pairs, target, overwrite=overwrite)
+    return pairs
+
+
 def read_split(pairs_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``split.json`` of a pairs folder.
 
@@ -514,10 +564,30 @@ def split_targets(split_json: str | os.PathLike[str] | Mapping[str, Any]) -> tup
     return tuple(targets)
 
 
-def on_heldout(items: Iterable[BBQItem], held: Mapping[str, Collection[int]]) -> list[BBQItem]:
-    """``items`` with those of ``held``'s categories kept only on its held-out templates
-    (the pool a run samples from: every evaluated target item is one never trained on)."""
-    return [it for it in items if it.category not in held or it.question_index in held[it.category]]
+def heldout_for(
+    split_json: str | os.PathLike[str] | Mapping[str, Any],
+    targets: Sequence[str] | None = None,
+) -> tuple[tuple[str, ...], dict[str, set[int]]]:
+    """The targets a split was made for and the templates it held out per target: what
+    the comparison of a run (and ``spillover compare --heldout-from``) keeps of them.
+
+    Args:
+        split_json: ``split.json``, its pairs folder, or its content.
+        targets: The targets the caller compares; None takes the split's. Given, they must
+            be the split's (in any order).
+
+    Raises:
+        DataError: the split file is missing or malformed.
+        ConfigError: ``targets`` differ from the split's.
+    """
+    made_for = split_targets(split_json)
+    if targets is not None and set(targets) != set(made_for):
+        raise ConfigError(
+            f"`targets`={','.join(targets)}: the pairs of {_split_where(split_json)} were made "
+            f"for {','.join(made_for)}"
+        )
+    held = heldout_templates(split_json)
+    return made_for, {c: held.get(c, set()) for c in made_for}
 
 
 def read_pairs(pairs_dir: str | os.PathLike[str], split: str = "train") -> Any:

@@ -29,6 +29,7 @@ from ..rundir import canonical_hash, library_versions
 from .config import AlignConfig
 from .sharding import full_state_dict_for_saving, launch_from_env, missing_adapter_files
 from .trainer import TrainProgress, build_trainer, check_environment, lora_config
+from .trl_args import resolve_trl_args
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +332,7 @@ def train_adapter(
     """
     import torch
 
+    cfg = resolve_trl_args(cfg)  # recorded as TRL reads them
     target = Path(cfg.output_dir).expanduser()
     check_output_dir(target, ADAPTER_KIND, overwrite=cfg.overwrite)
     df, split = load_pair_frame(pairs)

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingDependencyError
-from .config import DPO_LOSSES, OTHER_METHODS, AlignConfig, check_method
+from .config import AlignConfig
+from .methods import method_of, quiet_experimental, trl_classes
 from .packing import pair_packing
 from .sharding import launch_bf16, launch_from_env
+from .trl_args import resolve_trl_args
 
 logger = logging.getLogger(__name__)
-
-_FALLBACK_MODULES = {"trl.experimental.cpo": "trl", "trl.experimental.orpo": "trl"}
-"""Older TRL releases export CPO/ORPO from the top level."""
 
 TrainProgress = Callable[[int, int, Mapping[str, float]], None]
 """``progress(step, total_steps, logs)``: called after every optimizer step; ``logs``
@@ -71,39 +70,21 @@ def check_environment(cfg: AlignConfig) -> str:
         raise MissingDependencyError(
             f"`report_to`={cfg.report_to!r} needs {pkg}: pip install {pkg}"
         )
-    trainer_classes(cfg.method)
+    resolve_trl_args(cfg)  # a TRL setting the installed TRL refuses fails here
     return device
 
 
 def trainer_classes(method: str) -> tuple[Any, Any]:
-    """The (config class, trainer class) of a method in the installed TRL.
+    """The (config class, trainer class) of a method in the installed TRL; the trainer
+    subclassed so that processed examples carry no duplicated BOS/EOS (DPO, KTO).
 
     Raises:
         MissingDependencyError: the installed TRL lacks that trainer.
     """
-    import trl
-
-    method = check_method(method)
-    if method in DPO_LOSSES:
-        return trl.DPOConfig, _patched_trainer(trl.DPOTrainer)  # type: ignore[attr-defined]
-    module, cfg_name, trainer_name, where = OTHER_METHODS[method]
-    for mod_name in (module, _FALLBACK_MODULES.get(module)):
-        if mod_name is None:
-            continue
-        try:
-            with _quiet_experimental():
-                mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        cfg_cls, trainer_cls = getattr(mod, cfg_name, None), getattr(mod, trainer_name, None)
-        if cfg_cls is not None and trainer_cls is not None:
-            if method == "kto":
-                trainer_cls = _patched_trainer(trainer_cls)
-            return cfg_cls, trainer_cls
-    raise MissingDependencyError(
-        f"method {method!r} needs TRL's {trainer_name}, which the installed trl "
-        f"{trl.__version__} does not provide; it is in {where}: pip install -U trl"
-    )
+    config_cls, trainer_cls = trl_classes(method)
+    if method_of(method).family in ("dpo", "kto"):
+        trainer_cls = _patched_trainer(trainer_cls)
+    return config_cls, trainer_cls
 
 
 @contextlib.contextmanager
@@ -125,15 +106,6 @@ def _no_dataset_progress_bars() -> Any:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = previous
-
-
-@contextlib.contextmanager
-def _quiet_experimental() -> Any:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*experimental.*")
-        yield
 
 
 _PATCHED: dict[Any, Any] = {}
@@ -297,6 +269,7 @@ def trl_config(
     Raises:
         ConfigError: TRL refuses the combination of settings.
     """
+    cfg = resolve_trl_args(cfg)
     config_cls, _ = trainer_classes(cfg.method)
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -327,7 +300,7 @@ def trl_config(
         **_method_args(cfg),
     }
     kwargs.update(cfg.trl_args)
-    with _quiet_experimental():
+    with quiet_experimental():
         try:
             return config_cls(**kwargs)
         except ValueError as exc:
@@ -368,22 +341,23 @@ def _share(cfg: AlignConfig, parts: int) -> int | float:
 
 def _method_args(cfg: AlignConfig) -> dict[str, Any]:
     """The loss settings of the method."""
+    method = method_of(cfg.method)
     kwargs: dict[str, Any] = {}
-    if cfg.method in DPO_LOSSES:
-        kwargs["loss_type"] = [DPO_LOSSES[cfg.method]]
+    if method.family == "dpo":
+        kwargs["loss_type"] = [method.loss_type]
         if cfg.rpo_alpha:  # RPO: the preference loss plus rpo_alpha x NLL of the chosen answer
             kwargs["loss_type"].append("sft")
             kwargs["loss_weights"] = [1.0, cfg.rpo_alpha]
         kwargs["precompute_ref_log_probs"] = cfg.precompute_ref
         smoothing = cfg.label_smoothing
         if smoothing is None:
-            smoothing = {"robust": 0.1, "exo_pair": 1e-3}.get(cfg.method, 0.0)
+            smoothing = method.default_label_smoothing or 0.0
         kwargs["label_smoothing"] = smoothing
-    elif cfg.method == "kto":
+    elif method.family == "kto":
         kwargs["precompute_ref_log_probs"] = cfg.precompute_ref
-    elif cfg.method in ("cpo", "simpo"):
-        kwargs["loss_type"] = "simpo" if cfg.method == "simpo" else "sigmoid"
-        if cfg.method == "simpo":
+    elif method.family == "cpo":
+        kwargs["loss_type"] = method.loss_type
+        if method.name == "simpo":
             kwargs["cpo_alpha"] = 0.0
         if cfg.label_smoothing is not None:
             kwargs["label_smoothing"] = cfg.label_smoothing
@@ -477,13 +451,13 @@ def build_trainer(
         kwargs["eval_dataset"] = evalset
     if not isinstance(model, PeftModel):
         kwargs["peft_config"] = lora_config(cfg)
-    if cfg.method in DPO_LOSSES or cfg.method == "kto":
+    if method_of(cfg.method).family in ("dpo", "kto"):
         kwargs["ref_model"] = None
     if progress is not None:
         kwargs["callbacks"] = [_TrainProgressAdapter.make(progress)]
-    if cfg.method in DPO_LOSSES:
+    if method_of(cfg.method).is_dpo:
         kwargs["pack_pairs"] = cfg.pack_pairs
-    with _quiet_experimental(), _no_dataset_progress_bars():
+    with quiet_experimental(), _no_dataset_progress_bars():
         trainer = trainer_cls(**kwargs)
     # the library never prints: drop the Trainer's console printer / tqdm bar
     from transformers import trainer_callback

@@ -5,7 +5,9 @@ key=value``) holds settings spillover has no option for. Each key is checked aga
 fields of the method's own config dataclass (``DPOConfig``, ``KTOConfig``, ``CPOConfig``,
 ``ORPOConfig``), so a typo fails before anything is loaded; each value is coerced to the
 field's type. Keys that spillover sets from its own options are refused with that option's
-name. TRL is imported only when ``trl_args`` is not empty.
+name. :func:`check_trl_keys` (run when an :class:`~spillover.align.AlignConfig` is made)
+needs no TRL; :func:`check_trl_args` and :func:`resolve_trl_args` import TRL, only when
+``trl_args`` is not empty.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import difflib
 import enum
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from .methods import trl_classes
+
+if TYPE_CHECKING:
+    from .config import AlignConfig
 
 SET_BY_SPILLOVER: Mapping[str, str] = {
     "output_dir": "output_dir",
@@ -68,6 +74,38 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
+def check_trl_keys(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` as a plain dict, checked without TRL: a mapping of text keys, none of them
+    a key spillover sets from its own options.
+
+    Raises:
+        ConfigError: not a mapping, a key that is no text, or a key spillover sets.
+    """
+    if not isinstance(args, Mapping):
+        raise ConfigError(
+            f"`trl_args`={args!r}; expected a mapping of TRL config keys to values "
+            "(e.g. {optim: adafactor})"
+        )
+    for key in args:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"`trl_args`: key {key!r}; expected the name of a TRL config field")
+        if key in SET_BY_SPILLOVER:
+            raise ConfigError(
+                f"`trl_args`: key {key!r} is set by spillover from `{SET_BY_SPILLOVER[key]}`; "
+                "set that option instead"
+            )
+    return dict(args)
+
+
+def resolve_trl_args(cfg: AlignConfig) -> AlignConfig:
+    """``cfg`` with its ``trl_args`` checked against the installed TRL and coerced to the
+    field types of the method's TRL config (:func:`check_trl_args`); ``cfg`` itself when
+    it has none."""
+    if not cfg.trl_args:
+        return cfg
+    return dataclasses.replace(cfg, trl_args=check_trl_args(cfg.trl_args, cfg.method))
+
+
 def check_trl_args(args: Mapping[str, Any], method: str) -> dict[str, Any]:
     """``args`` checked against the method's TRL config class and coerced to its field types.
 
@@ -76,18 +114,12 @@ def check_trl_args(args: Mapping[str, Any], method: str) -> dict[str, Any]:
             sets from its own option, or a value of the wrong type.
         MissingDependencyError: the installed TRL lacks the method's trainer.
     """
-    if not isinstance(args, Mapping):
-        raise ConfigError(
-            f"`trl_args`={args!r}; expected a mapping of TRL config keys to values "
-            "(e.g. {optim: adafactor})"
-        )
+    args = check_trl_keys(args)
     if not args:
         return {}
     from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-    from .trainer import trainer_classes
-
-    config_cls, _ = trainer_classes(method)
+    config_cls, _ = trl_classes(method)
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     try:
         hints = typing.get_type_hints(config_cls)
@@ -97,11 +129,6 @@ def check_trl_args(args: Mapping[str, Any], method: str) -> dict[str, Any]:
     for key in sorted(args, key=str):
         value = args[key]
         name = config_cls.__name__
-        if key in SET_BY_SPILLOVER:
-            raise ConfigError(
-                f"`trl_args`: key {key!r} is set by spillover from `{SET_BY_SPILLOVER[key]}`; "
-                "set that option instead"
-            )
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]!r}?)" if near else ""

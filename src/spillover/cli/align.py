@@ -80,37 +80,15 @@ def prefs_command(
     ] = False,
     **options: Any,
 ) -> None:
-    """Build preference pairs for target attributes, holding out whole templates."""
-    from .._io import check_output_dir
-    from ..align import PAIRS_KIND, build_pairs, write_pairs
+    """Build preference pairs for target attributes, holding out whole scenarios."""
+    from ..align import make_pairs
 
     cfg = PREFS_OPTIONS.build(options, targets=tuple(target))
-    prompt_format = cfg.prompt_format
     out_path = Path(out).expanduser()
-    # refused before any work; write_pairs checks again when it replaces the folder
-    check_output_dir(out_path, PAIRS_KIND, overwrite=overwrite)
-    tokenizer = None
-    if prompt_format.endswith("-chat"):
-        if model is None:
-            raise ConfigError(
-                f"prompt format {prompt_format!r} renders prompts with a model's chat template; "
-                "pass --model (e.g. --model smollm2-135m)"
-            )
-        from ..models import load_tokenizer, resolve_model
-        from ..prompts import has_chat_template
-
-        tokenizer = load_tokenizer(resolve_model(model))
-        if not has_chat_template(tokenizer):
-            raise ConfigError(
-                f"prompt format {prompt_format!r} needs a model with a chat template; {model!r} "
-                "has none (use --prompt-format lm-eval or letters)"
-            )
     source = BBQSource(path_text(bbq_dir), None, allow_unverified)
-    data = source.load(categories=cfg.targets)
-    for w in data.warnings:
+    pairs = make_pairs(source, cfg, out_path, model=model, overwrite=overwrite)
+    for w in (pairs.provenance.get("bbq") or {}).get("warnings", []):
         warn(w)
-    pairs = build_pairs(data.items, cfg, tokenizer=tokenizer, provenance=data.provenance())
-    write_pairs(pairs, out_path, overwrite=overwrite)
     table = Table(title=f"Preference pairs -> {out_path}", show_edge=False)
     for col in ("category", "train scenarios", "held-out scenarios", "held-out templates"):
         table.add_column(col)
@@ -201,13 +179,15 @@ def align_command(
     **options: Any,
 ) -> None:
     """Train a LoRA adapter on preference pairs with a TRL trainer."""
-    from ..align import parse_trl_arg, train_adapter
+    from ..align import parse_trl_arg, resolve_trl_args, train_adapter
 
     values = ALIGN_OPTIONS.values(options)
     try:
         trl_args = dict(parse_trl_arg(a) for a in trl_arg or ())
-        cfg = AlignConfig.from_preset(
-            model, out, preset=values.pop("preset", None), trl_args=trl_args, **values
+        cfg = resolve_trl_args(
+            AlignConfig.from_preset(
+                model, out, preset=values.pop("preset", None), trl_args=trl_args, **values
+            )
         )
     except ConfigError as exc:
         message = str(exc).replace("`trl_args`:", "--trl-arg:").replace("`trl_args`", "--trl-arg")

@@ -102,9 +102,9 @@ def eval_command(
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     held = None
     if heldout_from is not None:  # a bad split file fails before BBQ or the model is read
-        from ..align import heldout_templates
+        from ..align import heldout_for
 
-        held = {c: t for c, t in heldout_templates(heldout_from).items() if t}
+        held = {c: t for c, t in heldout_for(heldout_from)[1].items() if t}
     source = BBQSource(path_text(bbq_dir), path_text(cache_dir), allow_unverified)
     _run(model, out, adapter, source, selection, cfg, device=device, dtype=dtype, held=held)
 
@@ -121,8 +121,7 @@ def _run(
     dtype: str,
     held: dict[str, set[int]] | None = None,
 ) -> None:
-    from ..align import on_heldout
-    from ..evaluate import read_metadata, run_evaluation
+    from ..evaluate import evaluate_selection
     from ..models import resolve_model
 
     keys = selection.keys()
@@ -134,15 +133,6 @@ def _run(
         data = source.load(categories=cats, progress=fetching)
     for w in data.warnings:
         warn(w)
-    selected = selection.apply(on_heldout(data.items, held) if held else data.items)
-    if not selected:
-        raise ConfigError("the selection is empty; check --categories, --contexts and --items")
-    provenance: dict[str, Any] = {
-        "bbq": data.provenance(),
-        "selection": selection.describe(data.categories),
-    }
-    if held:
-        provenance["selection"]["heldout_templates"] = {c: sorted(t) for c, t in held.items()}
     bars = Bars(
         TextColumn("scoring"),
         BarColumn(),
@@ -162,9 +152,9 @@ def _run(
         bars.update(task, done, total)
 
     with bars:
-        outcome = run_evaluation(
-            model, selected, cfg, out=out, adapter=adapter, device=device, dtype=dtype,
-            cache_dir=source.cache_dir, progress=on_progress, provenance=provenance,
+        outcome = evaluate_selection(
+            model, data, selection, cfg, out=out, heldout=held, adapter=adapter, device=device,
+            dtype=dtype, cache_dir=source.cache_dir, progress=on_progress,
         )  # fmt: skip
         if task is not None:
             bars.finish(task)
@@ -173,16 +163,17 @@ def _run(
     if outcome.predictions is None:
         console.print(
             f"merged the predictions of {outcome.processes} processes into {out} "
-            f"({read_metadata(out)['n_rows']} rows, {outcome.score_seconds:.1f}s)"
+            f"({outcome.n_rows} rows, {outcome.score_seconds:.1f}s)"
         )
         return
-    _print_summary(outcome.predictions, out, len(selected), outcome.model, cfg, outcome)
+    n_items = len({(p.category, p.example_id) for p in outcome.predictions})
+    _print_summary(outcome.predictions, out, n_items, outcome.model, cfg, outcome)
 
 
 def _print_summary(
     preds: Any, out: Path, n_items: int, model: str, cfg: EvalConfig, outcome: Any
 ) -> None:
-    from ..evaluate import read_metadata, summarize_predictions
+    from ..evaluate import summarize_predictions
 
     table = Table(title=f"{n_items} items, {model}, {cfg.prompt_format}")
     cols = ("permutation", "n", "accuracy", "accuracy_ambig", "accuracy_disambig")
@@ -192,7 +183,7 @@ def _print_summary(
     for row in summarize_predictions(preds):
         table.add_row(*(_fmt(row[c]) for c in (*cols, *extra)))
     print_table(table)
-    stats = read_metadata(out).get("scorer_stats", {})
+    stats = outcome.scorer_stats
     if stats.get("boundary_merges") or stats.get("split_requests"):
         err_console.print(
             f"[yellow]note:[/] {stats.get('boundary_merges', 0)} answer(s) had a token merging "

@@ -94,20 +94,10 @@ def run_command(
 
 def _run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
     """Run the study with progress, then print each sub-run's summary."""
-    from ..runs import (
-        STAGE_TABLE,
-        check_force,
-        check_machine,
-        check_run_dir,
-        load_data,
-        run_study,
-    )
+    from ..runs import STAGE_TABLE, prepare_run, run_study
 
-    check_force(force)
-    check_run_dir(run_dir.expanduser())
-    check_machine(cfg)  # a missing package or device fails before BBQ is downloaded
     with download_progress() as fetching:  # BBQ is downloaded when not cached
-        data = load_data(cfg, progress=fetching)
+        data = prepare_run(cfg, run_dir, force, progress=fetching)
     with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:
         dirs = run_study(cfg, run_dir, force=force, on_event=on_event, data=data)
     for d in dirs:
@@ -120,12 +110,10 @@ def _run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
 
 def _dry_run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
     """Check everything a run would check before its first stage, print the plan, write nothing."""
-    from ..runs import check_force, check_run_dir, load_data, plan_run
+    from ..runs import plan_run, prepare_run
 
-    check_force(force)
-    check_run_dir(run_dir.expanduser())
     with download_progress() as fetching:
-        data = load_data(cfg, progress=fetching)
+        data = prepare_run(cfg, run_dir, force, machine=False, progress=fetching)
     plan = plan_run(cfg, data=data)
     for w in plan.warnings:
         warn(w)

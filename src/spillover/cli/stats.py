@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ..data import BBQSource
 from ..errors import ConfigError
-from ..stats import DEFAULT_BY, WARNINGS_COLUMN, WARNINGS_SEPARATOR, CompareConfig
+from ..stats import WARNINGS_COLUMN, WARNINGS_SEPARATOR, CompareConfig, MetricsConfig
 from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
 from ._options import config_options, with_options
 from ._outputs import Output, check_outputs, write_outputs
@@ -29,15 +29,8 @@ if TYPE_CHECKING:
     from ..stats import Comparison, MetricsReport
 
 COMPARE_OPTIONS = config_options(CompareConfig)
+METRICS_OPTIONS = config_options(MetricsConfig)
 
-_BY_HELP = (
-    "Stratification keys, comma-separated: category, context_condition, question_polarity, "
-    "label_type. Rows are reported for every subset of them."
-)
-_PERM_HELP = (
-    "Answer-order permutation to use when a prediction file holds several "
-    "(default: the identity, '012')."
-)
 _PRED_HELP = (
     "Prediction file (.parquet, .csv or .jsonl), or a samples_<task>_<date>.jsonl log of "
     "lm-evaluation-harness."
@@ -71,11 +64,11 @@ def _pval(value: Any) -> str:
     return "<1e-16" if value < 1e-16 else format(value, ".2g")
 
 
+@with_options(METRICS_OPTIONS)
 def metrics_command(
     pred: Annotated[Path, typer.Argument(help=_PRED_HELP)],
     bbq_dir: BBQDirOption = None,
     allow_unverified: AllowUnverifiedOption = False,
-    by: Annotated[str, typer.Option("--by", help=_BY_HELP)] = ",".join(DEFAULT_BY),
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="Write the records and warnings as JSON to this file."),
@@ -84,20 +77,20 @@ def metrics_command(
         Path | None,
         typer.Option("--csv", help="Write the strata table as CSV (last column: warnings)."),
     ] = None,
-    permutation: Annotated[str | None, typer.Option("--permutation", help=_PERM_HELP)] = None,
     file_format: FormatOption = "auto",
     length_norm: LengthNormOption = "none",
+    **options: Any,
 ) -> None:
     """Accuracy and BBQ bias scores of one run, per stratum."""
-    from ..stats import check_reading, load_and_compute_metrics
+    from ..predictions import check_reading
+    from ..stats import load_and_compute_metrics
 
+    cfg = METRICS_OPTIONS.build(options)
     check_reading(file_format, length_norm)
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    report = load_and_compute_metrics(
-        pred, bbq, by=by, permutation=permutation, format=file_format, length_norm=length_norm
-    )
+    report = load_and_compute_metrics(pred, bbq, cfg, format=file_format, length_norm=length_norm)
     warnings = [*report.warnings, *report.notes]
     outputs = []
     if json_out is not None:
@@ -177,33 +170,26 @@ def compare_command(
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
-    from ..stats import check_reading, load_and_compare
+    from ..predictions import check_reading
+    from ..stats import compare_files
 
     cfg = COMPARE_OPTIONS.build(options)
     check_reading(file_format, length_norm)
-    heldout_only = None
-    if heldout_from is not None:
-        from ..align import heldout_templates, split_targets
+    held = None
+    if heldout_from is not None:  # a bad split fails before BBQ is read
+        from ..align import heldout_for
 
-        held = heldout_templates(heldout_from)
-        made_for = split_targets(heldout_from)
-        if cfg.targets is None:
-            cfg = dataclasses.replace(cfg, targets=made_for)
-        if set(cfg.targets or ()) != set(made_for):
-            raise ConfigError(
-                f"--targets {','.join(cfg.targets or ())}: the pairs of --heldout-from "
-                f"{heldout_from} were made for {','.join(made_for)}"
-            )
-        # the run's rule: a split holding nothing out (heldout_frac 0) leaves nothing out
-        if any(held.values()):
-            heldout_only = {c: held.get(c, set()) for c in cfg.targets or ()}
+        try:
+            targets, held = heldout_for(heldout_from, cfg.targets)
+        except ConfigError as exc:
+            raise ConfigError(COMPARE_OPTIONS.flags(str(exc))) from None
+        cfg = dataclasses.replace(cfg, targets=targets)
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    result = load_and_compare(
-        base, aligned, bbq, cfg, format=file_format, length_norm=length_norm,
-        heldout_only=heldout_only,
-    )  # fmt: skip
+    result = compare_files(
+        base, aligned, bbq, cfg, heldout=held, format=file_format, length_norm=length_norm
+    ).comparison
     outputs = []
     if json_out is not None:
         outputs.append(Output("--json", json_out, _json_text(result.to_json())))

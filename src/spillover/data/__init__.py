@@ -2,7 +2,7 @@
 
 BBQ is the Bias Benchmark for QA (Parrish et al., "BBQ: A Hand-Built Bias
 Benchmark for Question Answering", Findings of ACL 2022; CC BY 4.0). Every file
-is checked against the SHA-256 digests pinned in :data:`BBQ_SHA256` before it is
+is checked against the SHA-256 digests pinned in ``sources.BBQ_SHA256`` before it is
 parsed. Sources are tried in this order unless the caller names one:
 
 1. an explicit folder (``bbq_dir`` or ``$SPILLOVER_BBQ_DIR``), flat or laid out
@@ -26,63 +26,27 @@ from .items import (
     ITEM_FRAME_COLUMNS,
     POLARITIES,
     BBQItem,
-    Context,
-    LabelType,
-    Polarity,
     resolve_categories,
     resolve_category,
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
-from .parse import parse_items_jsonl, parse_metadata_csv
-from .scenarios import assign_scenarios
-from .select import Selection, read_item_list, select_items
-from .sources import (
-    BBQ_SHA256,
-    ENV_BBQ_DIR,
-    ENV_CACHE,
-    METADATA_FILE,
-    DownloadProgress,
-    FetchResult,
-    FileCheck,
-    SourceKind,
-    bbq_cache_dir,
-    default_cache_root,
-    fetch_bbq,
-    locate_files,
-    read_wheel_members,
-)
+from .select import Selection, select_items
+from .sources import DownloadProgress, default_cache_root, fetch_bbq
 
 __all__ = [
-    "BBQ_SHA256",
     "CATEGORIES",
     "CATEGORY_ALIASES",
     "CONTEXTS",
-    "ENV_BBQ_DIR",
-    "ENV_CACHE",
     "ITEM_FRAME_COLUMNS",
-    "METADATA_FILE",
     "POLARITIES",
     "BBQData",
     "BBQItem",
     "BBQSource",
-    "Context",
     "DownloadProgress",
-    "FetchResult",
-    "FileCheck",
-    "LabelType",
-    "Polarity",
     "Selection",
-    "SourceKind",
-    "assign_scenarios",
-    "bbq_cache_dir",
     "default_cache_root",
     "fetch_bbq",
     "load_bbq",
-    "locate_files",
-    "parse_items_jsonl",
-    "parse_metadata_csv",
-    "read_item_list",
-    "read_wheel_members",
     "resolve_categories",
     "resolve_category",
     "select_items",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +67,12 @@ class Selection:
         """The listed item keys (read from ``items``), or None."""
         return read_item_list(self.items) if self.items is not None else None
 
-    def describe(self, categories: Sequence[str]) -> dict[str, Any]:
-        """What was selected, for the predictions' metadata (``categories``: those loaded)."""
-        return {
+    def describe(
+        self, categories: Sequence[str], heldout: Mapping[str, Collection[int]] | None = None
+    ) -> dict[str, Any]:
+        """What was selected, for the predictions' metadata (``categories``: those loaded;
+        ``heldout``: as :meth:`apply` took it)."""
+        out: dict[str, Any] = {
             "categories": list(categories),
             "contexts": list(self.contexts),
             "per_stratum": self.per_stratum,
@@ -78,14 +81,27 @@ class Selection:
             "all": self.per_stratum is None and self.items is None,
             "limit": self.limit,
         }
+        if heldout:
+            out["heldout_templates"] = {c: sorted(t) for c, t in heldout.items()}
+        return out
 
-    def apply(self, items: Sequence[BBQItem]) -> list[BBQItem]:
+    def apply(
+        self, items: Sequence[BBQItem], heldout: Mapping[str, Collection[int]] | None = None
+    ) -> list[BBQItem]:
         """The selected items, in the input order, cut to ``limit``.
+
+        Args:
+            items: The items to choose from.
+            heldout: Templates (``question_index``) per category: items of these
+                categories are chosen only on them (:func:`on_heldout`), so every evaluated
+                target item is one the model never trained on.
 
         Raises:
             DataError: the item list is unreadable.
             ConfigError: listed keys are not in ``items``.
         """
+        if heldout:
+            items = on_heldout(items, heldout)
         keys = None
         if self.items is not None:
             entries = read_item_entries(self.items)
@@ -112,6 +128,12 @@ class Selection:
         rank = {c: i for i, c in enumerate(CATEGORIES)}
         ordered = sorted(chosen, key=lambda it: (rank[it.category], it.example_id))
         return ordered[: self.limit]
+
+
+def on_heldout(items: Iterable[BBQItem], held: Mapping[str, Collection[int]]) -> list[BBQItem]:
+    """``items`` with those of ``held``'s categories kept only on its held-out templates
+    (the pool a run samples from: every evaluated target item is one never trained on)."""
+    return [it for it in items if it.category not in held or it.question_index in held[it.category]]
 
 
 MAX_ITEM_LIST_BYTES = 64 << 20

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._checks import check_choice, check_seed
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingDependencyError
 from ..prompts import PERMUTATION_MODES, PROMPT_FORMATS
 from .scoring import BOUNDARIES
 
@@ -111,3 +111,17 @@ class EvalConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_backend(cfg: EvalConfig) -> None:
+    """Check that this machine has the scoring backend ``cfg`` names (without loading it).
+
+    Raises:
+        MissingDependencyError: ``backend`` is ``vllm`` and vLLM is not installed.
+    """
+    import importlib.util
+
+    if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from .vllm import INSTALL_HINT
+
+        raise MissingDependencyError(f"`backend`: vllm: {INSTALL_HINT}")

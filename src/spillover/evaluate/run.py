@@ -13,31 +13,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import CATEGORIES, BBQItem
+from ..data import CATEGORIES, BBQData, BBQItem, Selection
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel
+from ..predictions import (
+    Prediction,
+    predictions_table,
+    read_metadata,
+    table_predictions,
+    write_table,
+)
 from ..prompts import RenderedItem, permutation_id, permutations, render
 from .config import LENGTH_NORMS, EvalConfig
-from .files import (
+from .hf import HFChoiceScorer, compile_requested
+from .scoring import ChoiceRequest, ChoiceScorer, ChoiceScores
+from .shards import (
     MANIFEST_FORMAT,
-    Prediction,
     items_digest,
     merge_prediction_files,
     open_shards,
     part_path,
-    predictions_table,
     read_shard,
     shard_dir,
-    table_predictions,
     write_shard,
-    write_table,
 )
-from .hf import HFChoiceScorer, compile_requested
-from .scoring import ChoiceRequest, ChoiceScorer, ChoiceScores
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +404,11 @@ class EvalOutcome:
     """Model loading time."""
     score_seconds: float
     """Scoring time (and the merge of a data-parallel run)."""
+    n_rows: int = 0
+    """Rows written to ``out`` (items x answer orders); 0 on the processes that did not write."""
+    scorer_stats: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """The scorer's counters over all processes (``boundary_merges``, ``split_requests``,
+    ``verified_requests``, ...), as the file's metadata records them."""
 
 
 def run_evaluation(
@@ -462,6 +470,8 @@ def run_evaluation(
         preds = evaluate_model(
             loaded, ordered, cfg, out=out, progress=progress, provenance=provenance, scorer=scorer
         )
+    seconds = time.perf_counter() - t1
+    meta = read_metadata(out) if state.is_main_process else {}
     return EvalOutcome(
         Path(out),
         preds,
@@ -469,8 +479,45 @@ def run_evaluation(
         state.is_main_process,
         loaded.spec.name,
         t1 - t0,
-        time.perf_counter() - t1,
+        seconds,
+        int(meta.get("n_rows", 0)),
+        dict(meta.get("scorer_stats", {})),
     )
+
+
+def evaluate_selection(
+    model: str,
+    data: BBQData,
+    selection: Selection,
+    cfg: EvalConfig,
+    *,
+    out: str | Path,
+    heldout: Mapping[str, Collection[int]] | None = None,
+    adapter: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: EvalProgress | None = None,
+) -> EvalOutcome:
+    """The evaluation stage: choose the items of ``data`` that ``selection`` names (the
+    ``heldout`` categories on their held-out templates only) and score them into ``out``
+    with :func:`run_evaluation`, recording the data's provenance and the selection in the
+    file. ``spillover eval`` and the run's evaluations both call this.
+
+    Raises:
+        ConfigError: the selection is empty, or as :func:`run_evaluation`.
+    """
+    items = selection.apply(data.items, heldout=heldout)
+    if not items:
+        raise ConfigError("the selection is empty; check the categories, contexts and item list")
+    provenance = {
+        "bbq": data.provenance(),
+        "selection": selection.describe(data.categories, heldout=heldout),
+    }
+    return run_evaluation(
+        model, items, cfg, out=out, adapter=adapter, device=device, dtype=dtype,
+        cache_dir=cache_dir, progress=progress, provenance=provenance,
+    )  # fmt: skip
 
 
 class _RunningTotal:

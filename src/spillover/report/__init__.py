@@ -12,38 +12,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
-from .config import FIGURE_FORMATS, FORMATS, ReportConfig
+from .config import ReportConfig
 
 if TYPE_CHECKING:
-    from .build import find_run_dirs, write_combined_report, write_report
-    from .figures import FIGURES_DIR
-    from .load import find_comparison, load_comparison
-    from .spillover_map import MAP_NAME
+    from .build import ReportOutcome, report_folder, write_combined_report, write_report
 
 # the builders (matplotlib, jinja2, pandas) load on first use: the configs stay cheap
-_WHERE = {
-    "find_run_dirs": "build",
-    "write_combined_report": "build",
-    "write_report": "build",
-    "FIGURES_DIR": "figures",
-    "find_comparison": "load",
-    "load_comparison": "load",
-    "MAP_NAME": "spillover_map",
-}
+_LAZY = {"build": ("ReportOutcome", "report_folder", "write_combined_report", "write_report")}
 
-
-__getattr__ = lazy_getattr(__name__, _WHERE)
-
+__getattr__ = lazy_getattr(__name__, {n: m for m, names in _LAZY.items() for n in names})
 
 __all__ = [
-    "FIGURES_DIR",
-    "FIGURE_FORMATS",
-    "FORMATS",
-    "MAP_NAME",
     "ReportConfig",
-    "find_comparison",
-    "find_run_dirs",
-    "load_comparison",
+    "ReportOutcome",
+    "report_folder",
     "write_combined_report",
     "write_report",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_text
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..rundir import COMPARISON_FILE, HELDOUT_TARGET_FILE, LOG_HISTORY_FILE, MANIFEST_FILE
 from ..stats import Comparison
 from .config import ReportConfig
@@ -41,6 +41,7 @@ from .figures import (
 from .load import (
     PositionBias,
     ReportInputs,
+    find_comparison,
     load_comparison,
     load_optional_json,
     load_position_bias,
@@ -521,3 +522,48 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
     if not sweep_dir.is_dir():
         return []
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / COMPARISON_FILE).is_file())
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What :func:`report_folder` wrote."""
+
+    path: Path
+    """The report: ``report.html``, or ``report.md`` when HTML is not among the formats."""
+    sub_runs: int
+    """Sub-runs combined into a sweep's report; 0 for the report of one folder."""
+    warnings: tuple[str, ...] = ()
+    """Warnings worth repeating where the report was asked for (unverified BBQ data)."""
+
+
+def report_folder(
+    folder: Path,
+    cfg: ReportConfig | None = None,
+    *,
+    base: Path | None = None,
+    aligned: Path | None = None,
+) -> ReportOutcome:
+    """The report stage on a folder (``spillover report``): the combined report of a sweep
+    directory (sub-folders holding runs), else the report of one run or of a folder made by
+    hand (:func:`write_report`).
+
+    Raises:
+        ConfigError: ``base`` / ``aligned`` given for a sweep; an invalid option.
+        DataError: as :func:`write_report`.
+    """
+    cfg = cfg or ReportConfig()
+    folder = Path(folder)
+    subs = [] if find_comparison(folder) is not None else find_run_dirs(folder)
+    if subs:
+        if base is not None or aligned is not None:
+            raise ConfigError(
+                f"{folder} is a sweep; --base and --aligned apply to the report of one folder"
+            )
+        return ReportOutcome(write_combined_report(folder, subs, cfg), len(subs))
+    out = write_report(folder, cfg, base=base, aligned=aligned)
+    shown = out if "html" in cfg.formats else out.with_suffix(".md")
+    manifest = load_optional_json(folder / MANIFEST_FILE, "manifest", [], [])
+    bbq = manifest.get("bbq") if isinstance(manifest, dict) else None
+    unverified = isinstance(bbq, dict) and bbq.get("verified") is False
+    warnings = ("BBQ data of this run is NOT verified (see the report's warnings)",)
+    return ReportOutcome(shown, 0, warnings if unverified else ())

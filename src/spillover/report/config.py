@@ -32,6 +32,11 @@ class ReportConfig:
     """At most this many Simpson-flag panels are drawn (all flags are still listed)."""
 
     def __post_init__(self) -> None:
+        for name in ("formats", "figure_formats"):  # case-insensitive, as typed
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(str(v).lower() for v in value))
         if self.alpha is not None and not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"`alpha`={self.alpha!r}; expected a number in (0, 1)")
         bad = [f for f in self.formats if f not in FORMATS]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, SpilloverError
 from ..rundir import COMPARISON_FILE, PREDICTION_FILES
 from ..stats import Comparison
 
@@ -140,7 +140,7 @@ def _position_bias(frames: Mapping[str, Any]) -> PositionBias:
     counts: dict[str, int] = {}
     perms: set[str] = set()
     for model, df in frames.items():
-        picked = df["displayed_pred"].dropna().astype(int)
+        picked = df["displayed_pred"]
         total = len(picked)
         shares[model] = [float((picked == k).sum()) / total if total else 0.0 for k in range(3)]
         grouped = df.groupby(df["permutation"].astype(str))["correct"]
@@ -150,22 +150,16 @@ def _position_bias(frames: Mapping[str, Any]) -> PositionBias:
     return PositionBias(shares, accuracy, counts, sorted(perms))
 
 
-def _read_table(path: Path) -> Any:
-    """A predictions table as read (Parquet, CSV or JSONL by suffix), columns unchanged."""
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    if suffix in (".csv",):
-        return pd.read_csv(path)
-    if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True, dtype=False)
-    return pd.read_parquet(path, columns=None)
-
-
 def load_position_bias(
     inputs: ReportInputs, notes: list[str], warnings: list[str]
 ) -> PositionBias | None:
-    """Answer-position statistics from the predictions, when several orders were scored."""
+    """Answer-position statistics from the predictions, when several orders were scored.
+
+    The files are read as ``spillover compare`` reads them (any system's Parquet, CSV or
+    JSONL, lm-evaluation-harness logs, legacy permutation ids); a file that cannot be read
+    is named in ``warnings`` and left out."""
+    from ..predictions import position_frame, read_predictions
+
     paths = inputs.predictions
     names = inputs.shown
     missing = [names[m] for m, p in paths.items() if not p.is_file()]
@@ -176,28 +170,27 @@ def load_position_bias(
     if missing:
         notes.append(f"{', '.join(missing)} not found: position view shows the other model only.")
     frames: dict[str, Any] = {}
-    need = {"permutation", "displayed_pred", "correct"}
     for model, path in paths.items():
         if not path.is_file():
             continue
         try:
-            df = _read_table(path)
-        except Exception as exc:  # pyarrow and pandas raise many types for bad files
+            df = read_predictions(path, all_permutations=True)
+        except SpilloverError as exc:
             msg = f"{names[model]} could not be read and is skipped: {exc}"
             logger.warning(msg)
             warnings.append(msg)
             continue
-        lacking = sorted(need - set(df.columns))
-        if lacking:
+        frame, lacking = position_frame(df)
+        if frame is None:
             notes.append(
                 f"{names[model]} has no column(s) {', '.join(lacking)}: "
                 "position view skipped for it."
             )
             continue
-        frames[model] = df
+        frames[model] = frame
     if not frames:
         return None
-    n_perm = max(int(df["permutation"].astype(str).nunique()) for df in frames.values())
+    n_perm = max(int(df["permutation"].nunique()) for df in frames.values())
     if n_perm < 2:
         notes.append("Predictions hold a single answer order: position view skipped.")
         return None

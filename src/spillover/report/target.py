@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..models import model_info
 from ..stats import ALL, COLLAPSE_SHARE, UNKNOWN_RISE, Comparison, StratumRecord
 from .values import fmt_p
 
@@ -62,8 +63,9 @@ def _is_small_model(manifest: Mapping[str, Any] | None) -> bool:
     names = [sub.get("model")] if isinstance(sub, Mapping) else []
     for m in manifest.get("models") or []:
         if isinstance(m, Mapping):
-            names += [m.get("model"), m.get("name"), m.get("hub_id")]
-    return any(isinstance(n, str) and "smollm2-135m" in n.lower() for n in names)
+            names += [m.get("model"), m.get("name"), m.get("model_id"), m.get("hub_id")]
+    infos = (model_info(n) for n in names if isinstance(n, str))
+    return any(info is not None and info.demo_only for info in infos)
 
 
 def alignment_lines(

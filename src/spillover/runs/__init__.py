@@ -13,30 +13,15 @@ functions.
 
 from __future__ import annotations
 
-from .config import DEFAULT_PER_STRATUM, DEFAULT_STUDY, RunConfig, SubRun
-from .plan import Plan, estimate_compute, plan_run
-from .stages import STAGE_TABLE, STAGES, Context, EventFn, Stage, StageResult, eval_provenance
-from .study import check_force, check_machine, check_run_dir, load_data, load_items, run_study
+from .config import RunConfig
+from .plan import plan_run
+from .stages import STAGE_TABLE
+from .study import prepare_run, run_study
 
 __all__ = [
-    "DEFAULT_PER_STRATUM",
-    "DEFAULT_STUDY",
-    "STAGES",
     "STAGE_TABLE",
-    "Context",
-    "EventFn",
-    "Plan",
     "RunConfig",
-    "Stage",
-    "StageResult",
-    "SubRun",
-    "check_force",
-    "check_machine",
-    "check_run_dir",
-    "estimate_compute",
-    "eval_provenance",
-    "load_data",
-    "load_items",
     "plan_run",
+    "prepare_run",
     "run_study",
 ]

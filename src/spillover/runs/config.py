@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import SEED_MAX, check_device
-from ..align import METHODS, AlignConfig, PrefsConfig
+from ..align import METHODS, AlignConfig, PrefsConfig, resolve_trl_args
 from ..data import BBQSource, Selection, resolve_categories
 from ..errors import ConfigError
 from ..evaluate import EvalConfig
@@ -34,26 +34,9 @@ from ..stats import CompareConfig
 from .yaml_doc import YamlDoc, build_dataclass, check_keys, load_yaml, locate, near_match, relocate
 from .yaml_doc import section as yaml_section
 
-DEFAULT_PER_STRATUM = 100
-"""Items per category x context in the embedded default run (2,200 items per evaluation)."""
-
-DEFAULT_STUDY: Mapping[str, Any] = {
-    "name": "default",
-    "model": "smollm2-135m",
-    "target": "gender",
-    "method": "dpo",
-    "seed": 0,
-    "eval": {"per_stratum": DEFAULT_PER_STRATUM, "prompt_format": "lm-eval"},
-    "align": {"max_steps": 40},
-    "compare": {
-        "test": "auto",
-        "correction": "holm",
-        "alpha": 0.05,
-        "bootstrap": 1000,
-        "cluster": "scenario",
-    },
-}
-"""The embedded default study (``spillover run`` without a config; also configs/default.yaml)."""
+DEFAULT_SELECTION = Selection(per_stratum=100)
+"""The items a run evaluates unless its ``eval`` section chooses (``per_stratum`` or
+``items``): a seeded sample of 100 per category x context (2,200 items per evaluation)."""
 
 _TOP_KEYS = (
     "name", "model", "target", "method", "seed", "device", "dtype",
@@ -125,9 +108,15 @@ class SubRun:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole study; lists in ``models``/``targets``/``methods``/``seeds`` make a sweep."""
+    """A whole study; lists in ``models``/``targets``/``methods``/``seeds`` make a sweep.
 
-    name: str = "spillover"
+    ``RunConfig()`` is the embedded default study (``spillover run`` without a config):
+    SmolLM2-135M-Instruct aligned on gender with DPO and the model's preset, evaluated on
+    :data:`DEFAULT_SELECTION`, compared with :class:`~spillover.stats.CompareConfig`'s
+    defaults. A YAML key left out takes the value of this default study.
+    """
+
+    name: str = "default"
     """Run name (default run directory ``runs/<name>``, titles)."""
     models: tuple[str, ...] = ("smollm2-135m",)
     """Models (aliases, hub ids, folders)."""
@@ -143,7 +132,7 @@ class RunConfig:
     """Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16."""
     bbq: BBQSource = field(default_factory=BBQSource)
     """Where BBQ is read from."""
-    selection: Selection = field(default_factory=Selection)
+    selection: Selection = DEFAULT_SELECTION
     """The evaluated items (the item keys of the ``eval`` section); the seed is the sub-run's."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """How both models are scored (the scoring keys of the ``eval`` section)."""
@@ -158,8 +147,8 @@ class RunConfig:
 
     @classmethod
     def default(cls) -> RunConfig:
-        """The embedded default study (:data:`DEFAULT_STUDY`)."""
-        return cls.from_mapping(DEFAULT_STUDY)
+        """The embedded default study (the field defaults, validated as a run config is)."""
+        return cls.from_mapping({})
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -238,8 +227,9 @@ class RunConfig:
         )
 
     def align_for(self, sub: SubRun, output_dir: str | Path) -> AlignConfig:
-        """The training config of ``sub``: the model's preset, then the ``align`` overrides."""
-        return AlignConfig.from_preset(
+        """The training config of ``sub``: the model's preset, then the ``align`` overrides
+        (their ``trl_args`` checked against the installed TRL, when there are any)."""
+        cfg = AlignConfig.from_preset(
             sub.model,
             output_dir,
             method=sub.method,
@@ -249,6 +239,7 @@ class RunConfig:
             overwrite=True,
             **dict(self.align),
         )
+        return resolve_trl_args(cfg)
 
     def compare_for(self, sub: SubRun) -> CompareConfig:
         """The statistics config of ``sub``."""
@@ -279,6 +270,8 @@ def _eval_section(values: Mapping[str, Any], doc: YamlDoc | None) -> tuple[Selec
     scoring_keys = [n for n in _fields(EvalConfig) if n != "seed"]
     check_keys(values, [*item_keys, *scoring_keys], doc=doc, section=["eval"])
     items = {k: v for k, v in values.items() if k in item_keys}
+    if "per_stratum" not in items and "items" not in items:  # no choice made: the default's
+        items["per_stratum"] = DEFAULT_SELECTION.per_stratum
     scoring = {k: v for k, v in values.items() if k in scoring_keys}
     selection = build_dataclass(Selection, items, doc=doc, section=["eval"], allowed=item_keys)
     evaluation = build_dataclass(

@@ -18,19 +18,13 @@ from typing import Any
 
 from ..data import BBQData, BBQItem
 from ..errors import SpilloverError
+from ..models import model_info
 from ..prompts import permutations
 from ..rundir import canonical_hash
 from .config import RunConfig, SubRun
 from .stages import STAGE_TABLE, STAGES, Context
 from .study import check_machine, preflight
 
-# parameter counts of the presets (for compute estimates without loading anything)
-_PARAMS = {
-    "smollm2-135m": 134.5e6,
-    "mistral-7b": 7.25e9,
-    "llama-3.1-8b": 8.03e9,
-    "qwen-2.5-7b": 7.62e9,
-}
 CPU_FLOPS_BF16 = 4.3e11
 """Effective FLOP/s of 2 CPU cores with bf16 instructions: the estimate's 145.6 TFLOP for the
 default study over its 335.9 s of stages on such a CPU (docs/benchmarks.md, "Default run")."""
@@ -193,7 +187,8 @@ def estimate_compute(
     # a pair is a prompt plus two short answers (~40 characters)
     chars = sum(len(it.context) + len(it.question) + 40 for it in items)
     pair_tokens = chars / max(1, len(items)) / 4
-    params = _PARAMS.get(model)
+    info = model_info(model)
+    params = info.parameters if info is not None else None
     train = f"{steps} training steps x {batch} pairs"
     if params is None:
         return {
@@ -218,7 +213,7 @@ def estimate_compute(
 def _base_key(cfg: RunConfig, sub: SubRun, data: BBQData, items: tuple[BBQItem, ...]) -> str:
     """The cache key of the sub-run's base evaluation, as the run computes it."""
     stage = next(s for s in STAGE_TABLE if s.name == "eval-base")
-    ctx = Context(cfg, Path(), sub, Path(), data, items, lambda stage, status, info: None)
+    ctx = Context(cfg, Path(), sub, Path(), data, items, None, lambda stage, status, info: None)
     return canonical_hash(stage.key(ctx))
 
 

@@ -41,6 +41,9 @@ class Context:
     run_dir: Path
     data: BBQData
     items: tuple[BBQItem, ...]
+    """The evaluated items (what the evaluations' cache key hashes)."""
+    heldout: Mapping[str, tuple[int, ...]] | None
+    """Templates the evaluated items of each target are drawn from (None: no restriction)."""
     on_event: EventFn
 
 
@@ -104,30 +107,18 @@ def _eval_key(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, stage: str, adapter: Path | None, rel: str) -> StageResult:
-    from ..evaluate import run_evaluation
+    from ..evaluate import evaluate_selection
 
     out = ctx.run_dir / rel
 
     def progress(done: int, total: int) -> None:
         ctx.on_event(stage, "progress", {"done": done, "total": total})
 
-    selection = ctx.cfg.selection_for(ctx.sub)
-    provenance = {
-        "bbq": ctx.data.provenance(),
-        "selection": selection.describe(ctx.data.categories),
-    }
-    run_evaluation(
-        ctx.sub.model,
-        ctx.items,
-        ctx.cfg.eval_for(ctx.sub),
-        out=out,
-        adapter=adapter,
-        device=ctx.cfg.device,
-        dtype=ctx.cfg.dtype,
-        cache_dir=ctx.cfg.bbq.cache_dir,
-        progress=progress,
-        provenance=provenance,
-    )
+    evaluate_selection(
+        ctx.sub.model, ctx.data, ctx.cfg.selection_for(ctx.sub), ctx.cfg.eval_for(ctx.sub),
+        out=out, heldout=ctx.heldout, adapter=adapter, device=ctx.cfg.device,
+        dtype=ctx.cfg.dtype, cache_dir=ctx.cfg.bbq.cache_dir, progress=progress,
+    )  # fmt: skip
     return StageResult((out,), eval_provenance(out))
 
 
@@ -135,7 +126,7 @@ def eval_provenance(predictions: Path) -> dict[str, Any]:
     """Model provenance of an evaluation and how its predictions were computed (backend,
     resolved precision, bf16 close calls rescored in full precision), read from the
     predictions file's own metadata, so a resumed run that skips the stage reports it too."""
-    from ..evaluate import read_metadata
+    from ..predictions import read_metadata
 
     meta = read_metadata(predictions)
     config = meta.get("config", {})
@@ -167,18 +158,14 @@ def _prefs_key(ctx: Context) -> dict[str, Any]:
 
 
 def _run_prefs(ctx: Context) -> StageResult:
-    from ..align import HELDOUT_FILE, SPLIT_FILE, TRAIN_FILE, build_pairs, write_pairs
+    from ..align import make_pairs
 
-    pcfg = ctx.cfg.prefs_for(ctx.sub)
-    tokenizer = None
-    if pcfg.prompt_format == "letters-chat":
-        from ..models import load_tokenizer, resolve_model
-
-        tokenizer = load_tokenizer(resolve_model(ctx.sub.model), cache_dir=ctx.cfg.bbq.cache_dir)
-    pairs = build_pairs(ctx.data.items, pcfg, tokenizer=tokenizer, provenance=ctx.data.provenance())
     out = ctx.run_dir / PAIRS_DIR
-    write_pairs(pairs, out, overwrite=True)
-    return StageResult((out / TRAIN_FILE, out / HELDOUT_FILE, out / SPLIT_FILE))
+    make_pairs(
+        ctx.data, ctx.cfg.prefs_for(ctx.sub), out, model=ctx.sub.model,
+        cache_dir=ctx.cfg.bbq.cache_dir, overwrite=True,
+    )  # fmt: skip
+    return StageResult((out,))
 
 
 def _align_key(ctx: Context) -> dict[str, Any]:
@@ -215,72 +202,24 @@ def _compare_key(ctx: Context) -> dict[str, Any]:
 
 
 def _run_compare(ctx: Context) -> StageResult:
-    from ..align import heldout_templates
-    from ..stats import load_and_compare
+    from ..align import heldout_for
+    from ..stats import compare_files
 
     rd = ctx.run_dir
-    ccfg = ctx.cfg.compare_for(ctx.sub)
-    held = heldout_templates(rd / PAIRS_DIR / "split.json")
-    comparison = load_and_compare(
+    _, held = heldout_for(rd / PAIRS_DIR / "split.json", ctx.sub.target)
+    result = compare_files(
         rd / PREDICTION_FILES["base"],
         rd / PREDICTION_FILES["aligned"],
         ctx.data,
-        ccfg,
-        # no split (prefs.heldout_frac 0): nothing is held out, nothing is left out
-        heldout_only={c: held.get(c, set()) for c in ctx.sub.target}
-        if any(held.values())
-        else None,
+        ctx.cfg.compare_for(ctx.sub),
+        heldout=held,
     )
     comparison_json = rd / COMPARISON_FILE
     comparison_csv = comparison_json.with_suffix(".csv")
-    atomic_write_json(comparison_json, comparison.to_json())
-    atomic_write_text(comparison_csv, comparison.to_csv())
-    atomic_write_json(rd / HELDOUT_TARGET_FILE, target_summary(ctx, held))
+    atomic_write_json(comparison_json, result.comparison.to_json())
+    atomic_write_text(comparison_csv, result.comparison.to_csv())
+    atomic_write_json(rd / HELDOUT_TARGET_FILE, result.heldout_target)
     return StageResult((comparison_json, comparison_csv, rd / HELDOUT_TARGET_FILE))
-
-
-def target_summary(ctx: Context, held: Mapping[str, set[int]]) -> dict[str, Any]:
-    """The target on held-out scenarios (the honest answer to "did the alignment work"),
-    its answer mix with the collapse guard, and, apart and labelled so, any evaluated
-    target items the model was trained on; ``warnings`` (and each comparison's) carry the
-    data's warnings (unverified BBQ files)."""
-    from ..stats import answer_mix, compare_runs, join_with_bbq, on_templates, read_predictions
-
-    rd = ctx.run_dir
-    cfg = dataclasses.replace(ctx.cfg.compare_for(ctx.sub), bootstrap=0)
-    frames = []
-    for rel in (PREDICTION_FILES["base"], PREDICTION_FILES["aligned"]):
-        df = join_with_bbq(read_predictions(rd / rel, permutation=cfg.permutation), ctx.data)
-        df = df[df["category"].isin(ctx.sub.target)]
-        on_held = on_templates(df, {c: held.get(c, set()) for c in ctx.sub.target})
-        frames.append((df[on_held], df[~on_held]))
-    (hb, tb), (ha, ta) = frames
-    warnings = list(ctx.data.warnings)  # unverified BBQ: in every output made from it
-
-    def comparison(base: Any, aligned: Any) -> dict[str, Any]:
-        result = compare_runs(base, aligned, cfg)
-        result.warnings = [*warnings, *result.warnings]
-        return result.to_json()
-
-    summary: dict[str, Any] = {
-        "targets": list(ctx.sub.target),
-        "heldout_templates": {k: sorted(v) for k, v in held.items()},
-        "n_items": len(hb),
-        "n_in_sample": len(tb),
-        "warnings": warnings,
-    }
-    if len(hb):
-        summary["comparison"] = comparison(hb, ha)
-        summary["answer_mix"] = answer_mix(hb, ha)
-    else:
-        summary["note"] = "no evaluated target item lies on a held-out scenario (sample too small)"
-    if len(tb):
-        summary["in_sample"] = {
-            "note": "target items on scenarios the model was trained on: in-sample, not "
-            "evidence of generalisation; left out of the main comparison",
-            "comparison": comparison(tb, ta),
-        }
-    return summary
 
 
 def _report_key(ctx: Context) -> dict[str, Any]:

@@ -13,7 +13,6 @@ output removes the folders it created.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import shutil
 import time
@@ -26,9 +25,10 @@ import yaml
 
 from .. import __version__
 from .._io import atomic_write_text
-from ..align import on_heldout, target_split
+from ..align import target_split
 from ..data import BBQData, BBQItem, DownloadProgress, load_bbq
 from ..errors import ConfigError, MissingDependencyError
+from ..prompts import is_chat_format
 from ..rundir import (
     PREDICTION_FILES,
     StageRecord,
@@ -53,23 +53,49 @@ def load_data(cfg: RunConfig, progress: DownloadProgress | None = None) -> BBQDa
     )
 
 
-def load_items(cfg: RunConfig, sub: SubRun, data: BBQData) -> tuple[BBQItem, ...]:
-    """The evaluation items of a sub-run: a seeded stratified sample, a list, or all.
+def prepare_run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    force: Iterable[str] = (),
+    *,
+    machine: bool = True,
+    progress: DownloadProgress | None = None,
+) -> BBQData:
+    """What ``spillover run`` checks before its run directory is made, then the data:
+    the stages ``force`` names, the run directory, this machine (unless ``machine`` is
+    false: a dry run reports what it lacks instead) and BBQ (downloaded when not cached,
+    with ``progress``).
 
-    A sample draws the target's items from its held-out scenarios only (the split
-    :func:`spillover.align.build_pairs` will make), so every evaluated target item is
-    one the model never trained on; lists and full runs evaluate every item, and the
-    comparison leaves the target's in-sample items out of its main cells.
+    Raises:
+        ConfigError, DataError, MissingDependencyError.
+    """
+    check_force(force)
+    check_run_dir(Path(run_dir).expanduser())
+    if machine:
+        check_machine(cfg)  # a missing package or device fails before BBQ is downloaded
+    return load_data(cfg, progress=progress)
+
+
+def eval_heldout(cfg: RunConfig, sub: SubRun, data: BBQData) -> dict[str, tuple[int, ...]] | None:
+    """The templates a sub-run's evaluations draw each target's items from: the held-out
+    scenarios :func:`spillover.align.build_pairs` will make, for a sampled selection (so
+    every evaluated target item is one the model never trained on); None for item lists
+    and full runs, which evaluate every item (the comparison then leaves the target's
+    in-sample items out of its main cells)."""
+    if cfg.selection_for(sub).per_stratum is None or cfg.prefs.heldout_frac <= 0:
+        return None
+    _, held = target_split(data.items, cfg.prefs_for(sub))
+    return held
+
+
+def load_items(cfg: RunConfig, sub: SubRun, data: BBQData) -> tuple[BBQItem, ...]:
+    """The evaluation items of a sub-run: a seeded stratified sample, a list, or all
+    (the targets' items of a sample on their held-out scenarios, :func:`eval_heldout`).
 
     Raises:
         ConfigError: the selection is empty or lists unknown items.
     """
-    selection = cfg.selection_for(sub)
-    pool: Sequence[BBQItem] = data.items
-    if selection.per_stratum is not None and cfg.prefs.heldout_frac > 0:
-        _, held = target_split(data.items, cfg.prefs_for(sub))
-        pool = on_heldout(data.items, held)
-    items = tuple(selection.apply(pool))
+    items = tuple(cfg.selection_for(sub).apply(data.items, heldout=eval_heldout(cfg, sub, data)))
     if not items:
         raise ConfigError("the selection is empty; check `eval.categories`, `eval.contexts`")
     return items
@@ -103,7 +129,7 @@ def preflight(cfg: RunConfig, data: BBQData | None = None) -> Preflight:
         if (sub.target, sub.seed) in pairs:
             continue
         pcfg = cfg.prefs_for(sub)
-        if pcfg.prompt_format == "letters-chat":  # counts do not depend on the chat template
+        if is_chat_format(pcfg.prompt_format):  # counts do not depend on the chat template
             pcfg = dataclasses.replace(pcfg, prompt_format="letters")
         built = build_pairs(data.items, pcfg)
         pairs[sub.target, sub.seed] = (len(built.train), len(built.heldout))
@@ -118,11 +144,13 @@ def check_machine(cfg: RunConfig) -> None:
         ConfigError: the device is absent here.
         MissingDependencyError: a package the run needs is not installed.
     """
-    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        from ..evaluate import VLLM_INSTALL_HINT
-
-        raise MissingDependencyError(f"`eval.backend`: vllm: {VLLM_INSTALL_HINT}")
     from ..align import check_environment
+    from ..evaluate import check_backend
+
+    try:
+        check_backend(cfg.eval)
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(str(exc).replace("`backend`", "`eval.backend`")) from None
 
     device = cfg.device
     if device is not None and device != "auto":
@@ -250,7 +278,9 @@ def run_study(
             run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.is_sweep:
                 _write_config(run_dir, cfg, sub)
-            _run_sub(Context(cfg, root, sub, run_dir, data, checked.items[sub], events), forced)
+            held = eval_heldout(cfg, sub, data)
+            ctx = Context(cfg, root, sub, run_dir, data, checked.items[sub], held, events)
+            _run_sub(ctx, forced)
             dirs.append(run_dir)
     except BaseException:
         _remove_new(created)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..data import CONTEXTS, BBQData
+from ..data import CONTEXTS
 from ..errors import ConfigError, DataError
+from ..predictions import BBQ, check_joined
 from .bootstrap import bootstrap_cell_sums
 from .config import CompareConfig
 from .flags import keys_of, simpson_flags
-from .io import KEY_COLUMNS, check_joined, join_with_bbq, read_predictions
 from .keys import ALL, KEY_ORDER, level_name
 from .metrics import Cells, RowSpec, make_cells, row_specs
 from .records import (
@@ -43,10 +42,10 @@ def _pair(
     bname, aname = _name(base, "BASE"), _name(aligned, "ALIGNED")
     b = check_joined(base, bname)
     a = check_joined(aligned, aname)
-    b = b.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
-    a = a.sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
-    bkeys = pd.MultiIndex.from_frame(b[list(KEY_COLUMNS)])
-    akeys = pd.MultiIndex.from_frame(a[list(KEY_COLUMNS)])
+    b = b.sort_values(list(BBQ.key), kind="stable").reset_index(drop=True)
+    a = a.sort_values(list(BBQ.key), kind="stable").reset_index(drop=True)
+    bkeys = pd.MultiIndex.from_frame(b[list(BBQ.key)])
+    akeys = pd.MultiIndex.from_frame(a[list(BBQ.key)])
     only_b = bkeys.difference(akeys)
     only_a = akeys.difference(bkeys)
     dropped: dict[str, Any] = {"base_only": len(only_b), "aligned_only": len(only_a)}
@@ -106,7 +105,7 @@ def _clusters(b: pd.DataFrame, cfg: CompareConfig) -> tuple[np.ndarray, str | No
     if column not in b.columns:
         raise DataError(
             f"cluster {cfg.cluster!r} needs the {column!r} column; join the predictions with "
-            "BBQ first (join_with_bbq, or read them with load_and_compare)"
+            "BBQ first (join_with_bbq, or read them with compare_files)"
         )
     keys = pd.MultiIndex.from_arrays([b["category"], b[column].astype("int64")])
     return np.asarray(pd.factorize(keys)[0], dtype=np.int64), unit
@@ -364,55 +363,6 @@ def _spillover(
     }
 
 
-def load_and_compare(
-    base_path: str | os.PathLike[str],
-    aligned_path: str | os.PathLike[str],
-    bbq: BBQData,
-    cfg: CompareConfig | None = None,
-    *,
-    heldout_only: Mapping[str, Collection[int]] | None = None,
-    format: str = "auto",
-    length_norm: str = "none",
-) -> Comparison:
-    """Read two prediction files, join them with BBQ and compare them.
-
-    Args:
-        base_path: Predictions of the base model (Parquet, CSV or JSONL).
-        aligned_path: Predictions of the aligned model.
-        bbq: Loaded BBQ; its warnings are carried into the result.
-        cfg: Options; defaults to :class:`CompareConfig`.
-        heldout_only: Per category, the templates (``question_index``) to keep; the
-            category's other items are left out, with a note in ``warnings``. A run
-            passes the target's held-out templates, so the target's cells never pool
-            items the model was trained on.
-        format: Format of both files (:func:`read_predictions`; ``"auto"``: by suffix and
-            content, so lm-evaluation-harness samples logs are read as such).
-        length_norm: For lm-eval logs, which of lm-eval's decisions to read
-            (:func:`read_predictions`).
-
-    Returns:
-        The :class:`Comparison`, with ``warnings`` holding BBQ's warnings and any
-        notes made while reading (e.g. which permutation was used).
-
-    Raises:
-        DataError: unreadable or malformed files, unknown items, mismatched runs.
-        ConfigError: bad options.
-    """
-    cfg = cfg or CompareConfig()
-    base, aligned = (
-        read_predictions(path, permutation=cfg.permutation, format=format, length_norm=length_norm)
-        for path in (base_path, aligned_path)
-    )
-    jb = join_with_bbq(base, bbq)
-    ja = join_with_bbq(aligned, bbq)
-    notes: list[str] = []
-    if heldout_only:
-        jb, ja, notes = _keep_heldout(jb, ja, heldout_only)
-    result = compare_runs(jb, ja, cfg)
-    result.warnings = [*bbq.warnings, *jb.attrs["notes"], *ja.attrs["notes"], *notes]
-    return result
-
-
 def on_templates(df: pd.DataFrame, templates: Mapping[str, Collection[int]]) -> np.ndarray:
     """Which rows of a joined frame lie outside the listed categories or on their listed
     templates (``question_index``): the rows a held-out comparison keeps."""
@@ -420,9 +370,11 @@ def on_templates(df: pd.DataFrame, templates: Mapping[str, Collection[int]]) -> 
     return np.array([c not in templates or q in templates[c] for c, q in keys], dtype=bool)
 
 
-def _keep_heldout(
+def keep_heldout(
     jb: pd.DataFrame, ja: pd.DataFrame, heldout_only: Mapping[str, Collection[int]]
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Both joined frames with each listed category kept on its listed templates only, and a
+    note per category on how many of its items were left out."""
     kept = []
     for df in (jb, ja):
         part = df[on_templates(df, heldout_only)]

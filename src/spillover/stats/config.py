@@ -9,7 +9,7 @@ from typing import Any
 from .._checks import check_choice, check_seed
 from ..data import resolve_category
 from ..errors import ConfigError
-from .keys import normalize_by
+from .keys import DEFAULT_BY, normalize_by
 from .tests import CORRECTIONS, TESTS
 
 CLUSTER_UNITS: tuple[str, ...] = ("scenario", "template", "item")
@@ -42,7 +42,7 @@ class CompareConfig:
     bonferroni or none."""
     alpha: float = 0.05
     """Significance level for flags (family-wise for holm/bonferroni, FDR for bh)."""
-    by: tuple[str, ...] = ("category", "context_condition")
+    by: tuple[str, ...] = DEFAULT_BY
     """Stratification keys, comma-separated: category, context_condition,
     question_polarity, label_type; rows for every subset, the finest level is the primary
     family."""
@@ -129,3 +129,25 @@ class CompareConfig:
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Options of :func:`~spillover.stats.load_and_compute_metrics`; validated on creation.
+
+    ``spillover metrics`` builds this object from its options.
+    """
+
+    by: tuple[str, ...] = DEFAULT_BY
+    """Stratification keys, comma-separated: category, context_condition,
+    question_polarity, label_type; a row for every subset of them."""
+    permutation: str | None = None
+    """Answer-order permutation to use when the prediction file holds several (default: the
+    identity)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by", normalize_by(self.by))
+        if self.permutation is not None and not isinstance(self.permutation, str):
+            raise ConfigError(
+                f"`permutation`={self.permutation!r}; expected a permutation id such as '120'"
+            )

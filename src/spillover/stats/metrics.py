@@ -20,7 +20,8 @@ import pandas as pd
 from .._io import json_safe
 from ..data import CONTEXTS, BBQData
 from ..errors import DataError
-from .io import SCORE_COLUMNS, check_joined, join_with_bbq, read_predictions
+from ..predictions import BBQ, check_joined, join_with_bbq, read_predictions
+from .config import MetricsConfig
 from .keys import ALL, DEFAULT_BY, KEY_ORDER, KEY_VOCAB, level_name, levels_of, normalize_by
 
 logger = logging.getLogger(__name__)
@@ -158,9 +159,9 @@ def item_indicators(df: pd.DataFrame, pred_col: str = "pred_index") -> dict[str,
 
 def unknown_mass(df: pd.DataFrame) -> np.ndarray | None:
     """Softmax probability on the unknown option per item, or None without score columns."""
-    if not all(c in df.columns for c in SCORE_COLUMNS):
+    if not all(c in df.columns for c in BBQ.score_columns):
         return None
-    scores = df[list(SCORE_COLUMNS)].to_numpy(dtype=float)
+    scores = df[list(BBQ.score_columns)].to_numpy(dtype=float)
     top = scores.max(axis=1, keepdims=True)
     if not np.isfinite(top).all():
         i = int(np.flatnonzero(~np.isfinite(top[:, 0]))[0])
@@ -399,20 +400,20 @@ class MetricsReport:
 def load_and_compute_metrics(
     pred_path: str | os.PathLike[str],
     bbq: BBQData,
+    cfg: MetricsConfig | None = None,
     *,
-    by: str | Iterable[str] | None = DEFAULT_BY,
-    permutation: str | None = None,
     format: str = "auto",
     length_norm: str = "none",
 ) -> MetricsReport:
-    """Read a prediction file, join it with BBQ and compute :func:`compute_metrics`.
+    """Read a prediction file, join it with BBQ and compute :func:`compute_metrics`
+    (``spillover metrics``).
 
     Args:
         pred_path: Parquet, CSV or JSONL predictions, or an lm-evaluation-harness
             samples log.
         bbq: Loaded BBQ; its warnings are carried into the report.
-        by: Stratification keys (comma-separated string or sequence).
-        permutation: Permutation to keep when the file holds several.
+        cfg: Stratification keys and the permutation to keep; default
+            :class:`MetricsConfig`.
         format: File format (:func:`read_predictions`; ``"auto"``: by suffix and content).
         length_norm: For lm-eval logs, which of lm-eval's decisions to read.
 
@@ -420,9 +421,10 @@ def load_and_compute_metrics(
         DataError: unreadable or malformed predictions, unknown items.
         ConfigError: bad ``by``.
     """
+    cfg = cfg or MetricsConfig()
     preds = read_predictions(
-        pred_path, permutation=permutation, format=format, length_norm=length_norm
+        pred_path, permutation=cfg.permutation, format=format, length_norm=length_norm
     )
     joined = join_with_bbq(preds, bbq)
-    table = compute_metrics(joined, by)
+    table = compute_metrics(joined, cfg.by)
     return MetricsReport(table, list(bbq.warnings), list(joined.attrs["notes"]))

@@ -1,8 +1,10 @@
-"""Reading prediction files, below the table: bytes, UTF-8 text, JSON lines, and the bounds
-on fields and numbers, each failure a one-line DataError naming the file and line."""
+"""Reading prediction files, below the table: bytes, UTF-8 text, JSON lines, the bounds on
+fields and numbers (each failure a one-line DataError naming the file and line), and where
+each row of a frame was read from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import stat
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
+from .schema import KEY_COLUMNS
 
 
 def py_value(value: object) -> object:
@@ -180,3 +183,46 @@ def check_lengths(df: pd.DataFrame, src: str, where: Locator, header: str | None
                 f"{src}:{where(i)}: field {str(name)[:60]!r} holds {int(lengths[i]):,} "
                 f"characters; expected at most {MAX_FIELD_CHARS:,}"
             )
+
+
+PLACES_ATTR = "places"
+"""``DataFrame.attrs`` key: where each row of a frame :func:`~.read.read_predictions` returned
+was read from (see :func:`place_of`)."""
+STRICT_ATTR = "strict_columns"
+"""``DataFrame.attrs`` key: carried item columns that must agree with BBQ (besides
+``label``), see :func:`~.bbq.join_with_bbq`."""
+
+
+def keys_digest(df: pd.DataFrame) -> str:
+    """Digest of a frame's item keys in row order (tells whether places still apply)."""
+    hashed = pd.util.hash_pandas_object(df[list(KEY_COLUMNS)], index=False)
+    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
+
+
+def line_runs(numbers: np.ndarray) -> list[list[int]]:
+    """Line numbers as ``[first, count, step]`` runs: a few numbers for a whole file."""
+    runs: list[list[int]] = []
+    for n in numbers.tolist():
+        if runs:
+            first, count, step = runs[-1]
+            if count == 1 and n > first:
+                runs[-1] = [first, 2, n - first]
+                continue
+            if n == first + count * step:
+                runs[-1][1] += 1
+                continue
+        runs.append([n, 1, 1])
+    return runs
+
+
+def place_of(df: pd.DataFrame, i: int) -> str | None:
+    """``"12"`` (line) or ``"row 12"`` where row ``i`` of a frame :func:`read_predictions`
+    returned was read; None once the frame's rows no longer are the ones read."""
+    places = df.attrs.get(PLACES_ATTR)
+    if not isinstance(places, dict) or places.get("keys") != keys_digest(df):
+        return None
+    for first, count, step in places["runs"]:
+        if i < count:
+            return f"{places['unit']}{first + i * step}"
+        i -= count
+    return None

@@ -1,24 +1,13 @@
-"""Prediction files: reading, validation and the join with BBQ.
-
-A prediction file is a table with one row per BBQ item and at least the columns
-``category``, ``example_id`` and ``pred_index``. Any system can write one; the
-readers here accept Parquet, CSV and JSONL, and the per-sample logs of
-lm-evaluation-harness (``samples_<task>_<date>.jsonl``, mapped to rows by
-:mod:`.lmeval`), and fail with a message that names the file, the line (CSV/JSONL)
-or row (Parquet) and the field at fault.
-"""
+"""BBQ predictions: field checks of the BBQ record kind, answer-order permutations, and the
+join with BBQ's items (BBQ is authoritative for every item attribute)."""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
-import io
 import logging
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,72 +15,32 @@ import pandas as pd
 
 from ..data import CATEGORIES, CATEGORY_ALIASES, ITEM_FRAME_COLUMNS, BBQData, resolve_category
 from ..errors import ConfigError, DataError
-from .lmeval import check_reading, is_lm_eval_sample, read_log
-from .reading import (
-    MAX_FIELD_CHARS,
+from .fields import (
     MAX_INTEGER,
+    PLACES_ATTR,
+    STRICT_ATTR,
     Locator,
-    Read,
     bool_mask,
-    check_lengths,
-    decode,
     first_index,
-    json_line,
-    locator,
     numeric,
+    place_of,
     py_value,
-    read_bytes,
     show_value,
+)
+from .schema import (
+    IDENTITY_PERMUTATION,
+    JOINED_REQUIRED,
+    KEY_COLUMNS,
+    LEGACY_IDENTITY,
+    PERMUTATION_COLUMN,
+    PRED_REQUIRED,
+    SCORE_COLUMNS,
 )
 
 logger = logging.getLogger(__name__)
 
-KEY_COLUMNS: tuple[str, str] = ("category", "example_id")
-"""Identity of a BBQ item: ``(category, example_id)``."""
-
-PRED_REQUIRED: tuple[str, ...] = ("category", "example_id", "pred_index")
-"""Columns every prediction file must have."""
-
-SCORE_COLUMNS: tuple[str, str, str] = ("score_0", "score_1", "score_2")
-"""Optional per-option log-probabilities (or any log-scale scores); softmax gives probabilities."""
-
-PERMUTATION_COLUMN = "permutation"
-"""Optional column: which answer-order permutation a row was evaluated under."""
-
-IDENTITY_PERMUTATION = "012"
-"""The permutation id of BBQ's own answer order (ids name the original answer shown at each
-position, as the evaluator writes them: ``"012"``, ``"120"``, ``"201"``, ...)."""
-
-_LEGACY_IDENTITY = "0"
-# files written before permutation ids were kept as strings call the identity 0
-
 ITEM_COLUMNS: tuple[str, ...] = tuple(c for c in ITEM_FRAME_COLUMNS if c not in KEY_COLUMNS)
 """Item attributes that :func:`join_with_bbq` takes from BBQ (authoritative)."""
-
-JOINED_REQUIRED: tuple[str, ...] = (
-    "category",
-    "example_id",
-    "pred_index",
-    "context_condition",
-    "question_polarity",
-    "label",
-    "target_loc",
-    "unknown_loc",
-)
-"""Columns a joined frame must have for metrics and comparisons."""
-
-_SUFFIXES = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".csv": "csv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
-
-_PLACES = "places"
-# attrs key: where each row of a frame read by read_predictions came from (see _place_of)
-_STRICT = "strict_columns"
-# attrs key: carried item columns that must agree with BBQ (besides label), see join_with_bbq
 
 
 def _at(place: str) -> str:
@@ -124,113 +73,6 @@ def _category_hint(value: object) -> str:
             return f" (did you mean {cat!r}?)"
     near = difflib.get_close_matches(text, CATEGORIES, n=1, cutoff=0.6)
     return f" (did you mean {near[0]!r}?)" if near else ""
-
-
-def _check_record(path: Path, lineno: int, rec: Any, line_chars: int) -> None:
-    if not isinstance(rec, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
-    # a field can only be over-long on a line that is
-    for key, value in rec.items() if line_chars > MAX_FIELD_CHARS else ():
-        if len(key) > MAX_FIELD_CHARS:
-            raise DataError(
-                f"{path}:{lineno}: a field name of {len(key):,} characters; expected at most "
-                f"{MAX_FIELD_CHARS:,}"
-            )
-        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-            raise DataError(
-                f"{path}:{lineno}: field {key[:60]!r} holds {len(value):,} characters; "
-                f"expected at most {MAX_FIELD_CHARS:,}"
-            )
-    for col in PRED_REQUIRED:
-        if col not in rec:
-            hint = (
-                "; it is an lm-evaluation-harness sample: read the file with --format lm-eval "
-                "(or auto)"
-                if is_lm_eval_sample(rec)
-                else ""
-            )
-            raise DataError(f"{path}:{lineno}: missing field {col!r}{hint}")
-
-
-def _json_records(path: Path, data: bytes) -> list[tuple[int, Any, int]]:
-    """``(line, record, line length)`` of each non-blank line of a JSONL file."""
-    records: list[tuple[int, Any, int]] = []
-    # line ends as universal newlines read them (a bare \r cannot be inside a JSON string)
-    text = decode(path, data).replace("\r\n", "\n").replace("\r", "\n")
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            records.append((lineno, json_line(path, lineno, line), len(line)))
-    if not records:
-        raise DataError(f"{path}: no predictions (the file is empty)")
-    return records
-
-
-def _read_jsonl(path: Path, parsed: list[tuple[int, Any, int]]) -> Read:
-    for lineno, rec, chars in parsed:
-        _check_record(path, lineno, rec, chars)
-    df = pd.DataFrame.from_records([rec for _, rec, _ in parsed])
-    return df, np.asarray([n for n, _, _ in parsed], dtype=np.int64), ""
-
-
-def _lm_eval_frame(path: Path, parsed: list[tuple[int, Any, int]], length_norm: str) -> Read:
-    """Rows of an lm-eval samples log (:func:`.lmeval.read_log`); its notes and the
-    columns that must agree with BBQ ride in ``attrs``."""
-    for lineno, rec, _ in parsed:
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
-    rows, notes = read_log(path, [(n, rec) for n, rec, _ in parsed], length_norm)
-    lines = np.asarray([n for n, _, _ in parsed], dtype=np.int64)
-    df = pd.DataFrame.from_records(rows)
-    check_lengths(df, str(path), locator(lines, ""), header=None)
-    df.attrs.update({"format": "lm-eval", "notes": notes, _STRICT: ["unknown_loc"]})
-    return df, lines, ""
-
-
-def _read_csv(path: Path, data: bytes) -> Read:
-    text = decode(path, data)
-    try:
-        df = pd.read_csv(
-            io.StringIO(text),
-            dtype={"category": str, PERMUTATION_COLUMN: str},
-            keep_default_na=True,
-        )
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: no predictions (the file is empty)") from None
-    except (pd.errors.ParserError, ValueError, OverflowError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
-    # line 1 is the header; data rows start on line 2 (fields with embedded newlines would
-    # shift this, prediction files have none)
-    lines = np.arange(len(df), dtype=np.int64) + 2
-    check_lengths(df, str(path), locator(lines, ""), header="1")
-    missing = [c for c in PRED_REQUIRED if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{path}:1: missing column(s) {', '.join(map(repr, missing))} in header "
-            f"(found {', '.join(map(repr, map(str, df.columns)))})"
-        )
-    if df.empty:
-        raise DataError(f"{path}: no predictions (only a header)")
-    return df, lines, ""
-
-
-def _read_parquet(path: Path, data: bytes) -> Read:
-    try:
-        df = pd.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # pyarrow raises several unrelated types for bad files
-        raise DataError(
-            f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})"
-        ) from None
-    rows = np.arange(len(df), dtype=np.int64) + 1
-    check_lengths(df, str(path), locator(rows, "row "), header=None)
-    missing = [c for c in PRED_REQUIRED if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))} "
-            f"(found {', '.join(map(repr, map(str, df.columns)))})"
-        )
-    if df.empty:
-        raise DataError(f"{path}: no predictions (the table has no rows)")
-    return df.reset_index(drop=True), rows, "row "
 
 
 def _integer_column(
@@ -267,7 +109,7 @@ def _integer_column(
     return values.astype(np.int64)
 
 
-def _validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
+def validate(df: pd.DataFrame, src: str, where: Locator) -> pd.DataFrame:
     out = df.copy()
     missing = [c for c in PRED_REQUIRED if c not in out.columns]
     if missing:
@@ -343,7 +185,7 @@ def _permutation_strings(col: pd.Series, src: str, where: Locator) -> pd.Series:
             text = str(int(value))
         else:
             text = str(value).strip()
-        if text == _LEGACY_IDENTITY:
+        if text == LEGACY_IDENTITY:
             return IDENTITY_PERMUTATION
         padded = text.zfill(3)
         if text.isdigit() and len(text) < 3 and sorted(padded) == ["0", "1", "2"]:
@@ -361,7 +203,7 @@ def _permutation_strings(col: pd.Series, src: str, where: Locator) -> pd.Series:
     return pd.Series(texts, index=col.index, dtype=object)
 
 
-def _pick_permutation(
+def pick_permutation(
     df: pd.DataFrame, src: str, permutation: str | None
 ) -> tuple[pd.DataFrame, str | None]:
     values = sorted(df[PERMUTATION_COLUMN].unique(), key=lambda v: (len(v), v))
@@ -391,137 +233,6 @@ def _pick_permutation(
         "pass --permutation to choose another"
     )
     return kept, note
-
-
-def read_predictions(
-    path: str | os.PathLike[str],
-    *,
-    permutation: str | None = None,
-    format: str = "auto",
-    length_norm: str = "none",
-) -> pd.DataFrame:
-    """Read and validate a prediction file (Parquet, CSV, JSONL or an lm-eval samples log).
-
-    Args:
-        path: ``.parquet``/``.pq``, ``.csv`` or ``.jsonl``/``.ndjson`` file with at least
-            ``category`` (BBQ's spelling or an alias such as ``gender``), ``example_id``
-            and ``pred_index`` columns. Optional columns: ``score_0``, ``score_1``,
-            ``score_2`` (per-option log-probabilities), ``permutation`` (answer-order
-            permutation id) and any BBQ item column, which :func:`join_with_bbq` checks
-            against BBQ. Or a ``samples_<task>_<date>.jsonl`` of ``lm_eval
-            --log_samples`` on a BBQ multiple-choice task (see :mod:`.lmeval`).
-        permutation: Which permutation to keep when the file has a ``permutation``
-            column. None keeps the only one there is, or the identity ``"012"`` when
-            there are several (recorded in ``df.attrs["notes"]``).
-        format: One of :data:`~.lmeval.PREDICTION_FORMATS`. ``"auto"`` chooses by suffix
-            and reads a JSONL file whose first record is an lm-eval sample as
-            ``"lm-eval"``; any other value reads the file as that format whatever its
-            suffix.
-        length_norm: For lm-eval logs, the decision read (see
-            :data:`~.lmeval.LM_EVAL_LENGTH_NORMS`): ``"none"`` is lm-eval's ``acc``,
-            ``"char"`` its ``acc_norm``, ``"byte"`` its ``acc_bytes``. Other formats take
-            ``pred_index`` as written and refuse anything but ``"none"``.
-
-    Returns:
-        The predictions with ``category`` as str (BBQ's spelling), ``example_id`` and
-        ``pred_index`` as int64 and scores as float64; ``df.attrs["source"]`` holds the
-        path, ``df.attrs["format"]`` the format read, ``df.attrs["notes"]`` any notes
-        made while reading and ``df.attrs["places"]`` the line (or row) each prediction
-        was read from, which :func:`join_with_bbq` names in its errors while the frame's
-        keys are still the ones read.
-
-    Raises:
-        ConfigError: an unknown ``format`` or ``length_norm``, or a ``length_norm`` on a
-            file that is not an lm-eval log.
-        DataError: the file is missing, unreadable (a folder, a symlink loop, no
-            permission), not UTF-8, malformed or out of bounds (booleans or integers
-            above :data:`MAX_INTEGER` in integer fields, text over
-            :data:`MAX_FIELD_CHARS`); an lm-eval sample without a BBQ identity, with an
-            unknown choice layout, or a log that mixes tasks. The message names the file,
-            the line (CSV, JSONL) or row (Parquet) and the field.
-    """
-    check_reading(format, length_norm)
-    p = Path(path)
-    kind = format if format != "auto" else _SUFFIXES.get(p.suffix.lower())
-    if kind is None:
-        raise DataError(
-            f"{p}: unsupported prediction file type {p.suffix or '(none)'!r}; expected "
-            ".parquet, .csv or .jsonl (or name the format with --format)"
-        )
-    data = read_bytes(p)
-    if kind in ("jsonl", "lm-eval"):
-        parsed = _json_records(p, data)
-        if kind == "lm-eval" or (format == "auto" and is_lm_eval_sample(parsed[0][1])):
-            kind = "lm-eval"
-            df, numbers, unit = _lm_eval_frame(p, parsed, length_norm)
-        else:
-            df, numbers, unit = _read_jsonl(p, parsed)
-    else:
-        df, numbers, unit = {"csv": _read_csv, "parquet": _read_parquet}[kind](p, data)
-    if length_norm != "none" and kind != "lm-eval":
-        raise ConfigError(
-            f"`--length-norm`={length_norm!r} applies to lm-evaluation-harness logs; {p} is "
-            f"read as {kind} and its pred_index is used as written"
-        )
-    read_attrs = dict(df.attrs)
-    df = _validate(df, str(p), locator(numbers, unit))
-    notes: list[str] = list(read_attrs.get("notes", []))
-    if PERMUTATION_COLUMN in df.columns:
-        df, note = _pick_permutation(df, str(p), permutation)
-        if note:
-            notes.append(note)
-            # returned in attrs["notes"]; callers show it (the CLI prints it once)
-            logger.debug(note)
-    elif permutation is not None:
-        raise DataError(
-            f"{p}: a permutation ({permutation!r}) was requested but the file has no "
-            f"{PERMUTATION_COLUMN!r} column"
-        )
-    kept = numbers[df.index.to_numpy()]
-    df = df.reset_index(drop=True)
-    df.attrs = {
-        "source": str(p),
-        "format": kind,
-        "notes": notes,
-        _STRICT: list(read_attrs.get(_STRICT, [])),
-        _PLACES: {"unit": unit, "runs": _runs(kept), "keys": _keys_digest(df)},
-    }
-    return df
-
-
-def _keys_digest(df: pd.DataFrame) -> str:
-    """Digest of a frame's item keys in row order (tells whether places still apply)."""
-    hashed = pd.util.hash_pandas_object(df[list(KEY_COLUMNS)], index=False)
-    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
-
-
-def _runs(numbers: np.ndarray) -> list[list[int]]:
-    """Line numbers as ``[first, count, step]`` runs: a few numbers for a whole file."""
-    runs: list[list[int]] = []
-    for n in numbers.tolist():
-        if runs:
-            first, count, step = runs[-1]
-            if count == 1 and n > first:
-                runs[-1] = [first, 2, n - first]
-                continue
-            if n == first + count * step:
-                runs[-1][1] += 1
-                continue
-        runs.append([n, 1, 1])
-    return runs
-
-
-def _place_of(df: pd.DataFrame, i: int) -> str | None:
-    """``"12"`` (line) or ``"row 12"`` where row ``i`` of a frame :func:`read_predictions`
-    returned was read; None once the frame's rows no longer are the ones read."""
-    places = df.attrs.get(_PLACES)
-    if not isinstance(places, dict) or places.get("keys") != _keys_digest(df):
-        return None
-    for first, count, step in places["runs"]:
-        if i < count:
-            return f"{places['unit']}{first + i * step}"
-        i -= count
-    return None
 
 
 def _item_frame(bbq: BBQData | pd.DataFrame) -> pd.DataFrame:
@@ -574,7 +285,7 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     )
     unmatched = merged[merged["_merge"] == "left_only"].sort_values("_row")
     if len(unmatched):
-        place = _place_of(preds, int(unmatched["_row"].iloc[0]))
+        place = place_of(preds, int(unmatched["_row"].iloc[0]))
         raise DataError(
             f"{src}{f':{place}' if place else ''}: {len(unmatched)} prediction(s) name items "
             "that are not in BBQ "
@@ -607,7 +318,7 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
                     f"{src}: {detail}; BBQ's labels are authoritative: the file was made for "
                     "other items or its rows are misaligned"
                 )
-            if col in preds.attrs.get(_STRICT, ()):
+            if col in preds.attrs.get(STRICT_ATTR, ()):
                 raise DataError(
                     f"{src}: {detail}; its predictions were mapped with the file's value, so "
                     "the file was made on other data than this BBQ"
@@ -619,7 +330,7 @@ def join_with_bbq(preds: pd.DataFrame, bbq: BBQData | pd.DataFrame) -> pd.DataFr
     merged = merged.drop(columns=["_merge"]).sort_values("_row").drop(columns=["_row"])
     merged = merged.reset_index(drop=True)
     merged["target_loc"] = merged["target_loc"].astype("Int64")
-    kept_attrs = {k: v for k, v in preds.attrs.items() if k not in (_PLACES, _STRICT)}
+    kept_attrs = {k: v for k, v in preds.attrs.items() if k not in (PLACES_ATTR, STRICT_ATTR)}
     merged.attrs = {**kept_attrs, "notes": notes}
     front = [c for c in (*KEY_COLUMNS, "pred_index", *ITEM_COLUMNS) if c in merged.columns]
     rest = [c for c in merged.columns if c not in front]
@@ -635,13 +346,13 @@ def check_joined(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if missing:
         raise DataError(
             f"{name}: missing column(s) {', '.join(map(repr, missing))}; join the "
-            "predictions with BBQ first (join_with_bbq) or read them with load_and_compare"
+            "predictions with BBQ first (join_with_bbq) or read them with spillover.stats.compare_files"
         )
     if df.empty:
         raise DataError(f"{name}: no predictions")
     out = df.reset_index(drop=True).copy()
     pos: Locator = lambda i: f"row {i + 1}"  # noqa: E731
-    out = _validate(out, name, pos)
+    out = validate(out, name, pos)
     dup = out.duplicated(list(KEY_COLUMNS), keep="first").to_numpy()
     if dup.any():
         i = first_index(dup)
@@ -670,3 +381,49 @@ def check_joined(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if "question_index" in out.columns:
         out["question_index"] = _integer_column(out, "question_index", name, pos)
     return out
+
+
+def position_frame(preds: pd.DataFrame) -> tuple[pd.DataFrame | None, list[str]]:
+    """What the answer-position view needs of a BBQ predictions frame, from any system's file.
+
+    Args:
+        preds: :func:`~.read.read_predictions` with ``all_permutations=True``.
+
+    Returns:
+        A frame of ``permutation`` (the identity where the file names none),
+        ``displayed_pred`` (the displayed position of the answer chosen: as written, else
+        where ``pred_index`` stands in the permutation id) and ``correct`` (as written,
+        else ``pred_index == label`` where the file carries BBQ's ``label``), or None with
+        the columns it lacks, named as the file would carry them.
+    """
+    n = len(preds)
+    perms = (
+        preds[PERMUTATION_COLUMN].astype(str)
+        if PERMUTATION_COLUMN in preds.columns
+        else pd.Series([IDENTITY_PERMUTATION] * n, index=preds.index, dtype=object)
+    )
+    lacking: list[str] = []
+    if "displayed_pred" in preds.columns:
+        shown = numeric(preds["displayed_pred"])
+    else:
+        shown = np.array(
+            [
+                float(p.index(str(k))) if len(p) == 3 and str(k) in p else np.nan
+                for p, k in zip(perms, preds["pred_index"], strict=True)
+            ]
+        )
+    if np.isnan(shown).any() or not np.isin(shown, (0.0, 1.0, 2.0)).all():
+        lacking.append("displayed_pred")
+    if "correct" in preds.columns:
+        correct = preds["correct"].astype(bool).to_numpy()
+    elif "label" in preds.columns:
+        correct = (numeric(preds["label"]) == preds["pred_index"].to_numpy()).astype(bool)
+    else:
+        correct = None
+        lacking.append("correct")
+    if lacking or correct is None:
+        return None, lacking
+    frame = pd.DataFrame(
+        {"permutation": perms.to_numpy(), "displayed_pred": shown.astype(int), "correct": correct}
+    )
+    return frame, []

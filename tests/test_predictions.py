@@ -1,0 +1,106 @@
+"""The predictions contract: one schema, one set of readers, used by evaluation, statistics
+and the report alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from cli_runner import invoke
+from spillover.predictions import BBQ, Prediction, position_frame, read_predictions
+from spillover.predictions.schema import KINDS, PREDICTION_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+LOGS = FIXTURES / "lm_eval"
+
+
+def test_the_schema_is_the_record_and_the_docs_table() -> None:
+    """The BBQ kind's columns are the fields of `Prediction`, in order, with the Arrow type and
+    nullability of each field's annotation; docs/predictions.md documents exactly those."""
+    fields = dataclasses.fields(Prediction)
+    assert tuple(BBQ.columns) == PREDICTION_COLUMNS == tuple(f.name for f in fields)
+    schema = BBQ.arrow_schema()
+    for f in fields:
+        nullable = str(f.type).endswith("| None")
+        assert schema.field(f.name).nullable is nullable, f.name
+    assert (
+        schema.field("score_0").type == pa.float64() and schema.field("correct").type == pa.bool_()
+    )
+    assert KINDS == {"bbq": BBQ} and BBQ.key == ("category", "example_id")
+    doc = (ROOT / "docs" / "predictions.md").read_text(encoding="utf-8")
+    table = doc.split("## File schema", 1)[1].split("\n\n")[2]
+    documented: list[str] = []
+    for row in table.splitlines()[2:]:
+        cell = row.split("|")[1]
+        documented += re.findall(r"`([a-z_0-9]+)`", cell)
+    assert documented == list(PREDICTION_COLUMNS)
+
+
+def _legacy_file(path: Path) -> Path:
+    """Three answer orders with the identity written the old way, as the number 0, and no
+    `displayed_pred` column (CSV: the ids read back as numbers)."""
+    rows = []
+    for perm, pred in (("0", 2), ("120", 2), ("201", 0)):
+        rows.append(
+            {
+                "category": "Age",
+                "example_id": 0,
+                "pred_index": pred,
+                "label": 2,
+                "permutation": perm,
+            }
+        )
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_every_answer_order_of_a_legacy_file_reads_as_compare_reads_it(tmp_path: Path) -> None:
+    path = _legacy_file(tmp_path / "legacy.csv")
+    one = read_predictions(path)  # the identity, as compare keeps it
+    assert one["permutation"].tolist() == ["012"] and one.attrs["notes"]
+    every = read_predictions(path, all_permutations=True)
+    assert every["permutation"].tolist() == ["012", "120", "201"]
+    frame, lacking = position_frame(every)
+    assert lacking == [] and frame is not None
+    # answer 2 shown at position 2 in 012, position 1 in 120; answer 0 at position 1 in 201
+    assert frame["displayed_pred"].tolist() == [2, 1, 1]
+    assert frame["correct"].tolist() == [True, True, False]
+    with pytest.raises(Exception, match="not both"):
+        read_predictions(path, permutation="120", all_permutations=True)
+
+
+def test_position_frame_says_what_a_file_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "bare.csv"
+    pd.DataFrame({"category": ["Age"], "example_id": [0], "pred_index": [1]}).to_csv(
+        path, index=False
+    )
+    frame, lacking = position_frame(read_predictions(path, all_permutations=True))
+    assert frame is None and lacking == ["correct"]
+
+
+def test_the_report_reads_lm_eval_logs_as_compare_does(tmp_path: Path) -> None:
+    """A folder made by hand from lm-evaluation-harness logs: compare reads them, and the
+    report reads the same files through the same reader (no second parser): its position
+    view sees one answer order (lm-eval scores BBQ's own), not an unreadable file."""
+    folder = tmp_path / "lmeval"
+    folder.mkdir()
+    for role in ("base", "aligned"):
+        shutil.copy(LOGS / f"bbq3_local_{role}.jsonl", folder / f"{role}.jsonl")
+    mini = str(FIXTURES / "bbq_mini")
+    res = invoke(
+        ["compare", str(folder / "base.jsonl"), str(folder / "aligned.jsonl"), "--bbq-dir", mini,
+         "--allow-unverified", "--bootstrap", "0", "--json", str(folder / "comparison.json")]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = invoke(["report", str(folder), "--formats", "md"])
+    assert res.exit_code == 0, res.output
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    assert "Predictions hold a single answer order: position view skipped." in md
+    assert "could not be read" not in md
