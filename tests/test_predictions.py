@@ -33,7 +33,9 @@ def test_the_schema_is_the_record_and_the_docs_table() -> None:
     assert (
         schema.field("score_0").type == pa.float64() and schema.field("correct").type == pa.bool_()
     )
-    assert KINDS == {"bbq": BBQ} and BBQ.key == ("category", "example_id")
+    assert set(KINDS) == {"bbq", "crows-pairs", "stereoset", "winobias", "winogender"}
+    assert KINDS["bbq"] is BBQ and BBQ.key == ("category", "example_id")
+    assert KINDS["stereoset"].required == ("item_id", "score_0", "score_1", "score_2")
     doc = (ROOT / "docs" / "predictions.md").read_text(encoding="utf-8")
     table = doc.split("## File schema", 1)[1].split("\n\n")[2]
     documented: list[str] = []

@@ -174,5 +174,90 @@ JOINED_REQUIRED: tuple[str, ...] = (
 POSITION_COLUMNS: tuple[str, str, str] = ("permutation", "displayed_pred", "correct")
 """What the answer-position view of the report reads from a BBQ predictions frame."""
 
-KINDS: Mapping[str, RecordKind] = {BBQ.name: BBQ}
-"""Every record kind, by benchmark name."""
+# --------------------------------------------------------------------------- likelihood probes
+
+
+@dataclass(frozen=True, slots=True)
+class ProbePrediction:
+    """One scored item of a likelihood-probe benchmark (CrowS-Pairs, StereoSet, WinoBias,
+    Winogender; :class:`spillover.data.probes.ProbeItem`): a row of its predictions file."""
+
+    benchmark: str
+    """The benchmark."""
+    item_id: str
+    """The item's id within the benchmark."""
+    attribute: str
+    """The BBQ category it probes (or ``Profession``)."""
+    bias_type: str
+    """The benchmark's own bias label."""
+    cluster: str
+    """The unit its items cluster by (writer, target term, occupation)."""
+    split: str
+    """``dev``, ``test`` or ``all``."""
+    group: str
+    """The benchmark's subset (e.g. ``type1/pro``, ``female``, ``intrasentence``)."""
+    label: int | None
+    """Index of the correct option, where the benchmark has one."""
+    n_options: int
+    """Options scored (2 or 3)."""
+    score_0: float
+    """Summed log-probability of option 0 (in the benchmark's role order) after the context."""
+    score_1: float
+    """Summed log-probability of option 1."""
+    score_2: float | None
+    """Summed log-probability of option 2 (StereoSet's unrelated option), else None."""
+    n_tokens_0: int
+    """Scored tokens of option 0."""
+    n_tokens_1: int
+    """Scored tokens of option 1."""
+    n_tokens_2: int | None
+    """Scored tokens of option 2, else None."""
+    pred_index: int
+    """The option the model prefers under :attr:`normalisation` (ties: the earlier one)."""
+    normalisation: str
+    """``sum`` or ``mean`` (per scored token): how options are compared."""
+    model: str
+    """Model name as given (alias, hub id or folder)."""
+    model_id: str
+    """Canonical model id."""
+    model_revision: str | None
+    """Hub revision or weights digest."""
+    adapter: str | None
+    """Applied LoRA adapter folder, if any."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict view, columns in schema order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+PROBE_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ProbePrediction))
+"""Column names of a likelihood-probe predictions file spillover writes, in order."""
+
+
+def _probe_kind(name: str, n_options: int) -> RecordKind:
+    scores = tuple(f"score_{i}" for i in range(n_options))
+    return RecordKind(
+        name=name,
+        key=("item_id",),
+        required=("item_id", *scores),
+        columns={f.name: _arrow_type(str(f.type)) for f in dataclasses.fields(ProbePrediction)},
+        nullable=frozenset(
+            f.name for f in dataclasses.fields(ProbePrediction) if str(f.type).endswith("| None")
+        ),
+        score_columns=scores,
+    )
+
+
+CROWS_PAIRS = _probe_kind("crows-pairs", 2)
+"""CrowS-Pairs predictions: ``score_0`` = sent_more, ``score_1`` = sent_less."""
+STEREOSET = _probe_kind("stereoset", 3)
+"""StereoSet predictions: stereotype, anti-stereotype, unrelated."""
+WINOBIAS = _probe_kind("winobias", 2)
+"""WinoBias predictions: the two occupations of the sentence, in sentence order."""
+WINOGENDER = _probe_kind("winogender", 2)
+"""Winogender predictions: occupation, participant."""
+
+KINDS: Mapping[str, RecordKind] = {
+    k.name: k for k in (BBQ, CROWS_PAIRS, STEREOSET, WINOBIAS, WINOGENDER)
+}
+"""Every record kind, by benchmark name (:data:`spillover.data.probes.BENCHMARKS`)."""
