@@ -106,3 +106,104 @@ def test_the_report_reads_lm_eval_logs_as_compare_does(tmp_path: Path) -> None:
     md = (folder / "report.md").read_text(encoding="utf-8")
     assert "Predictions hold a single answer order: position view skipped." in md
     assert "could not be read" not in md
+
+
+# --------------------------------------------------------------------------- likelihood probes
+
+
+def _items_frame() -> pd.DataFrame:
+    from spillover.data.probes import PROBE_FRAME_COLUMNS
+
+    rows = [
+        ("stereoset", f"dev/intrasentence/{i}", "Gender_identity", "gender", f"t{i % 2}", "dev",
+         "intrasentence", None, None, 3)
+        for i in range(4)
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PROBE_FRAME_COLUMNS))
+
+
+def test_a_probe_file_of_any_system_reads_and_joins(tmp_path: Path) -> None:
+    """item_id plus a score per option is enough; the benchmark is named by the file's
+    `benchmark` column (or the caller); per-token decisions use n_tokens when given."""
+    from spillover.predictions import join_with_items
+
+    path = tmp_path / "ss.csv"
+    pd.DataFrame(
+        {
+            "benchmark": ["stereoset"] * 2,
+            "item_id": ["dev/intrasentence/0", "dev/intrasentence/1"],
+            "score_0": [-6.0, -1.0],
+            "score_1": [-4.0, -2.0],
+            "score_2": [-9.0, -3.0],
+            "n_tokens_0": [6, 1],
+            "n_tokens_1": [2, 1],
+            "n_tokens_2": [3, 1],
+        }
+    ).to_csv(path, index=False)
+    df = read_predictions(path)
+    assert (
+        df.attrs["benchmark"] == "stereoset" and df["item_id"].tolist()[0] == "dev/intrasentence/0"
+    )
+    joined = join_with_items(df, _items_frame())
+    assert joined["cluster"].tolist() == ["t0", "t1"]
+    # per token: option 0 (-1.0) beats option 1 (-2.0) although its sum is lower
+    assert joined["decision_0"].tolist() == [-1.0, -1.0] and joined["pred_index"].tolist() == [0, 0]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(
+        '{"item_id": "dev/intrasentence/3", "score_0": -1, "score_1": -2, "score_2": -3}\n'
+    )
+    joined = join_with_items(read_predictions(bare, benchmark="StereoSet"), _items_frame())
+    assert any("taken as per-token" in n for n in joined.attrs["notes"])
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("item_id,score_0,score_1\n1,-1,-2\n", r"does not say which benchmark; pass --benchmark"),
+        (
+            "benchmark,item_id,score_0\nwinogender,1,-1\n",
+            r":1: missing column\(s\) 'score_1' in header",
+        ),
+        (
+            "benchmark,item_id,score_0,score_1\nwinogender,1,-1,nan\n",
+            r":2: field 'score_1'=nan; expected a log-probability",
+        ),
+        (
+            "benchmark,item_id,score_0,score_1\nwinogender,1,-1,-2\nwinogender,1,-1,-2\n",
+            r":3: duplicate item_id='1' \(first at line 2\)",
+        ),
+        (
+            "benchmark,item_id,score_0,score_1\nwinogendr,1,-1,-2\n",
+            r"column 'benchmark': unknown benchmark 'winogendr' \(did you mean 'winogender'\?\)",
+        ),
+        (
+            "benchmark,item_id,score_0,score_1,n_tokens_0\nwinogender,1,-1,-2,3\n",
+            r"has n_tokens_0 but not n_tokens_1",
+        ),
+    ],
+)
+def test_bad_probe_files_fail_in_one_line(tmp_path: Path, text: str, pattern: str) -> None:
+    from spillover.errors import DataError
+
+    path = tmp_path / "p.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=pattern) as info:
+        read_predictions(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_probe_prediction_of_an_unknown_item_names_its_line(tmp_path: Path) -> None:
+    from spillover.errors import DataError
+    from spillover.predictions import join_with_items
+
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "benchmark,item_id,score_0,score_1,score_2\n"
+        "stereoset,dev/intrasentence/0,-1,-2,-3\nstereoset,nope,-1,-2,-3\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(
+        DataError,
+        match=r"p\.csv:3: 1 prediction\(s\) name items that are not in StereoSet \(e\.g\. nope\)",
+    ):
+        join_with_items(read_predictions(path), _items_frame())

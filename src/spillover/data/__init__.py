@@ -30,6 +30,8 @@ from .items import (
     resolve_category,
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
+from .probe_select import ProbeSelection
+from .probes import PROBES, ProbeItem, check_benchmark
 from .select import Selection, select_items
 from .sources import DownloadProgress, default_cache_root, fetch_bbq
 
@@ -39,11 +41,15 @@ __all__ = [
     "CONTEXTS",
     "ITEM_FRAME_COLUMNS",
     "POLARITIES",
+    "PROBES",
     "BBQData",
     "BBQItem",
     "BBQSource",
     "DownloadProgress",
+    "ProbeItem",
+    "ProbeSelection",
     "Selection",
+    "check_benchmark",
     "default_cache_root",
     "fetch_bbq",
     "load_bbq",

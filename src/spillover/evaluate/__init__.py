@@ -12,11 +12,13 @@ package never imports :mod:`spillover.align`.
 from __future__ import annotations
 
 from .config import EvalConfig, check_backend
+from .probes import evaluate_benchmark
 from .run import evaluate_model, evaluate_selection, summarize_predictions
 
 __all__ = [
     "EvalConfig",
     "check_backend",
+    "evaluate_benchmark",
     "evaluate_model",
     "evaluate_selection",
     "summarize_predictions",

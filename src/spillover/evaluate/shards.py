@@ -13,12 +13,20 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._io import atomic_write_json
-from ..data import BBQItem
 from ..errors import ConfigError, DataError
-from ..predictions import BBQ, read_metadata, read_table, write_table
+from ..predictions import BBQ, RecordKind, read_metadata, read_table, write_table
+
+if TYPE_CHECKING:
+
+    class Keyed(Protocol):
+        """An item with an identity (a BBQ item or a probe benchmark's)."""
+
+        @property
+        def key(self) -> tuple[str | int, ...]: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +35,10 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-def items_digest(items: Sequence[BBQItem]) -> str:
-    """SHA-256 of the (ordered) item keys, identifying an item selection."""
-    text = "\n".join(f"{it.category}\t{it.example_id}" for it in items)
+def items_digest(items: Sequence[Keyed]) -> str:
+    """SHA-256 of the (ordered) item keys, identifying an item selection (BBQ's
+    ``(category, example_id)``, a probe benchmark's ``(benchmark, item_id)``)."""
+    text = "\n".join("\t".join(map(str, it.key)) for it in items)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -89,13 +98,14 @@ def write_shard(path: Path, table: Any, stats: Mapping[str, int], items_sha256: 
 
 
 def read_shard(
-    path: Path, chunk: Sequence[BBQItem], rows_per_item: int
+    path: Path, chunk: Sequence[Keyed], rows_per_item: int, kind: RecordKind = BBQ
 ) -> tuple[Any, dict[str, int]] | None:
     """A finished shard's table and scorer counters, or None when it must be recomputed.
 
     A shard is reused only when it was written for exactly this chunk (the item digest
-    in its metadata) and its rows hold exactly these items, ``rows_per_item`` rows each:
-    a shard copied from another chunk or another run, or edited, is scored again.
+    in its metadata), with the schema of ``kind``, and its rows hold exactly these items,
+    ``rows_per_item`` rows each: a shard copied from another chunk or another run, or
+    edited, is scored again.
     """
     try:
         table, meta = read_table(path)
@@ -103,19 +113,13 @@ def read_shard(
     except Exception:  # a damaged shard is recomputed
         logger.warning("%s: unreadable shard, recomputing it", path)
         return None
-    expected = Counter({(it.category, it.example_id): rows_per_item for it in chunk})
+    # a row's key as its item names it: BBQ's (category, example_id), a probe's item_id
+    expected = Counter({tuple(it.key[-len(kind.key) :]): rows_per_item for it in chunk})
     if (
         table.num_rows != len(chunk) * rows_per_item
-        or table.schema != BBQ.arrow_schema()
+        or table.schema != kind.arrow_schema()
         or meta.get("items_sha256") != items_digest(chunk)
-        or Counter(
-            zip(
-                table.column("category").to_pylist(),
-                table.column("example_id").to_pylist(),
-                strict=True,
-            )
-        )
-        != expected
+        or Counter(zip(*(table.column(c).to_pylist() for c in kind.key), strict=True)) != expected
     ):
         logger.warning("%s: shard of other items or damaged, recomputing it", path)
         return None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 from .lmeval import check_reading
-from .schema import BBQ, Prediction
+from .schema import BBQ, KINDS, Prediction, ProbePrediction, RecordKind
 
 if TYPE_CHECKING:
     from .bbq import check_joined, join_with_bbq, position_frame
@@ -29,10 +29,12 @@ if TYPE_CHECKING:
         table_predictions,
         write_table,
     )
+    from .probes import join_with_items
     from .read import read_predictions
 
 _LAZY = {
     "bbq": ("check_joined", "join_with_bbq", "position_frame"),
+    "probes": ("join_with_items",),
     "parquet": (
         "predictions_table",
         "read_metadata",
@@ -47,10 +49,14 @@ __getattr__ = lazy_getattr(__name__, {n: m for m, names in _LAZY.items() for n i
 
 __all__ = [
     "BBQ",
+    "KINDS",
     "Prediction",
+    "ProbePrediction",
+    "RecordKind",
     "check_joined",
     "check_reading",
     "join_with_bbq",
+    "join_with_items",
     "position_frame",
     "predictions_table",
     "read_metadata",

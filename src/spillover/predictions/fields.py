@@ -193,9 +193,10 @@ STRICT_ATTR = "strict_columns"
 ``label``), see :func:`~.bbq.join_with_bbq`."""
 
 
-def keys_digest(df: pd.DataFrame) -> str:
-    """Digest of a frame's item keys in row order (tells whether places still apply)."""
-    hashed = pd.util.hash_pandas_object(df[list(KEY_COLUMNS)], index=False)
+def keys_digest(df: pd.DataFrame, key: tuple[str, ...] = KEY_COLUMNS) -> str:
+    """Digest of a frame's item keys (``key`` columns) in row order (tells whether places
+    still apply)."""
+    hashed = pd.util.hash_pandas_object(df[list(key)], index=False)
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
 
 
@@ -215,11 +216,12 @@ def line_runs(numbers: np.ndarray) -> list[list[int]]:
     return runs
 
 
-def place_of(df: pd.DataFrame, i: int) -> str | None:
+def place_of(df: pd.DataFrame, i: int, key: tuple[str, ...] = KEY_COLUMNS) -> str | None:
     """``"12"`` (line) or ``"row 12"`` where row ``i`` of a frame :func:`read_predictions`
-    returned was read; None once the frame's rows no longer are the ones read."""
+    returned was read; None once the frame's rows (their ``key`` columns) no longer are the
+    ones read."""
     places = df.attrs.get(PLACES_ATTR)
-    if not isinstance(places, dict) or places.get("keys") != keys_digest(df):
+    if not isinstance(places, dict) or places.get("keys") != keys_digest(df, key):
         return None
     for first, count, step in places["runs"]:
         if i < count:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..data import check_benchmark
 from ..errors import ConfigError, DataError
 from .bbq import pick_permutation, validate
 from .fields import (
@@ -36,7 +37,8 @@ from .fields import (
     read_bytes,
 )
 from .lmeval import check_reading, is_lm_eval_sample, read_log
-from .schema import PERMUTATION_COLUMN, PRED_REQUIRED
+from .probes import validate_probes
+from .schema import BBQ, KINDS, PERMUTATION_COLUMN, RecordKind
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,41 @@ _SUFFIXES = {
 }
 
 
-def _check_record(path: Path, lineno: int, rec: Any, line_chars: int) -> None:
+def _kind_for(columns: Any, given: str | None, src: Path) -> RecordKind:
+    """The record kind of a file: the one asked for, else a probe benchmark's when the file
+    names items by ``item_id`` (its ``benchmark`` column says which), else BBQ."""
+    if given is not None:
+        return KINDS[check_benchmark(given)]
+    names = {str(c) for c in columns}
+    if "item_id" in names and "category" not in names:
+        raise DataError(
+            f"{src}: names items by 'item_id' (a likelihood-probe benchmark's predictions) but "
+            "does not say which benchmark; pass --benchmark (crows-pairs, stereoset, winobias, "
+            "winogender) or add a 'benchmark' column"
+        )
+    return BBQ
+
+
+def _benchmark_column(df: pd.DataFrame, given: str | None, src: Path) -> str | None:
+    """The benchmark a probe file names in its ``benchmark`` column (one value), else
+    ``given``."""
+    if given is not None or "benchmark" not in df.columns or "item_id" not in df.columns:
+        return given
+    values = sorted({str(v) for v in df["benchmark"].dropna()})
+    if len(values) != 1:
+        raise DataError(
+            f"{src}: column 'benchmark' holds {', '.join(map(repr, values[:5])) or 'nothing'}; "
+            "expected one benchmark per predictions file"
+        )
+    try:
+        return check_benchmark(values[0])
+    except ConfigError as exc:
+        raise DataError(f"{src}: column 'benchmark': {exc}") from None
+
+
+def _check_record(
+    path: Path, lineno: int, rec: Any, line_chars: int, required: tuple[str, ...]
+) -> None:
     if not isinstance(rec, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
     # a field can only be over-long on a line that is
@@ -64,7 +100,7 @@ def _check_record(path: Path, lineno: int, rec: Any, line_chars: int) -> None:
                 f"{path}:{lineno}: field {key[:60]!r} holds {len(value):,} characters; "
                 f"expected at most {MAX_FIELD_CHARS:,}"
             )
-    for col in PRED_REQUIRED:
+    for col in required:
         if col not in rec:
             hint = (
                 "; it is an lm-evaluation-harness sample: read the file with --format lm-eval "
@@ -88,11 +124,19 @@ def _json_records(path: Path, data: bytes) -> list[tuple[int, Any, int]]:
     return records
 
 
-def _read_jsonl(path: Path, parsed: list[tuple[int, Any, int]]) -> Read:
+def _read_jsonl(
+    path: Path, parsed: list[tuple[int, Any, int]], given: str | None
+) -> tuple[pd.DataFrame, np.ndarray, str, RecordKind]:
+    first = parsed[0][1]
+    keys = list(first) if isinstance(first, dict) else []
+    if given is None and "item_id" in keys and isinstance(first.get("benchmark"), str):
+        given = _benchmark_column(pd.DataFrame({"benchmark": [first["benchmark"]],
+                                                "item_id": [0]}), None, path)  # fmt: skip
+    kind = _kind_for(keys, given, path)
     for lineno, rec, chars in parsed:
-        _check_record(path, lineno, rec, chars)
+        _check_record(path, lineno, rec, chars, kind.required)
     df = pd.DataFrame.from_records([rec for _, rec, _ in parsed])
-    return df, np.asarray([n for n, _, _ in parsed], dtype=np.int64), ""
+    return df, np.asarray([n for n, _, _ in parsed], dtype=np.int64), "", kind
 
 
 def _lm_eval_frame(path: Path, parsed: list[tuple[int, Any, int]], length_norm: str) -> Read:
@@ -109,12 +153,14 @@ def _lm_eval_frame(path: Path, parsed: list[tuple[int, Any, int]], length_norm: 
     return df, lines, ""
 
 
-def _read_csv(path: Path, data: bytes) -> Read:
+def _read_csv(
+    path: Path, data: bytes, given: str | None
+) -> tuple[pd.DataFrame, np.ndarray, str, RecordKind]:
     text = decode(path, data)
     try:
         df = pd.read_csv(
             io.StringIO(text),
-            dtype={"category": str, PERMUTATION_COLUMN: str},
+            dtype={"category": str, PERMUTATION_COLUMN: str, "item_id": str, "benchmark": str},
             keep_default_na=True,
         )
     except pd.errors.EmptyDataError:
@@ -125,7 +171,8 @@ def _read_csv(path: Path, data: bytes) -> Read:
     # shift this, prediction files have none)
     lines = np.arange(len(df), dtype=np.int64) + 2
     check_lengths(df, str(path), locator(lines, ""), header="1")
-    missing = [c for c in PRED_REQUIRED if c not in df.columns]
+    kind = _kind_for(df.columns, _benchmark_column(df, given, path), path)
+    missing = [c for c in kind.required if c not in df.columns]
     if missing:
         raise DataError(
             f"{path}:1: missing column(s) {', '.join(map(repr, missing))} in header "
@@ -133,10 +180,12 @@ def _read_csv(path: Path, data: bytes) -> Read:
         )
     if df.empty:
         raise DataError(f"{path}: no predictions (only a header)")
-    return df, lines, ""
+    return df, lines, "", kind
 
 
-def _read_parquet(path: Path, data: bytes) -> Read:
+def _read_parquet(
+    path: Path, data: bytes, given: str | None
+) -> tuple[pd.DataFrame, np.ndarray, str, RecordKind]:
     try:
         df = pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several unrelated types for bad files
@@ -145,7 +194,8 @@ def _read_parquet(path: Path, data: bytes) -> Read:
         ) from None
     rows = np.arange(len(df), dtype=np.int64) + 1
     check_lengths(df, str(path), locator(rows, "row "), header=None)
-    missing = [c for c in PRED_REQUIRED if c not in df.columns]
+    kind = _kind_for(df.columns, _benchmark_column(df, given, path), path)
+    missing = [c for c in kind.required if c not in df.columns]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))} "
@@ -153,7 +203,7 @@ def _read_parquet(path: Path, data: bytes) -> Read:
         )
     if df.empty:
         raise DataError(f"{path}: no predictions (the table has no rows)")
-    return df.reset_index(drop=True), rows, "row "
+    return df.reset_index(drop=True), rows, "row ", kind
 
 
 def read_predictions(
@@ -163,6 +213,7 @@ def read_predictions(
     all_permutations: bool = False,
     format: str = "auto",
     length_norm: str = "none",
+    benchmark: str | None = None,
 ) -> pd.DataFrame:
     """Read and validate a prediction file (Parquet, CSV, JSONL or an lm-eval samples log).
 
@@ -183,6 +234,10 @@ def read_predictions(
             and reads a JSONL file whose first record is an lm-eval sample as
             ``"lm-eval"``; any other value reads the file as that format whatever its
             suffix.
+        benchmark: The benchmark the file holds predictions of (one of
+            :data:`~.schema.KINDS`); None: BBQ, or a likelihood-probe benchmark when the file
+            names items by ``item_id`` and says which in its ``benchmark`` column (see
+            :func:`.probes.validate_probes` for what such a file holds).
         length_norm: For lm-eval logs, the decision read (see
             :data:`~.lmeval.LM_EVAL_LENGTH_NORMS`): ``"none"`` is lm-eval's ``acc``,
             ``"char"`` its ``acc_norm``, ``"byte"`` its ``acc_bytes``. Other formats take
@@ -210,6 +265,8 @@ def read_predictions(
     if all_permutations and permutation is not None:
         raise ConfigError("choose one permutation or all of them, not both")
     p = Path(path)
+    if benchmark is not None:
+        benchmark = check_benchmark(benchmark)
     kind = format if format != "auto" else _SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(
@@ -220,18 +277,28 @@ def read_predictions(
     if kind in ("jsonl", "lm-eval"):
         parsed = _json_records(p, data)
         if kind == "lm-eval" or (format == "auto" and is_lm_eval_sample(parsed[0][1])):
+            if benchmark not in (None, "bbq"):
+                raise ConfigError(
+                    f"{p}: an lm-evaluation-harness log is read as BBQ predictions; logs of "
+                    f"{benchmark} tasks are not read (convert them to a CSV with item_id and "
+                    "score_0, score_1, ...)"
+                )
             kind = "lm-eval"
             df, numbers, unit = _lm_eval_frame(p, parsed, length_norm)
+            record = BBQ
         else:
-            df, numbers, unit = _read_jsonl(p, parsed)
+            df, numbers, unit, record = _read_jsonl(p, parsed, benchmark)
     else:
-        df, numbers, unit = {"csv": _read_csv, "parquet": _read_parquet}[kind](p, data)
+        reader = {"csv": _read_csv, "parquet": _read_parquet}[kind]
+        df, numbers, unit, record = reader(p, data, benchmark)
     if length_norm != "none" and kind != "lm-eval":
         raise ConfigError(
             f"`--length-norm`={length_norm!r} applies to lm-evaluation-harness logs; {p} is "
             f"read as {kind} and its pred_index is used as written"
         )
     read_attrs = dict(df.attrs)
+    if record is not BBQ:
+        return _probe_frame(df, record, p, kind, numbers, unit)
     df = validate(df, str(p), locator(numbers, unit))
     notes: list[str] = list(read_attrs.get("notes", []))
     if PERMUTATION_COLUMN in df.columns and not all_permutations:
@@ -253,5 +320,25 @@ def read_predictions(
         "notes": notes,
         STRICT_ATTR: list(read_attrs.get(STRICT_ATTR, [])),
         PLACES_ATTR: {"unit": unit, "runs": line_runs(kept), "keys": keys_digest(df)},
+    }
+    return df
+
+
+def _probe_frame(
+    df: pd.DataFrame, kind: RecordKind, p: Path, fmt: str, numbers: np.ndarray, unit: str
+) -> pd.DataFrame:
+    """A likelihood-probe file's rows validated (:func:`.probes.validate_probes`), with
+    the same ``attrs`` as a BBQ frame."""
+    df = validate_probes(df, kind, str(p), locator(numbers, unit))
+    df.attrs = {
+        "source": str(p),
+        "format": fmt,
+        "benchmark": kind.name,
+        "notes": [],
+        PLACES_ATTR: {
+            "unit": unit,
+            "runs": line_runs(numbers),
+            "keys": keys_digest(df, ("item_id",)),
+        },
     }
     return df
