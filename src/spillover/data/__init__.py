@@ -31,7 +31,7 @@ from .items import (
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
 from .probe_select import ProbeSelection
-from .probes import PROBES, ProbeItem, check_benchmark
+from .probes import PROBE_BENCHMARKS, PROBES, ProbeItem, check_benchmark
 from .select import Selection, select_items
 from .sources import DownloadProgress, default_cache_root, fetch_bbq
 
@@ -42,6 +42,7 @@ __all__ = [
     "ITEM_FRAME_COLUMNS",
     "POLARITIES",
     "PROBES",
+    "PROBE_BENCHMARKS",
     "BBQData",
     "BBQItem",
     "BBQSource",

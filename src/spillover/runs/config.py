@@ -24,7 +24,14 @@ from typing import Any
 
 from .._checks import SEED_MAX, check_device
 from ..align import METHODS, AlignConfig, PrefsConfig, resolve_trl_args
-from ..data import BBQSource, Selection, resolve_categories
+from ..data import (
+    PROBE_BENCHMARKS,
+    BBQSource,
+    ProbeSelection,
+    Selection,
+    check_benchmark,
+    resolve_categories,
+)
 from ..errors import ConfigError
 from ..evaluate import EvalConfig
 from ..models import MODEL_ALIASES, resolve_dtype
@@ -39,9 +46,10 @@ DEFAULT_SELECTION = Selection(per_stratum=100)
 ``items``): a seeded sample of 100 per category x context (2,200 items per evaluation)."""
 
 _TOP_KEYS = (
-    "name", "model", "target", "method", "seed", "device", "dtype",
-    "bbq", "eval", "prefs", "align", "compare", "report",
+    "name", "model", "target", "method", "seed", "device", "dtype", "benchmarks",
+    "bbq", "probes", "eval", "prefs", "align", "compare", "report",
 )  # fmt: skip
+_SECTIONS = _TOP_KEYS[8:]
 
 # Per section: the fields the run sets itself, and the top-level key that sets them
 # (None: the run directory manages it).
@@ -83,6 +91,78 @@ def _refuse_reserved(values: Mapping[str, Any], name: str, doc: YamlDoc | None) 
         raise ConfigError(
             f"{where}: `{name}.{key}` is set by the run (use the top-level `{top}` key)"
         )
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    """The ``probes`` section: where the likelihood-probe benchmarks come from and which
+    of their items a run scores (per benchmark, the keys of
+    :class:`~spillover.data.ProbeSelection`; the seed is the sub-run's)."""
+
+    dir: str | None = None
+    """Folder with one sub-folder per benchmark (``crows-pairs/``, ...); None:
+    ``$SPILLOVER_DATA_DIR``, else the cache, else download (upstream, then PyPI)."""
+    allow_unverified: bool = False
+    """Accept files whose SHA-256 differs from the pinned release (recorded as a warning)."""
+    items: Mapping[str, ProbeSelection] = field(default_factory=dict)
+    """Per benchmark, which of its items are scored; a benchmark left out: all of them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as the section is written (per benchmark its selection keys)."""
+        out: dict[str, Any] = {"dir": self.dir, "allow_unverified": self.allow_unverified}
+        for name, sel in self.items.items():
+            out[name] = {k: v for k, v in _plain(sel, ("seed",)).items() if v is not None}
+        return out
+
+
+def _benchmarks(data: Mapping[str, Any], doc: YamlDoc | None) -> tuple[str, ...]:
+    """The ``benchmarks`` list, checked: known names, each once, BBQ among them."""
+    raw = data.get("benchmarks", ["bbq"])
+    values = raw if isinstance(raw, list) else [raw]
+    out: list[str] = []
+    for i, value in enumerate(values):
+        where = locate(doc, _item_path(data, "benchmarks", i))
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: `benchmarks`: {value!r}; expected a benchmark name")
+        try:
+            name = check_benchmark(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: `benchmarks`: {exc}") from None
+        if name in out:
+            raise ConfigError(f"{where}: `benchmarks` lists {name} twice; expected each once")
+        out.append(name)
+    if "bbq" not in out:
+        raise ConfigError(
+            f"{locate(doc, ['benchmarks'])}: `benchmarks` leaves out bbq; a study evaluates "
+            "BBQ (the alignment's own benchmark) and, beside it, any of "
+            f"{', '.join(PROBE_BENCHMARKS)}"
+        )
+    return tuple(out)
+
+
+def _probes_section(values: Mapping[str, Any], doc: YamlDoc | None) -> ProbesConfig:
+    """The ``probes`` section: ``dir``, ``allow_unverified``, and a selection per benchmark."""
+    own = ("dir", "allow_unverified")
+    check_keys(values, [*own, *PROBE_BENCHMARKS], doc=doc, section=["probes"])
+    base = build_dataclass(
+        ProbesConfig, {k: v for k, v in values.items() if k in own}, doc=doc,
+        section=["probes"], allowed=list(own),
+    )  # fmt: skip
+    items: dict[str, ProbeSelection] = {}
+    for name in PROBE_BENCHMARKS:
+        if name not in values:
+            continue
+        part = yaml_section(values, name, doc)
+        if "seed" in part:
+            raise ConfigError(
+                f"{locate(doc, ['probes', name, 'seed'])}: `probes.{name}.seed` is set by the "
+                "run (use the top-level `seed` key)"
+            )
+        allowed = [n for n in _fields(ProbeSelection) if n != "seed"]
+        items[name] = build_dataclass(
+            ProbeSelection, part, doc=doc, section=["probes", name], allowed=allowed
+        )
+    return dataclasses.replace(base, items=items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +210,13 @@ class RunConfig:
     """``cpu``, ``cuda``, ``cuda:N``; None: CUDA when available."""
     dtype: str = "auto"
     """Model dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16."""
+    benchmarks: tuple[str, ...] = ("bbq",)
+    """Benchmarks both models are evaluated on: ``bbq`` and any of the likelihood probes
+    (``crows-pairs``, ``stereoset``, ``winobias``, ``winogender``); BBQ is always one."""
     bbq: BBQSource = field(default_factory=BBQSource)
     """Where BBQ is read from."""
+    probes: ProbesConfig = field(default_factory=lambda: ProbesConfig())
+    """Where the likelihood-probe benchmarks are read from, and which of their items."""
     selection: Selection = DEFAULT_SELECTION
     """The evaluated items (the item keys of the ``eval`` section); the seed is the sub-run's."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -164,12 +249,14 @@ class RunConfig:
             ConfigError: naming the file, line and key when ``doc`` is given.
         """
         check_keys(data, _TOP_KEYS, doc=doc, section=())
-        sections = {k: yaml_section(data, k, doc) for k in _TOP_KEYS[7:]}
+        sections = {k: yaml_section(data, k, doc) for k in _SECTIONS}
         top = _top_level(data, doc)
         selection, evaluation = _eval_section(sections["eval"], doc)
         cfg = cls(
             **top,
+            benchmarks=_benchmarks(data, doc),
             bbq=build_dataclass(BBQSource, sections["bbq"], doc=doc, section=["bbq"]),
+            probes=_probes_section(sections["probes"], doc),
             selection=selection,
             eval=evaluation,
             prefs=_build(PrefsConfig, sections["prefs"], "prefs", doc),
@@ -191,7 +278,9 @@ class RunConfig:
             "seed": list(self.seeds),
             "device": self.device,
             "dtype": self.dtype,
+            "benchmarks": list(self.benchmarks),
             "bbq": _plain(self.bbq, ()),
+            "probes": self.probes.to_dict(),
             "eval": {**_plain(self.selection, ("seed",)), **_plain(self.eval, ("seed",))},
             "prefs": _plain(self.prefs, tuple(_RESERVED["prefs"])),
             "align": dict(self.align),
@@ -240,6 +329,11 @@ class RunConfig:
             **dict(self.align),
         )
         return resolve_trl_args(cfg)
+
+    def probe_selection_for(self, sub: SubRun, benchmark: str) -> ProbeSelection:
+        """The items of a likelihood-probe benchmark that ``sub`` evaluates."""
+        chosen = self.probes.items.get(benchmark, ProbeSelection())
+        return dataclasses.replace(chosen, seed=sub.seed)
 
     def compare_for(self, sub: SubRun) -> CompareConfig:
         """The statistics config of ``sub``."""
