@@ -20,7 +20,7 @@ from spillover.align.prefs import (
     split_targets,
     write_pairs,
 )
-from spillover.data import BBQItem
+from spillover.data import BBQItem, ProbeItem
 from spillover.data.select import on_heldout
 from spillover.errors import ConfigError, DataError
 
@@ -392,3 +392,43 @@ def test_malformed_split_names_file_and_field(
     # the commands that read it say the same in one line
     result = invoke(["compare", "a.parquet", "b.parquet", "--heldout-from", str(out)])
     assert result.exit_code == 1 and f"field {field}" in result.output
+
+
+# --------------------------------------------------------------------------- pairs from probes
+
+
+def _crows(i: int, writer: str, more: str, less: str) -> ProbeItem:
+    return ProbeItem(
+        benchmark="crows-pairs", item_id=str(i), attribute="Gender_identity", bias_type="gender",
+        cluster=writer, split="all", group="stereo", context="", options=(more, less),
+        roles=("more", "less"),
+    )  # fmt: skip
+
+
+def test_probe_pairs_train_the_words_that_differ_and_hold_out_whole_clusters() -> None:
+    from spillover.align.probe_pairs import probe_pairs, split_pair_texts
+
+    # the differing word is trained even when it starts the sentence: the prompt is the
+    # prefix token the scorer puts before a whole sentence
+    assert split_pair_texts("<s>", "Mary is a nurse.", "John is a nurse.") == (
+        "<s>", "Mary is a nurse.", "John is a nurse.",
+    )  # fmt: skip
+    assert split_pair_texts("<s>", "The nurse was a man.", "The nurse was a woman.") == (
+        "<s>The nurse was a", " man.", " woman.",
+    )  # fmt: skip
+    items = [_crows(i, f"a{i % 5}", f"He cried {i}.", f"She cried {i}.") for i in range(20)]
+    train, held, clusters, counts = probe_pairs(
+        items, source="crows-pairs", targets=("Gender_identity",), strategy="stereotype",
+        heldout_frac=0.2, seed=0, prefix="<s>",
+    )  # fmt: skip
+    assert len(clusters["Gender_identity"]) == 1  # 20 % of 5 writers
+    writer = clusters["Gender_identity"][0]
+    assert {p.cluster for p in held} == {writer} and writer not in {p.cluster for p in train}
+    assert len(train) + len(held) == 20 and counts["heldout_scenarios"] == {"Gender_identity": 1}
+    first = next(p for p in train if p.item_id == "1")
+    assert (first.prompt, first.chosen, first.rejected) == ("<s>", "She cried 1.", "He cried 1.")
+    again = probe_pairs(
+        items, source="crows-pairs", targets=("Gender_identity",), strategy="stereotype",
+        heldout_frac=0.2, seed=0, prefix="<s>",
+    )  # fmt: skip
+    assert again[2] == clusters  # the draw depends on the seed and the cluster ids only

@@ -54,6 +54,7 @@ from .._io import atomic_open, atomic_write_json, check_output_dir, replace_dir,
 from ..data import CONTEXTS, BBQData, BBQItem, BBQSource, resolve_categories
 from ..errors import ConfigError, DataError
 from ..prompts import check_format, has_chat_template, is_chat_format, render
+from .probe_pairs import PAIR_SOURCES, PROBE_PAIR_COLUMNS, ProbePair, prefix_text, probe_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,11 @@ class PrefsConfig:
     """Seed of the held-out scenario draw."""
     prompt_format: str = "lm-eval"
     """Prompt format of :mod:`spillover.prompts` (``letters-chat`` needs a tokenizer)."""
+    source: str = "bbq"
+    """Benchmark the pairs come from: ``bbq``, or ``crows-pairs`` / ``stereoset`` (their
+    items of the targets; the less stereotypical option chosen over the more stereotypical
+    one; whole writers / target terms held out), to align on one format and evaluate on
+    the other."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -130,6 +136,7 @@ class PrefsConfig:
                 "(e.g. 0.2 holds out a fifth of each category's scenarios)"
             )
         check_format(self.prompt_format)
+        check_choice("source", self.source, PAIR_SOURCES)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able view."""
@@ -173,10 +180,10 @@ class Pair:
 class PairSet:
     """Training and held-out pairs, with the split and its provenance."""
 
-    train: tuple[Pair, ...]
-    """Pairs from scenarios not held out."""
-    heldout: tuple[Pair, ...]
-    """Pairs from held-out scenarios (never used for training)."""
+    train: tuple[Pair | ProbePair, ...]
+    """Pairs from scenarios (or clusters) not held out."""
+    heldout: tuple[Pair | ProbePair, ...]
+    """Pairs from held-out scenarios or clusters (never used for training)."""
     heldout_templates: Mapping[str, tuple[int, ...]]
     """Held-out ``question_index`` values per category (every template of a held-out scenario)."""
     config: PrefsConfig
@@ -189,12 +196,26 @@ class PairSet:
     """Held-out scenario ids per category."""
     heldout_questions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """The question texts of the held-out items per category (none occurs in training)."""
+    heldout_clusters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Pairs from a probe benchmark: the held-out clusters per target attribute."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns of the pair files."""
+        return PAIR_COLUMNS if self.config.source == "bbq" else PROBE_PAIR_COLUMNS
 
     def split_info(self) -> dict[str, Any]:
         """The content of ``split.json``."""
+        extra: dict[str, Any] = {}
+        if self.config.source != "bbq":
+            extra = {
+                "source": self.config.source,
+                "heldout_clusters": {c: list(t) for c, t in self.heldout_clusters.items()},
+            }
         return {
             "format_version": FORMAT_VERSION,
-            "unit": "scenario",
+            "unit": "scenario" if self.config.source == "bbq" else "cluster",
+            **extra,
             "heldout_scenarios": {c: list(t) for c, t in self.heldout_scenarios.items()},
             "heldout_templates": {c: list(t) for c, t in self.heldout_templates.items()},
             "heldout_questions": {c: list(t) for c, t in self.heldout_questions.items()},
@@ -433,9 +454,10 @@ def write_pairs(
     file_meta = json.dumps({"format_version": FORMAT_VERSION, "warnings": info["warnings"]})
     try:
         for name, rows in ((TRAIN_FILE, pairs.train), (HELDOUT_FILE, pairs.heldout)):
-            df = pd.DataFrame([p.to_row() for p in rows], columns=list(PAIR_COLUMNS))
-            df["example_id"] = df["example_id"].astype("int64")
-            df["question_index"] = df["question_index"].astype("int64")
+            df = pd.DataFrame([p.to_row() for p in rows], columns=list(pairs.columns))
+            for col in ("example_id", "question_index"):
+                if col in df.columns:
+                    df[col] = df[col].astype("int64")
             table = pa.Table.from_pandas(df, preserve_index=False)
             meta = {**(table.schema.metadata or {}), PAIRS_META_KEY: file_meta.encode()}
             with atomic_open(tmp / name, "wb") as fh:
@@ -449,8 +471,33 @@ def write_pairs(
     return target
 
 
+def _probe_pair_set(
+    data: Any, cfg: PrefsConfig, model: str | None, cache_dir: str | os.PathLike[str] | None
+) -> PairSet:
+    """Pairs of a probe benchmark (:mod:`.probe_pairs`); ``data`` is its loaded items."""
+    if getattr(data, "name", None) != cfg.source or not hasattr(data, "items"):
+        raise ConfigError(
+            f"`source`={cfg.source!r} builds pairs from that benchmark's items; load it "
+            "(spillover.data.load_benchmark) and pass it as the data"
+        )
+    if model is None:
+        raise ConfigError(
+            f"pairs from {cfg.source} start with the model's BOS token; give the model "
+            "(e.g. --model smollm2-135m)"
+        )
+    from ..models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model), cache_dir=cache_dir)
+    train, held, clusters, counts = probe_pairs(
+        data.items, source=cfg.source, targets=cfg.targets, strategy=cfg.strategy,
+        heldout_frac=cfg.heldout_frac, seed=cfg.seed, prefix=prefix_text(tokenizer),
+    )  # fmt: skip
+    prov = {"bbq": None, "data": dict(data.provenance()), "tokenizer": tokenizer.name_or_path}
+    return PairSet(tuple(train), tuple(held), {}, cfg, counts, prov, heldout_clusters=clusters)
+
+
 def make_pairs(
-    data: BBQData | BBQSource,
+    data: BBQData | BBQSource | Any,
     cfg: PrefsConfig,
     out_dir: str | os.PathLike[str],
     *,
@@ -463,7 +510,8 @@ def make_pairs(
 
     Args:
         data: Loaded BBQ, or where to load it from (only the target categories are read,
-            after the checks below).
+            after the checks below); for ``cfg.source`` other than ``bbq``, that
+            benchmark's loaded items (``spillover.data.load_benchmark``).
         cfg: Pair and split settings.
         out_dir: The pairs folder to write.
         model: Model whose tokenizer renders a chat format (``letters-chat``); ignored
@@ -477,6 +525,10 @@ def make_pairs(
     """
     target = Path(out_dir).expanduser()
     check_output_dir(target, PAIRS_KIND, overwrite=overwrite)  # before any work
+    if cfg.source != "bbq":
+        pairs = _probe_pair_set(data, cfg, model, cache_dir)
+        write_pairs(pairs, target, overwrite=overwrite)
+        return pairs
     tokenizer = None
     if is_chat_format(cfg.prompt_format):
         if model is None:
@@ -567,18 +619,21 @@ def split_targets(split_json: str | os.PathLike[str] | Mapping[str, Any]) -> tup
 def heldout_for(
     split_json: str | os.PathLike[str] | Mapping[str, Any],
     targets: Sequence[str] | None = None,
+    items: Sequence[BBQItem] | None = None,
 ) -> tuple[tuple[str, ...], dict[str, set[int]]]:
-    """The targets a split was made for and the templates it held out per target: what
+    """The targets a split was made for and the BBQ templates it held out per target: what
     the comparison of a run (and ``spillover compare --heldout-from``) keeps of them.
 
     Args:
         split_json: ``split.json``, its pairs folder, or its content.
         targets: The targets the caller compares; None takes the split's. Given, they must
             be the split's (in any order).
+        items: BBQ's items; needed for a split of pairs from a probe benchmark, which
+            trained on no BBQ item: every template of the targets is then held out.
 
     Raises:
         DataError: the split file is missing or malformed.
-        ConfigError: ``targets`` differ from the split's.
+        ConfigError: ``targets`` differ from the split's; a probe split without ``items``.
     """
     made_for = split_targets(split_json)
     if targets is not None and set(targets) != set(made_for):
@@ -586,6 +641,15 @@ def heldout_for(
             f"`targets`={','.join(targets)}: the pairs of {_split_where(split_json)} were made "
             f"for {','.join(made_for)}"
         )
+    info = split_json if isinstance(split_json, Mapping) else read_split(split_json)
+    if info.get("source", "bbq") != "bbq":
+        if items is None:
+            raise ConfigError(
+                f"{_split_where(split_json)}: pairs from {info['source']} held out none of "
+                "BBQ's items; pass BBQ's items to hold out all of them"
+            )
+        return made_for, {c: {it.question_index for it in items if it.category == c}
+                          for c in made_for}  # fmt: skip
     held = heldout_templates(split_json)
     return made_for, {c: held.get(c, set()) for c in made_for}
 
