@@ -289,9 +289,11 @@ def test_faces_list_each_name_consistently(package: str) -> None:
 
 
 def test_faces_export_entry_points_configs_and_records_only() -> None:
-    """About 70 names in all (231 before the faces were cut to what other packages use)."""
+    """82 names in all (231 before the faces were cut to what other packages use; 75 before
+    the likelihood-probe benchmarks' data added ProbeItem, PROBES, BENCHMARKS, BenchmarkData,
+    load_benchmark, fetch_benchmark and check_benchmark)."""
     total = sum(len(importlib.import_module(f"spillover.{p}").__all__) for p in PACKAGES)
-    assert total <= 76
+    assert total <= 82
 
 
 def test_architecture_doc_lists_every_module() -> None:
