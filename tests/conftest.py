@@ -1,7 +1,9 @@
-"""Shared test fixtures: the mini BBQ folder, the full BBQ folder (optional), hermetic env."""
+"""Shared test fixtures: the mini BBQ folder, the full BBQ folder (optional), the full
+likelihood-probe benchmarks (optional), hermetic env."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,12 @@ MINI_BBQ = FIXTURES / "bbq_mini"
 # environment so that no test picks it up by accident.
 FULL_BBQ_DIR: Path | None = full_bbq.FULL_BBQ_DIR
 
+# The other benchmarks in full: SPILLOVER_DATA_DIR (a folder with crows-pairs/, stereoset/,
+# winobias/, winogender/), read once here and then removed from every test's environment.
+FULL_DATA_DIR: Path | None = (
+    Path(os.environ["SPILLOVER_DATA_DIR"]) if os.environ.get("SPILLOVER_DATA_DIR") else None
+)
+
 
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,6 +34,10 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPILLOVER_BBQ_URL", "http://127.0.0.1:9")
     # a wheel that does not exist: the PyPI path fails at once unless a test sets one
     monkeypatch.setenv("SPILLOVER_BBQ_WHEEL", str(FIXTURES / "no-such-wheel.whl"))
+    # the same for the likelihood-probe benchmarks, whose folder is not read by accident
+    monkeypatch.delenv("SPILLOVER_DATA_DIR", raising=False)
+    monkeypatch.setenv("SPILLOVER_PROBES_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SPILLOVER_PROBES_WHEEL", str(FIXTURES / "no-such-wheel.whl"))
 
 
 @pytest.fixture
@@ -52,3 +64,15 @@ def full_bbq(full_bbq_dir: Path):  # type: ignore[no-untyped-def]
     from spillover.data import load_bbq
 
     return load_bbq(full_bbq_dir)
+
+
+@pytest.fixture(scope="session")
+def full_data_dir() -> Path:
+    """The folder of the full likelihood-probe benchmarks from $SPILLOVER_DATA_DIR; skips
+    the test without it."""
+    if FULL_DATA_DIR is None or not FULL_DATA_DIR.is_dir():
+        pytest.skip(
+            "full likelihood-probe benchmarks not available: set SPILLOVER_DATA_DIR to a "
+            "folder holding crows-pairs/, stereoset/, winobias/ and winogender/"
+        )
+    return FULL_DATA_DIR

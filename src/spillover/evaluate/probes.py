@@ -17,9 +17,9 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from ..data import PROBES, ProbeItem, ProbeSelection
+from ..data import PROBES, BenchmarkData, ProbeItem, ProbeSelection
 from ..errors import ConfigError, DataError
 from ..predictions import KINDS, ProbePrediction, RecordKind, write_table
 from .config import EvalConfig
@@ -32,18 +32,6 @@ logger = logging.getLogger(__name__)
 
 ProbeProgress = Callable[[int, int], None]
 """``progress(done, total)`` in scored items."""
-
-
-class BenchmarkData(Protocol):
-    """What the evaluation reads of a loaded benchmark (``spillover.data.load_benchmark``)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def items(self) -> Sequence[ProbeItem]: ...
-
-    def provenance(self) -> Mapping[str, Any]: ...
 
 
 def decision_scores(scores: ChoiceScores, normalisation: str) -> list[float]:

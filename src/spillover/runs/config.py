@@ -25,7 +25,7 @@ from typing import Any
 from .._checks import SEED_MAX, check_device
 from ..align import METHODS, AlignConfig, PrefsConfig, resolve_trl_args
 from ..data import (
-    PROBE_BENCHMARKS,
+    PROBES,
     BBQSource,
     ProbeSelection,
     Selection,
@@ -135,7 +135,7 @@ def _benchmarks(data: Mapping[str, Any], doc: YamlDoc | None) -> tuple[str, ...]
         raise ConfigError(
             f"{locate(doc, ['benchmarks'])}: `benchmarks` leaves out bbq; a study evaluates "
             "BBQ (the alignment's own benchmark) and, beside it, any of "
-            f"{', '.join(PROBE_BENCHMARKS)}"
+            f"{', '.join(tuple(PROBES))}"
         )
     return tuple(out)
 
@@ -143,13 +143,13 @@ def _benchmarks(data: Mapping[str, Any], doc: YamlDoc | None) -> tuple[str, ...]
 def _probes_section(values: Mapping[str, Any], doc: YamlDoc | None) -> ProbesConfig:
     """The ``probes`` section: ``dir``, ``allow_unverified``, and a selection per benchmark."""
     own = ("dir", "allow_unverified")
-    check_keys(values, [*own, *PROBE_BENCHMARKS], doc=doc, section=["probes"])
+    check_keys(values, [*own, *tuple(PROBES)], doc=doc, section=["probes"])
     base = build_dataclass(
         ProbesConfig, {k: v for k, v in values.items() if k in own}, doc=doc,
         section=["probes"], allowed=list(own),
     )  # fmt: skip
     items: dict[str, ProbeSelection] = {}
-    for name in PROBE_BENCHMARKS:
+    for name in tuple(PROBES):
         if name not in values:
             continue
         part = yaml_section(values, name, doc)
