@@ -372,7 +372,8 @@ def command_stage_calls(path: Path) -> dict[str, set[str]]:
             for called in calls(current):
                 if called in stage:
                     used.add(called)
-                elif called in funcs and called not in seen:
+                elif called in funcs and called not in seen and not called.endswith("_command"):
+                    # a command handing over to another command is counted there
                     seen.add(called)
                     todo.append(funcs[called])
         out[name] = used
