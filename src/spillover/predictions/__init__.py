@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 from .lmeval import check_reading
-from .schema import BBQ, Prediction
+from .schema import BBQ, PROBE_COLUMNS, Prediction
 
 if TYPE_CHECKING:
     from .bbq import check_joined, join_with_bbq, position_frame
@@ -47,6 +47,7 @@ __getattr__ = lazy_getattr(__name__, {n: m for m, names in _LAZY.items() for n i
 
 __all__ = [
     "BBQ",
+    "PROBE_COLUMNS",
     "Prediction",
     "check_joined",
     "check_reading",
