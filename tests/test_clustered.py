@@ -24,6 +24,7 @@ from spillover.stats.clustered import (
     signflip_distribution,
     signflip_interval,
     signflip_test,
+    signflip_test_real,
 )
 from spillover.stats.tests import mcnemar_test, paired_difference_ci
 
@@ -73,6 +74,60 @@ def test_distribution_is_a_pmf_and_few_clusters_are_said() -> None:
     assert few.min_pvalue == pytest.approx(2**-3) and "smallest attainable" in few.note
     assert few.pvalue == pytest.approx(2**-3)  # the most extreme of 8 patterns, mid-p
     assert signflip_test([0, 0]).pvalue == 1.0
+
+
+def _brute_force_real(r: np.ndarray) -> float:
+    """Mid-p sign-flip p-value of real totals by listing all 2^K sign patterns."""
+    signs = np.array(list(itertools.product((-1.0, 1.0), repeat=r.size)))
+    stats = np.abs(signs @ r)
+    observed, tol = abs(r.sum()), 1e-9 * np.abs(r).sum()
+    beyond = np.count_nonzero(stats > observed + tol)
+    at = np.count_nonzero(np.abs(stats - observed) <= tol)
+    return float((beyond + 0.5 * at) / signs.shape[0])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_real_signflip_equals_enumeration(seed: int) -> None:
+    """Real-valued totals (gap changes): exact up to 16 informative clusters, and on the
+    lattice above within the rounding it allows; zeros never move the test."""
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0.3, 1.0, size=int(rng.integers(2, 15)))
+    got = signflip_test_real(np.r_[r, 0.0, 0.0])
+    assert got.pvalue == pytest.approx(_brute_force_real(r), abs=1e-12)
+    assert got.n_clusters == r.size + 2 and got.n_informative == r.size
+    big = rng.normal(0.2, 1.0, size=18)
+    assert signflip_test_real(big).pvalue == pytest.approx(_brute_force_real(big), abs=2e-3)
+
+
+def test_real_signflip_on_integers_is_the_integer_test() -> None:
+    """Integer totals: the real-valued test is the discordance test, value for value
+    (ties counted by half in both)."""
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        d = rng.integers(-4, 5, size=int(rng.integers(1, 14)))
+        assert signflip_test_real(d.astype(float)).pvalue == pytest.approx(
+            signflip_test(d).pvalue, abs=1e-12
+        )
+    none = signflip_test_real([0.0, 0.0])
+    assert none.pvalue == 1.0 and none.note == "no change at all"
+    few = signflip_test_real([0.5, 1.5, -0.2], unit="writer")
+    assert "only 3 writer(s)" in few.note and few.min_pvalue == pytest.approx(2**-3)
+
+
+def test_interval_of_a_real_valued_change_and_its_unit() -> None:
+    """A change of log-likelihood gaps: limits beyond 1, inside ``bound``, excluding 0 when
+    the real-valued test rejects; notes name the clusters."""
+    rng = np.random.default_rng(5)
+    n = rng.integers(3, 20, size=25)
+    totals = n * 2.5 + rng.normal(0, 4, size=25) * np.sqrt(n)
+    ci = signflip_interval(totals, n, tolerance=1e-3, bound=40.0, grid=20_000, unit="writer")
+    assert ci.low < totals.sum() / n.sum() < ci.high and ci.low > 1.0 and ci.high < 40
+    assert signflip_test_real(totals).pvalue < 0.05
+    # the test of the totals shifted to a limit sits at 5 %
+    for end in (ci.low, ci.high):
+        assert signflip_test_real(totals - end * n).pvalue == pytest.approx(0.05, abs=0.01)
+    one = signflip_interval([3.0], [4], bound=7.0, unit="target term")
+    assert (one.low, one.high, one.note) == (-7.0, 7.0, "fewer than 2 target terms")
 
 
 # --------------------------------------------------------------------------- the interval

@@ -185,8 +185,18 @@ PROBES: Mapping[str, ProbeSpec] = {
         outcome="the pronoun is resolved to the right person",
         cluster_unit="the occupation of the sentence (60 occupations)",
         attribute_of={"gender": "Gender_identity"},
-        metrics=("accuracy", "accuracy_male", "accuracy_female", "accuracy_gotcha"),
-        unbiased="equal accuracy for every pronoun gender and on the 'gotcha' items",
+        metrics=(
+            "accuracy",
+            "accuracy_male",
+            "accuracy_female",
+            "accuracy_neutral",
+            "accuracy_gotcha",
+            "gender_gap",
+        ),
+        unbiased=(
+            "equal accuracy for every pronoun gender (gender_gap = accuracy_male - "
+            "accuracy_female 0) and on the 'gotcha' items"
+        ),
     ),
 }
 """Every likelihood-probe benchmark, by name."""

@@ -119,7 +119,7 @@ def signflip_distribution(a: npt.ArrayLike) -> np.ndarray:
     return pmf
 
 
-def signflip_test(d: npt.ArrayLike, *, midp: bool = True) -> ClusterTest:
+def signflip_test(d: npt.ArrayLike, *, midp: bool = True, unit: str = "scenario") -> ClusterTest:
     """Two-sided sign-flip (cluster permutation) test of "no change" on integer totals ``d``.
 
     The statistic ``T = sum(d_s)`` is referred to the distribution of ``sum(eps_s d_s)``
@@ -143,7 +143,8 @@ def signflip_test(d: npt.ArrayLike, *, midp: bool = True) -> ClusterTest:
         *Few clusters.* The smallest attainable two-sided mid-p with ``K`` informative
         clusters is ``2^-K``: p < 0.05 needs at least 5, a Holm rejection among the 22
         category x context cells at least 9. Below :data:`MIN_INFORMATIVE` the result
-        carries a note; nothing falls back to an item-level test.
+        carries a note (naming the clusters as ``unit``); nothing falls back to an
+        item-level test.
 
     References:
         Fisher, "The Design of Experiments" (1935), section 21. Efron, "Student's t-test
@@ -169,7 +170,7 @@ def signflip_test(d: npt.ArrayLike, *, midp: bool = True) -> ClusterTest:
     note = None
     if k_inf < MIN_INFORMATIVE:
         note = (
-            f"only {k_inf} scenario(s) with discordant answers: the smallest attainable "
+            f"only {k_inf} {unit}(s) with discordant answers: the smallest attainable "
             f"p-value is {min_p:.3g}"
         )
     return ClusterTest(float(dd.sum()), p, method, int(dd.size), k_inf, min_p, note)
@@ -191,6 +192,72 @@ def _signflip_pvalue_real(r: np.ndarray, grid: int) -> float:
     return min(1.0, float(pmf[stat > observed].sum()) + 0.5 * float(pmf[stat == observed].sum()))
 
 
+EXACT_REAL_UP_TO = 16
+"""Most informative clusters for which :func:`signflip_test_real` enumerates every sign
+pattern (``2^16`` patterns); above it, the exact distribution on a lattice."""
+REAL_GRID = 20_000
+"""Lattice size of :func:`signflip_test_real` above :data:`EXACT_REAL_UP_TO` clusters."""
+
+
+def signflip_test_real(
+    totals: npt.ArrayLike, *, unit: str = "scenario", grid: int = REAL_GRID
+) -> ClusterTest:
+    """Two-sided mid-p sign-flip test of "no change" on real-valued cluster totals.
+
+    The same test as :func:`signflip_test` for a continuous paired difference (e.g. the
+    change of a log-likelihood gap, summed per cluster): ``T = sum r_s`` against
+    ``sum eps_s r_s`` over all sign patterns, patterns tied with ``|T|`` (to ``1e-9`` of
+    ``sum |r_s|``) counting by half.
+
+    Args:
+        totals: Per-cluster totals ``r_s`` of the paired difference.
+        unit: What the clusters are, for the note.
+        grid: Lattice size above :data:`EXACT_REAL_UP_TO` informative clusters.
+
+    Returns:
+        The test (``method`` ``signflip-midp``); p = 1 with a note when every total is 0.
+
+    Notes:
+        With at most :data:`EXACT_REAL_UP_TO` informative clusters (``r_s != 0``) every
+        pattern is enumerated: the p-value is exact. Above, the magnitudes are rounded to
+        multiples of ``sum |r_s| / grid`` and the exact distribution of the rounded
+        totals is computed by :func:`signflip_distribution`; the rounding moves ``T`` by
+        at most ``K sum |r_s| / (2 grid)``. Validity as for :func:`signflip_test`: exact
+        under the sharp null of exchangeable runs within each cluster, whatever the
+        dependence inside it (Fisher 1935; Efron 1969).
+
+    References:
+        Fisher, "The Design of Experiments" (1935), section 21. Efron, JASA 64:1278-1302
+        (1969). Pagano & Tritchler, JASA 78:435-440 (1983).
+    """
+    r = np.asarray(totals, dtype=np.float64).ravel()
+    informative = r[r != 0]
+    k_inf = int(informative.size)
+    if k_inf == 0:
+        return ClusterTest(0.0, 1.0, "signflip-midp", int(r.size), 0, 1.0, "no change at all")
+    total = float(np.abs(informative).sum())
+    if k_inf <= EXACT_REAL_UP_TO:
+        sums = np.zeros(1)
+        for v in informative.tolist():  # every pattern's sum, doubling per cluster
+            sums = np.concatenate([sums + v, sums - v])
+        stats = np.abs(sums)
+        observed = abs(float(informative.sum()))
+        tol = 1e-9 * total
+        beyond = np.count_nonzero(stats > observed + tol)
+        at = np.count_nonzero(np.abs(stats - observed) <= tol)
+        p = min(1.0, (beyond + 0.5 * at) / 2**k_inf)
+    else:
+        p = _signflip_pvalue_real(informative, grid)
+    min_p = 2.0 ** (1 - k_inf) * 0.5
+    note = None
+    if k_inf < MIN_INFORMATIVE:
+        note = (
+            f"only {k_inf} {unit}(s) with a non-zero change: the smallest attainable "
+            f"p-value is {min_p:.3g}"
+        )
+    return ClusterTest(float(r.sum()), p, "signflip-midp", int(r.size), k_inf, min_p, note)
+
+
 def signflip_interval(
     d: npt.ArrayLike,
     n: npt.ArrayLike,
@@ -199,6 +266,8 @@ def signflip_interval(
     item_interval: tuple[float, float] | None = None,
     tolerance: float = 1e-3,
     grid: int = 2000,
+    bound: float = 1.0,
+    unit: str = "scenario",
 ) -> ClusterInterval:
     """The changes ``delta0`` that the sign-flip mid-p test does not reject.
 
@@ -207,14 +276,18 @@ def signflip_interval(
         n: Per-cluster item counts.
         confidence: Level of the interval.
         item_interval: The item-level interval (Newcombe's) to take the hull with, or None.
-        tolerance: Precision of the limits (proportion scale).
+        tolerance: Precision of the limits (in the unit of ``d / n``).
         grid: Lattice size of the sign-flip distributions of the residual totals.
+        bound: Largest possible ``|delta|``: 1 for a change of a proportion; for a
+            real-valued per-item difference (a change of log-likelihood gaps), its
+            largest absolute value.
+        unit: What the clusters are, for the notes (``scenario``, ``writer``, ...).
 
     Returns:
         ``{delta0 : p(d - delta0 n) > 1 - confidence}`` with ``p`` the two-sided mid-p
         sign-flip p-value of the residual totals ``r_s = d_s - delta0 n_s``, found by
         bisection on each side of the estimate ``sum d / sum n`` (where ``p = 1``), clipped
-        to ``[-1, 1]``; then the hull with ``item_interval``.
+        to ``[-bound, bound]``; then the hull with ``item_interval``.
 
     Notes:
         Inverting a randomisation test gives a confidence set for the shift it tests
@@ -240,7 +313,7 @@ def signflip_interval(
     alpha = 1.0 - confidence
     note = None
     if dd.size < 2:
-        lo, hi, note = -1.0, 1.0, "fewer than 2 scenarios"
+        lo, hi, note = -bound, bound, f"fewer than 2 {unit}s"
     else:
         est = float(dd.sum() / nn.sum())
 
@@ -248,7 +321,7 @@ def signflip_interval(
             return _signflip_pvalue_real(dd - x * nn, grid) > alpha
 
         limits = []
-        for end in (-1.0, 1.0):
+        for end in (-bound, bound):
             if inside(end):
                 limits.append(end)
                 continue
@@ -258,8 +331,8 @@ def signflip_interval(
                 near, far = (mid, far) if inside(mid) else (near, mid)
             limits.append(far)
         lo, hi = limits
-        if lo == -1.0 and hi == 1.0:
-            note = "too few scenarios with discordant answers for a bounded interval"
+        if lo == -bound and hi == bound:
+            note = f"too few {unit}s with discordant answers for a bounded interval"
     if item_interval is not None:
         lo, hi = min(lo, item_interval[0]), max(hi, item_interval[1])
     return ClusterInterval(lo, hi, "cluster-signflip", note)

@@ -55,7 +55,8 @@ class CompareConfig:
     cluster: str = "scenario"
     """Independent unit of tests, intervals and bootstrap: scenario (templates sharing a
     question, within each category), template (question_index) or item (the paper's
-    analysis)."""
+    analysis). For the likelihood probes scenario means each benchmark's own cluster unit
+    (writer, target term, occupation)."""
     confidence: float = 0.95
     """Level of every interval."""
     targets: tuple[str, ...] | None = None

@@ -115,24 +115,27 @@ class Panel:
         return cls(sums, grid(acc), grid(unk), grid(np.ones(len(cluster))), unit, boot)
 
 
-def _change(
+def paired_change(
     d: np.ndarray,
     n: np.ndarray,
     pairs: tuple[int, int, int, int],
     cfg: CompareConfig,
     unit: str | None,
 ) -> tuple[float | None, float, float, str, str | None]:
-    """``(clustered p, ci low, ci high, ci method, note)`` of one paired change.
+    """``(clustered p, ci low, ci high, ci method, note)`` of one paired change of a
+    proportion, from its per-cluster totals ``d`` and counts ``n``.
 
     ``pairs`` is ``(both, aligned only, base only, neither)``: the item-level 2x2 table, in
-    the order of :func:`paired_difference_ci` (the change is aligned minus base).
+    the order of :func:`paired_difference_ci` (the change is aligned minus base). ``unit``
+    names the clusters (``scenario``, ``template``, ``writer``, ...; None: there are none);
+    the interval is clustered unless ``cfg.clustered`` is false (Newcombe's then).
     """
-    test = signflip_test(d) if unit is not None else None
+    test = signflip_test(d, unit=unit) if unit is not None else None
     item = paired_difference_ci(*pairs, confidence=cfg.confidence)
     if not cfg.clustered:
         return (test.pvalue if test else None), item[0], item[1], CI_METHOD, None
-    assert test is not None
-    ci = signflip_interval(d, n, confidence=cfg.confidence, item_interval=item)
+    assert test is not None and unit is not None
+    ci = signflip_interval(d, n, confidence=cfg.confidence, item_interval=item, unit=unit)
     notes = [x for x in (test.note, ci.note) if x and x != "no discordant pairs"]
     return test.pvalue, ci.low, ci.high, ci.method, "; ".join(notes) or None
 
@@ -142,7 +145,7 @@ def _tests(
 ) -> tuple[dict[str, Any], list[str]]:
     """The accuracy and unknown-rate tests and intervals of a row, and their notes."""
     item = mcnemar_test(t["b"], t["c"], "midp")
-    p_cl, lo, hi, method, cl_note = _change(
+    p_cl, lo, hi, method, cl_note = paired_change(
         d[0], n, (t["both"], t["c"], t["b"], t["neither"]), cfg, unit
     )
     if cfg.resolved_test == "signflip":
@@ -157,7 +160,7 @@ def _tests(
     # the unknown-rate change: the same paired structure, another outcome
     both_u = t["unknown_base"] - t["unk_b"]
     pairs_u = (both_u, t["unk_c"], t["unk_b"], t["n"] - both_u - t["unk_b"] - t["unk_c"])
-    p_unk_cl, ulo, uhi, _, _ = _change(d[1], n, pairs_u, cfg, unit)
+    p_unk_cl, ulo, uhi, _, _ = paired_change(d[1], n, pairs_u, cfg, unit)
     p_unk = (
         p_unk_cl
         if cfg.clustered and p_unk_cl is not None
