@@ -947,3 +947,67 @@ def test_plan_cpu_time_follows_the_cpus_bf16_instructions(
     line = plan._times(145.6e12)
     assert line.startswith(expected), line
     assert line.endswith("0.4 s at 400 TFLOP/s (one H100/H200, bf16)")
+
+
+# --------------------------------------------------------------------------- beyond BBQ
+
+PROBES_MINI = Path(__file__).parent / "fixtures" / "probes_mini"
+
+
+def test_a_study_on_all_five_benchmarks_runs_and_resumes(
+    tiny_model_dir: Path, mini_dir: Path, tmp_path: Path
+) -> None:
+    """`benchmarks:` adds a base and an aligned evaluation per likelihood probe, compared
+    in one family beside BBQ (stats/probes.json); a second run skips every stage."""
+    from spillover.predictions.parquet import read_metadata
+    from spillover.runs.stages import stages_for
+    from spillover.stats import ProbeComparison
+
+    study = tiny_study(
+        str(tiny_model_dir), mini_dir,
+        benchmarks=["bbq", "crows-pairs", "stereoset", "winobias", "winogender"],
+        probes={"dir": str(PROBES_MINI), "allow_unverified": True,
+                "stereoset": {"groups": ["intrasentence"]}},
+    )  # fmt: skip
+    cfg = RunConfig.from_mapping(study)
+    names = [s.name for s in stages_for(cfg)]
+    assert names[:5] == [
+        "eval-base", "eval-base-crows-pairs", "eval-base-stereoset", "eval-base-winobias",
+        "eval-base-winogender",
+    ]  # fmt: skip
+    events: list[tuple[str, str]] = []
+    out = tmp_path / "run"
+    run_study(cfg, out, on_event=lambda stage, status, info: events.append((stage, status)))
+    assert [s for s, st in events if st == "done"] == names
+    for bench in ("crows-pairs", "stereoset", "winobias", "winogender"):
+        meta = read_metadata(out / f"eval/{bench}/aligned/predictions.parquet")
+        assert meta["benchmark"] == bench and meta["model"]["adapter"]
+    probes = ProbeComparison.from_json(
+        json.loads((out / "stats/probes.json").read_text()), "probes.json"
+    )
+    assert {r.benchmark for r in probes.rows} == {
+        "crows-pairs",
+        "stereoset",
+        "winobias",
+        "winogender",
+    }
+    comparison = json.loads((out / "stats/comparison.json").read_text())
+    assert comparison["strata"]  # BBQ's comparison as before
+    events.clear()
+    run_study(cfg, out, on_event=lambda stage, status, info: events.append((stage, status)))
+    assert {st for _, st in events if st in ("done", "skip")} == {"skip"}
+
+
+def test_benchmarks_are_checked_in_the_run_config(tmp_path: Path) -> None:
+    bad = write_cfg(tmp_path, "benchmarks: [bbq, crowspairs, winogendr]\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"study\.yaml:1: `benchmarks`: unknown benchmark 'winogendr' \(did you mean 'winogender'\?\)",
+    ):
+        RunConfig.load(bad)
+    with pytest.raises(ConfigError, match=r"`benchmarks` leaves out bbq"):
+        RunConfig.from_mapping({"benchmarks": ["crows-pairs"]})
+    with pytest.raises(ConfigError, match=r"`probes.stereoset.seed` is set by the run"):
+        RunConfig.from_mapping({"probes": {"stereoset": {"seed": 3}}})
+    ok = RunConfig.from_mapping({"benchmarks": "bbq"})
+    assert ok.benchmarks == ("bbq",)

@@ -44,6 +44,15 @@ PREDICTION_FILES: Mapping[str, str] = {
     "aligned": "eval/aligned/predictions.parquet",
 }
 """Per-item predictions of each model inside a run directory."""
+PROBE_COMPARISON_FILE = "stats/probes.json"
+"""The paired comparison on the likelihood-probe benchmarks (``ProbeComparison``)."""
+
+
+def probe_predictions(benchmark: str, role: str) -> str:
+    """Path of a likelihood-probe benchmark's predictions of one model (``base`` or
+    ``aligned``) inside a run directory."""
+    return f"eval/{benchmark}/{role}/predictions.parquet"
+
 
 LIBRARIES = (
     "spillover",

@@ -19,6 +19,7 @@ from .prefs import (
     build_pairs,
     heldout_for,
     make_pairs,
+    probe_target_split,
     target_split,
 )
 from .presets import PRESET_FIELDS
@@ -37,6 +38,7 @@ __all__ = [
     "heldout_for",
     "make_pairs",
     "parse_trl_arg",
+    "probe_target_split",
     "resolve_trl_args",
     "target_split",
     "train_adapter",

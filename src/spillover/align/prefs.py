@@ -54,7 +54,14 @@ from .._io import atomic_open, atomic_write_json, check_output_dir, replace_dir,
 from ..data import CONTEXTS, BBQData, BBQItem, BBQSource, resolve_categories
 from ..errors import ConfigError, DataError
 from ..prompts import check_format, has_chat_template, is_chat_format, render
-from .probe_pairs import PAIR_SOURCES, PROBE_PAIR_COLUMNS, ProbePair, prefix_text, probe_pairs
+from .probe_pairs import (
+    PAIR_SOURCES,
+    PROBE_PAIR_COLUMNS,
+    ProbePair,
+    heldout_clusters,
+    prefix_text,
+    probe_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +296,14 @@ def target_split(
     """The held-out scenarios and templates :func:`build_pairs` draws for ``cfg`` (cheap:
     no prompt is rendered), so a run can sample its target items from them beforehand."""
     return heldout_split(_selected(items, cfg), cfg.heldout_frac, cfg.seed)
+
+
+def probe_target_split(items: Sequence[Any], cfg: PrefsConfig) -> dict[str, tuple[str, ...]]:
+    """The held-out clusters of each target when pairs come from a probe benchmark
+    (``cfg.source``): what :func:`make_pairs` holds out, cheap, so a run can draw that
+    benchmark's evaluated target items from them beforehand."""
+    chosen = [it for it in items if it.benchmark == cfg.source and it.attribute in cfg.targets]
+    return heldout_clusters(chosen, cfg.heldout_frac, cfg.seed)
 
 
 def _rejected_indices(item: BBQItem, strategy: str, seed: int) -> list[int]:

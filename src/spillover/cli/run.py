@@ -94,11 +94,11 @@ def run_command(
 
 def _run(cfg: Any, run_dir: Path, force: list[str] | tuple[str, ...]) -> None:
     """Run the study with progress, then print each sub-run's summary."""
-    from ..runs import STAGE_TABLE, prepare_run, run_study
+    from ..runs import prepare_run, run_study
 
     with download_progress() as fetching:  # BBQ is downloaded when not cached
         data = prepare_run(cfg, run_dir, force, progress=fetching)
-    with _StageProgress({s.name: s.label for s in STAGE_TABLE}) as on_event:
+    with _StageProgress() as on_event:
         dirs = run_study(cfg, run_dir, force=force, on_event=on_event, data=data)
     for d in dirs:
         _print_summary(d)
@@ -129,8 +129,8 @@ class _StageProgress:
     """A progress bar per stage (a line per stage and periodic lines off a terminal), fed
     by :func:`spillover.runs.run_study`'s events."""
 
-    def __init__(self, labels: dict[str, str]) -> None:
-        self.labels = {**labels, **_EXTRA_LABELS}
+    def __init__(self) -> None:
+        self.labels = dict(_EXTRA_LABELS)
         self.tasks: dict[str, int] = {}
         self.bars = Bars(
             TextColumn("{task.description}"),
@@ -149,6 +149,8 @@ class _StageProgress:
         self.bars.__exit__(*exc)
 
     def __call__(self, stage: str, status: str, info: Any) -> None:
+        if isinstance(info.get("label"), str):  # the stage names itself when it starts
+            self.labels[stage] = info["label"]
         label, tasks, bars = self.labels.get(stage, stage), self.tasks, self.bars
         if status == "skip":
             console.print(f"[dim]skip[/] {label} (already complete)")

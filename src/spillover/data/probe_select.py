@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,17 @@ class ProbeSelection:
                 raise ConfigError(f"`{name}`={value!r}; expected a positive integer")
         check_seed("seed", self.seed)
 
-    def apply(self, items: Sequence[ProbeItem]) -> list[ProbeItem]:
+    def apply(
+        self,
+        items: Sequence[ProbeItem],
+        heldout: Mapping[str, Collection[str]] | None = None,
+    ) -> list[ProbeItem]:
         """The selected items, in the input order.
+
+        Args:
+            items: The benchmark's items.
+            heldout: Clusters per attribute: items of these attributes are chosen only on
+                them (the clusters a probe-built split held out of training).
 
         Raises:
             ConfigError: a split, subset or attribute the items do not have.
@@ -91,7 +100,8 @@ class ProbeSelection:
         kept = [
             it
             for it in items
-            if (self.splits is None or it.split in self.splits)
+            if (not heldout or it.attribute not in heldout or it.cluster in heldout[it.attribute])
+            and (self.splits is None or it.split in self.splits)
             and (self.groups is None or it.group in self.groups)
             and (self.attributes is None or it.attribute in self.attributes)
         ]

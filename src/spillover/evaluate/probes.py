@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,7 @@ def evaluate_benchmark(
     dtype: str = "auto",
     cache_dir: str | Path | None = None,
     progress: ProbeProgress | None = None,
+    heldout: Mapping[str, Collection[str]] | None = None,
 ) -> EvalOutcome:
     """The evaluation stage for a likelihood-probe benchmark: choose the items of ``data``
     that ``selection`` names and score them into ``out`` (``spillover eval --benchmark``
@@ -250,7 +251,7 @@ def evaluate_benchmark(
 
     from accelerate import PartialState
 
-    items = selection.apply(data.items)
+    items = selection.apply(data.items, heldout=heldout)
     if not items:
         raise ConfigError(
             f"the selection of {data.name} is empty; check the splits, groups and attributes"
@@ -274,7 +275,10 @@ def evaluate_benchmark(
         )
     cfg = resolve_precision(cfg, loaded, scorer)
     t1 = time.perf_counter()
-    provenance = {"data": data.provenance(), "selection": dict(selection.describe())}
+    described = dict(selection.describe())
+    if heldout:
+        described["heldout_clusters"] = {a: sorted(c) for a, c in heldout.items()}
+    provenance = {"data": data.provenance(), "selection": described}
     rows, stats = evaluate_probe_items(
         loaded, items, cfg, out=out, scorer=scorer, progress=progress, provenance=provenance
     )

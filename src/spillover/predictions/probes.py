@@ -185,6 +185,12 @@ def join_with_items(preds: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     merged = merged.drop(columns=["_spillover_match"]).sort_values("_row").drop(columns=["_row"])
     merged = merged.reset_index(drop=True)
     merged, assumed = _decisions(merged, spec.normalisation, len(spec.roles))
+    if "normalisation" not in merged.columns or merged["normalisation"].isna().any():
+        merged["normalisation"] = spec.normalisation
+    for k in range(len(spec.roles)):  # no counts given: the scores stand as they are
+        col = f"n_tokens_{k}"
+        if col not in merged.columns or merged[col].isna().all():
+            merged[col] = 1
     notes += [f"{src}: {a}" for a in assumed]
     kept = {k: v for k, v in preds.attrs.items() if k != PLACES_ATTR}
     merged.attrs = {**kept, "notes": notes}

@@ -6,7 +6,7 @@
 
 into one run directory per combination of model x target x method x seed (layout:
 ``docs/run.md``). Modules: ``config`` (:class:`RunConfig`, read from YAML by
-``yaml_doc``), ``stages`` (:data:`STAGE_TABLE`), ``study`` (:func:`run_study`) and
+``yaml_doc``), ``stages`` (the stage table, :func:`stages_for`), ``study`` (:func:`run_study`) and
 ``plan`` (:func:`plan_run`). Torch-dependent stages are imported inside the stage
 functions.
 """
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from .config import RunConfig
 from .plan import plan_run
-from .stages import STAGE_TABLE
 from .study import prepare_run, run_study
 
 __all__ = [
-    "STAGE_TABLE",
     "RunConfig",
     "plan_run",
     "prepare_run",

@@ -23,7 +23,7 @@ from ..prompts import permutations
 from ..rundir import canonical_hash
 from .config import RunConfig, SubRun
 from .stages import STAGE_TABLE, STAGES, Context
-from .study import check_machine, preflight
+from .study import StudyData, check_machine, preflight
 
 CPU_FLOPS_BF16 = 4.3e11
 """Effective FLOP/s of 2 CPU cores with bf16 instructions: the estimate's 145.6 TFLOP for the
@@ -217,7 +217,7 @@ def _base_key(cfg: RunConfig, sub: SubRun, data: BBQData, items: tuple[BBQItem, 
     return canonical_hash(stage.key(ctx))
 
 
-def plan_run(cfg: RunConfig, *, data: BBQData | None = None) -> Plan:
+def plan_run(cfg: RunConfig, *, data: BBQData | StudyData | None = None) -> Plan:
     """Resolve items and pairs (cheap) and estimate compute, without loading a model.
 
     Raises:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import yaml
 from .. import __version__
 from .._io import atomic_write_text
 from ..align import target_split
-from ..data import BBQData, BBQItem, DownloadProgress, load_bbq
+from ..data import BBQData, BBQItem, BenchmarkData, DownloadProgress, load_bbq, load_benchmark
 from ..errors import ConfigError, MissingDependencyError
 from ..prompts import is_chat_format
 from ..rundir import (
@@ -38,7 +38,7 @@ from ..rundir import (
     write_manifest,
 )
 from .config import RunConfig, SubRun
-from .stages import STAGE_TABLE, STAGES, Context, EventFn, Stage
+from .stages import PROBE_STAGE_NAMES, STAGES, Context, EventFn, Stage, stages_for
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,40 @@ def load_data(cfg: RunConfig, progress: DownloadProgress | None = None) -> BBQDa
     )
 
 
+@dataclass(frozen=True)
+class StudyData:
+    """Every benchmark a study evaluates, loaded and verified."""
+
+    bbq: BBQData
+    """BBQ."""
+    probes: Mapping[str, BenchmarkData]
+    """The likelihood-probe benchmarks of ``benchmarks:``, by name."""
+
+
+def load_probes(
+    cfg: RunConfig, progress: DownloadProgress | None = None
+) -> dict[str, BenchmarkData]:
+    """The study's likelihood-probe benchmarks from the ``probes`` section's source, verified."""
+    return {
+        b: load_benchmark(
+            b,
+            cfg.probes.dir,
+            cache_dir=cfg.bbq.cache_dir,
+            allow_unverified=cfg.probes.allow_unverified,
+            progress=progress,
+        )
+        for b in cfg.benchmarks
+        if b != "bbq"
+    }
+
+
+def study_data(cfg: RunConfig, data: BBQData | StudyData | None = None) -> StudyData:
+    """``data`` completed: what is not given is loaded."""
+    if isinstance(data, StudyData):
+        return data
+    return StudyData(data or load_data(cfg), load_probes(cfg))
+
+
 def prepare_run(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -60,11 +94,11 @@ def prepare_run(
     *,
     machine: bool = True,
     progress: DownloadProgress | None = None,
-) -> BBQData:
+) -> StudyData:
     """What ``spillover run`` checks before its run directory is made, then the data:
     the stages ``force`` names, the run directory, this machine (unless ``machine`` is
-    false: a dry run reports what it lacks instead) and BBQ (downloaded when not cached,
-    with ``progress``).
+    false: a dry run reports what it lacks instead), BBQ and the likelihood-probe
+    benchmarks (downloaded when not cached, with ``progress``).
 
     Raises:
         ConfigError, DataError, MissingDependencyError.
@@ -73,7 +107,7 @@ def prepare_run(
     check_run_dir(Path(run_dir).expanduser())
     if machine:
         check_machine(cfg)  # a missing package or device fails before BBQ is downloaded
-    return load_data(cfg, progress=progress)
+    return StudyData(load_data(cfg, progress=progress), load_probes(cfg, progress=progress))
 
 
 def eval_heldout(cfg: RunConfig, sub: SubRun, data: BBQData) -> dict[str, tuple[int, ...]] | None:
@@ -82,9 +116,12 @@ def eval_heldout(cfg: RunConfig, sub: SubRun, data: BBQData) -> dict[str, tuple[
     every evaluated target item is one the model never trained on); None for item lists
     and full runs, which evaluate every item (the comparison then leaves the target's
     in-sample items out of its main cells)."""
-    if cfg.selection_for(sub).per_stratum is None or cfg.prefs.heldout_frac <= 0:
+    pcfg = cfg.prefs_for(sub)
+    if cfg.selection_for(sub).per_stratum is None or pcfg.heldout_frac <= 0:
         return None
-    _, held = target_split(data.items, cfg.prefs_for(sub))
+    if pcfg.source != "bbq":  # pairs from another benchmark: no BBQ item was trained on
+        return None
+    _, held = target_split(data.items, pcfg)
     return held
 
 
@@ -110,18 +147,21 @@ class Preflight:
     items: dict[SubRun, tuple[BBQItem, ...]]
     pairs: dict[tuple[tuple[str, ...], int], tuple[int, int]]
     """(target, seed) -> (training pairs, held-out pairs)."""
+    probes: Mapping[str, BenchmarkData] = dataclasses.field(default_factory=dict)
+    """The likelihood-probe benchmarks, by name."""
 
 
-def preflight(cfg: RunConfig, data: BBQData | None = None) -> Preflight:
+def preflight(cfg: RunConfig, data: BBQData | StudyData | None = None) -> Preflight:
     """Load the data, select every sub-run's items and build every target's pairs (cheap,
     no model), so a selection or pair set that would fail a later stage fails now.
 
     Raises:
         ConfigError, DataError: the data, the selection or the pairs.
     """
-    from ..align import build_pairs
+    from ..align import build_pairs, probe_target_split
 
-    data = data or load_data(cfg)
+    loaded = study_data(cfg, data)
+    data = loaded.bbq
     subs = cfg.sub_runs()
     items = {sub: load_items(cfg, sub, data) for sub in subs}
     pairs: dict[tuple[tuple[str, ...], int], tuple[int, int]] = {}
@@ -129,11 +169,23 @@ def preflight(cfg: RunConfig, data: BBQData | None = None) -> Preflight:
         if (sub.target, sub.seed) in pairs:
             continue
         pcfg = cfg.prefs_for(sub)
+        if pcfg.source != "bbq":
+            if pcfg.source not in loaded.probes:
+                raise ConfigError(
+                    f"`prefs.source`={pcfg.source!r} builds pairs from {pcfg.source}; list it "
+                    "in `benchmarks` too, so its held-out items are evaluated"
+                )
+            probe_items = loaded.probes[pcfg.source].items
+            held = probe_target_split(probe_items, pcfg)
+            chosen = [it for it in probe_items if it.attribute in pcfg.targets]
+            n_held = sum(it.cluster in held.get(it.attribute, ()) for it in chosen)
+            pairs[sub.target, sub.seed] = (len(chosen) - n_held, n_held)
+            continue
         if is_chat_format(pcfg.prompt_format):  # counts do not depend on the chat template
             pcfg = dataclasses.replace(pcfg, prompt_format="letters")
         built = build_pairs(data.items, pcfg)
         pairs[sub.target, sub.seed] = (len(built.train), len(built.heldout))
-    return Preflight(data, items, pairs)
+    return Preflight(data, items, pairs, loaded.probes)
 
 
 def check_machine(cfg: RunConfig) -> None:
@@ -190,13 +242,13 @@ def check_force(force: Iterable[str]) -> set[str]:
         ConfigError: an unknown stage name.
     """
     forced = set(force)
-    unknown = forced - set(STAGES) - {"all"}
+    unknown = forced - set(STAGES) - set(PROBE_STAGE_NAMES) - {"all"}
     if unknown:
         raise ConfigError(
             f"`--force` {', '.join(sorted(unknown))}: unknown stage; expected one of "
-            f"{', '.join(STAGES)} or all"
+            f"{', '.join(STAGES)}, eval-base-<benchmark>, eval-aligned-<benchmark> or all"
         )
-    return set(STAGES) if "all" in forced else forced
+    return set(STAGES) | set(PROBE_STAGE_NAMES) if "all" in forced else forced
 
 
 def check_run_dir(root: Path) -> None:
@@ -243,7 +295,7 @@ def run_study(
     *,
     force: Iterable[str] = (),
     on_event: EventFn | None = None,
-    data: BBQData | None = None,
+    data: BBQData | StudyData | None = None,
 ) -> list[Path]:
     """Run every sub-run of ``cfg`` into ``out``; returns the sub-run directories.
 
@@ -279,7 +331,9 @@ def run_study(
             if cfg.is_sweep:
                 _write_config(run_dir, cfg, sub)
             held = eval_heldout(cfg, sub, data)
-            ctx = Context(cfg, root, sub, run_dir, data, checked.items[sub], held, events)
+            ctx = Context(
+                cfg, root, sub, run_dir, data, checked.items[sub], held, events, checked.probes
+            )
             _run_sub(ctx, forced)
             dirs.append(run_dir)
     except BaseException:
@@ -306,7 +360,7 @@ def _write_config(run_dir: Path, cfg: RunConfig, sub: SubRun | None = None) -> N
 def _run_sub(ctx: Context, forced: set[str]) -> None:
     ledger = _Ledger()
     forcing = False
-    for stage in STAGE_TABLE:
+    for stage in stages_for(ctx.cfg):
         forcing = forcing or stage.name in forced
         key = canonical_hash(stage.key(ctx))
         stage_dir = ctx.run_dir / stage.folder
@@ -318,14 +372,14 @@ def _run_sub(ctx: Context, forced: set[str]) -> None:
             ledger.timings[stage.name] = done.seconds
             if stage.recorded is not None:
                 ledger.provenance[stage.name] = dict(stage.recorded(ctx))
-            ctx.on_event(stage.name, "skip", {"seconds": done.seconds})
+            ctx.on_event(stage.name, "skip", {"seconds": done.seconds, "label": stage.label})
             continue
         _run_stage(ctx, stage, stage_dir, key, ledger)
     _write_manifest(ctx, ledger)
 
 
 def _run_stage(ctx: Context, stage: Stage, stage_dir: Path, key: str, ledger: _Ledger) -> None:
-    ctx.on_event(stage.name, "start", {})
+    ctx.on_event(stage.name, "start", {"label": stage.label})
     start = time.perf_counter()
     result = stage.run(ctx)
     seconds = time.perf_counter() - start
