@@ -993,6 +993,18 @@ def test_a_study_on_all_five_benchmarks_runs_and_resumes(
     }
     comparison = json.loads((out / "stats/comparison.json").read_text())
     assert comparison["strata"]  # BBQ's comparison as before
+    md = (out / "report.md").read_text()
+    section = md.split("## Beyond BBQ's format", 1)[1].split("\n## ", 1)[0].replace("\\_", "_")
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows[0].startswith("| attribute | BBQ ambiguous: Δ accuracy |")
+    assert "CrowS-Pairs: Δ pct_stereotype" in rows[0] and "StereoSet: Δ SS" in rows[0]
+    body = {ln.split(" | ")[0][2:]: ln for ln in rows[1:]}
+    assert "Gender_identity (target)" in body and "Profession" in body  # StereoSet's own
+    assert all(ln.rstrip(" |").endswith(("none detected", "format: changed on BBQ only",
+               "content: changed on BBQ and on another format",
+               "changed on another format only")) for ln in body.values())  # fmt: skip
+    assert "Blodgett et al. (2021" in section and "How to read this" in section
+    assert 'id="beyond"' in (out / "report.html").read_text()
     events.clear()
     run_study(cfg, out, on_event=lambda stage, status, info: events.append((stage, status)))
     assert {st for _, st in events if st in ("done", "skip")} == {"skip"}

@@ -23,8 +23,15 @@ from typing import Any
 
 from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import ConfigError, DataError
-from ..rundir import COMPARISON_FILE, HELDOUT_TARGET_FILE, LOG_HISTORY_FILE, MANIFEST_FILE
-from ..stats import Comparison
+from ..rundir import (
+    COMPARISON_FILE,
+    HELDOUT_TARGET_FILE,
+    LOG_HISTORY_FILE,
+    MANIFEST_FILE,
+    PROBE_COMPARISON_FILE,
+)
+from ..stats import Comparison, ProbeComparison
+from .beyond import beyond_section
 from .config import ReportConfig
 from .figures import (
     FIGURE_PREFIXES,
@@ -45,6 +52,7 @@ from .load import (
     load_comparison,
     load_optional_json,
     load_position_bias,
+    read_json,
     report_inputs,
 )
 from .spillover_map import map_columns, map_figure, map_rows, map_table
@@ -98,6 +106,7 @@ class _Report:
     method: str
     source: str
     absent: list[str]
+    beyond: dict[str, Any] | None
 
 
 def _warnings(comparison: Comparison, manifest: Mapping[str, Any] | None) -> list[str]:
@@ -230,6 +239,7 @@ def _build(run_dir: Path, cfg: ReportConfig, inputs: ReportInputs) -> _Report:
     target_obj = load_optional_json(
         run_dir / HELDOUT_TARGET_FILE, "Held-out target comparison", notes, load_warnings
     )
+    probes = _probes(run_dir, load_warnings)
     warnings = list(dict.fromkeys([*_warnings(comparison, manifest), *load_warnings]))
     alpha = cfg.alpha if cfg.alpha is not None else comparison.config.alpha
     targets = targets_of(comparison)
@@ -261,7 +271,24 @@ def _build(run_dir: Path, cfg: ReportConfig, inputs: ReportInputs) -> _Report:
         method=method_text(comparison),
         source=inputs.comparison.relative_to(run_dir).as_posix(),
         absent=_absent(inputs, manifest, history, position, target_obj),
+        beyond=beyond_section(probes, comparison, alpha),
     )
+
+
+def _probes(run_dir: Path, warnings: list[str]) -> ProbeComparison | None:
+    """The likelihood probes' comparison, when the run evaluated any (else None, silently)."""
+    path = run_dir / PROBE_COMPARISON_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ProbeComparison.from_json(
+            read_json(path, "expected the probes' comparison"), str(path)
+        )
+    except DataError as exc:
+        msg = f"{PROBE_COMPARISON_FILE} could not be read and is skipped: {exc}"
+        logger.warning(msg)
+        warnings.append(msg)
+        return None
 
 
 def md_escape(value: Any) -> str:
