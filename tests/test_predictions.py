@@ -207,3 +207,54 @@ def test_a_probe_prediction_of_an_unknown_item_names_its_line(tmp_path: Path) ->
         match=r"p\.csv:3: 1 prediction\(s\) name items that are not in StereoSet \(e\.g\. nope\)",
     ):
         join_with_items(read_predictions(path), _items_frame())
+
+
+# --------------------------------------------------------------------------- commands on probe files
+
+PROBES_MINI = FIXTURES / "probes_mini"
+
+
+def _crows_file(path: Path, flip: int = 0) -> pd.DataFrame:
+    """Predictions of a made-up system on the mini CrowS-Pairs: the more stereotypical
+    sentence preferred on every item but the first ``flip`` ones."""
+    from spillover.data import load_benchmark
+
+    items = load_benchmark("crows-pairs", PROBES_MINI, allow_unverified=True).items
+    rows = [
+        {"benchmark": "crows-pairs", "item_id": it.item_id, "score_0": -1.0 if i >= flip else -3.0,
+         "score_1": -2.0}
+        for i, it in enumerate(items)
+    ]  # fmt: skip
+    df = pd.DataFrame(rows)
+    df.to_csv(path, index=False)
+    return df
+
+
+def test_metrics_and_compare_read_a_probe_file_as_they_read_bbq(tmp_path: Path) -> None:
+    """`spillover metrics` gives the benchmark's own metric names (pct_stereotype by
+    attribute and overall, lm-eval's definition x100); `compare` pairs two such files."""
+    import json
+
+    base = _crows_file(tmp_path / "base.csv")
+    _crows_file(tmp_path / "aligned.csv", flip=5)
+    common = ["--data-dir", str(PROBES_MINI), "--allow-unverified"]
+    res = invoke(
+        ["metrics", str(tmp_path / "base.csv"), *common, "--json", str(tmp_path / "m.json")]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["benchmark"] == "crows-pairs"
+    overall = next(r for r in out["strata"] if r["level"] == "overall")
+    assert overall["pct_stereotype"] == 100.0 and overall["likelihood_diff"] == 1.0
+    assert overall["n"] == len(base)
+    assert any("Blodgett" in w for w in out["warnings"])
+    res = invoke(["compare", str(tmp_path / "base.csv"), str(tmp_path / "aligned.csv"), *common,
+                  "--bootstrap", "0", "--json", str(tmp_path / "c.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    comp = json.loads((tmp_path / "c.json").read_text())
+    top = next(r for r in comp["strata"] if r["level"] == "overall")
+    assert top["b"] == 5 and top["c"] == 0  # five items moved off the stereotype
+    assert top["delta_metric"] == pytest.approx(-100 * 5 / len(base))
+    res = invoke(["compare", str(tmp_path / "base.csv"), str(tmp_path / "aligned.csv"), *common,
+                  "--heldout-from", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 1 and "--heldout-from reads BBQ's held-out scenarios" in res.output

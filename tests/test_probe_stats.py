@@ -25,8 +25,8 @@ from statsmodels.stats.multitest import multipletests
 from spillover.data import PROBES
 from spillover.errors import ConfigError, DataError
 from spillover.predictions.schema import PROBE_COLUMNS
-from spillover.stats import CompareConfig, ProbeComparison, compare_probes, probe_metrics
-from spillover.stats.probes import probe_outcomes
+from spillover.stats import CompareConfig, ProbeComparison, compare_probes
+from spillover.stats.probes import probe_metrics, probe_outcomes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stereoset_gpt2"
 DATA_DIR = os.environ.get("SPILLOVER_DATA_DIR")

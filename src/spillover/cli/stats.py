@@ -21,7 +21,15 @@ from rich.text import Text
 from ..data import BBQSource
 from ..errors import ConfigError
 from ..stats import WARNINGS_COLUMN, WARNINGS_SEPARATOR, CompareConfig, MetricsConfig
-from ._common import AllowUnverifiedOption, BBQDirOption, console, path_text, print_table, warn
+from ._common import (
+    AllowUnverifiedOption,
+    BBQDirOption,
+    DataDirOption,
+    console,
+    path_text,
+    print_table,
+    warn,
+)
 from ._options import config_options, with_options
 from ._outputs import Output, check_outputs, write_outputs
 
@@ -45,6 +53,16 @@ _NORM_HELP = (
 )
 
 FormatOption = Annotated[str, typer.Option("--format", help=_FORMAT_HELP)]
+BenchmarkOption = Annotated[
+    str | None,
+    typer.Option(
+        "--benchmark",
+        help="Benchmark of the predictions: bbq, crows-pairs, stereoset, winobias or "
+        "winogender (default: read from the file; a likelihood probe's file names items by "
+        "item_id and its benchmark in a 'benchmark' column).",
+        show_default=False,
+    ),
+]
 LengthNormOption = Annotated[str, typer.Option("--length-norm", help=_NORM_HELP)]
 
 
@@ -79,14 +97,23 @@ def metrics_command(
     ] = None,
     file_format: FormatOption = "auto",
     length_norm: LengthNormOption = "none",
+    benchmark: BenchmarkOption = None,
+    data_dir: DataDirOption = None,
     **options: Any,
 ) -> None:
-    """Accuracy and BBQ bias scores of one run, per stratum."""
-    from ..predictions import check_reading
+    """Accuracy and BBQ bias scores of one run per stratum; on a likelihood probe's
+    predictions, that benchmark's own metrics per attribute."""
+    from ..predictions import benchmark_of
     from ..stats import load_and_compute_metrics
 
+    name = benchmark_of(pred, file_format, length_norm=length_norm, given=benchmark)
+    if name != "bbq":
+        probe_metrics_command(
+            pred, name, json_out=json_out, csv_out=csv_out, data_dir=path_text(data_dir),
+            allow_unverified=allow_unverified,
+        )  # fmt: skip
+        return
     cfg = METRICS_OPTIONS.build(options)
-    check_reading(file_format, length_norm)
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
@@ -167,14 +194,24 @@ def compare_command(
             "held out only, as spillover run does (--targets defaults to its targets).",
         ),
     ] = None,
+    benchmark: BenchmarkOption = None,
+    data_dir: DataDirOption = None,
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
-    from ..predictions import check_reading
+    from ..predictions import benchmark_of
     from ..stats import compare_files
 
     cfg = COMPARE_OPTIONS.build(options)
-    check_reading(file_format, length_norm)
+    name = benchmark_of(base, file_format, length_norm=length_norm, given=benchmark)
+    if name != "bbq":
+        if heldout_from is not None:
+            raise ConfigError(f"--heldout-from reads BBQ's held-out scenarios; not for {name}")
+        probe_compare_command(
+            base, aligned, name, cfg, json_out=json_out, csv_out=csv_out,
+            data_dir=path_text(data_dir), allow_unverified=allow_unverified,
+        )  # fmt: skip
+        return
     held = None
     if heldout_from is not None:  # a bad split fails before BBQ is read
         from ..align import heldout_for
@@ -283,3 +320,94 @@ def _print_comparison(result: Comparison) -> None:
                     f"{len(part['degradations'])} significant degradation(s); pooled "
                     f"Δacc {100 * part['pooled']['delta_accuracy']:+.1f} points"
                 )
+
+
+# --------------------------------------------------------------------------- likelihood probes
+
+
+def probe_metrics_command(
+    pred: Path,
+    name: str,
+    *,
+    json_out: Path | None,
+    csv_out: Path | None,
+    data_dir: str | None,
+    allow_unverified: bool,
+) -> None:
+    """``spillover metrics`` on a likelihood probe's predictions."""
+    from ..data import load_benchmark
+    from ..stats import load_and_compute_probe_metrics
+
+    named = [("--json", json_out), ("--csv", csv_out)]
+    check_outputs([Output(option, path) for option, path in named if path is not None])
+    data = load_benchmark(name, data_dir, allow_unverified=allow_unverified)
+    report = load_and_compute_probe_metrics(pred, data)
+    warnings = [*report.warnings, *report.notes]
+    outputs = []
+    if json_out is not None:
+        payload = {"benchmark": name, "strata": report.records(), "warnings": warnings}
+        outputs.append(Output("--json", json_out, _json_text(payload)))
+    if csv_out is not None:
+        df = report.table.copy()
+        df[WARNINGS_COLUMN] = WARNINGS_SEPARATOR.join(" ".join(w.split()) for w in warnings)
+        outputs.append(Output("--csv", csv_out, str(df.to_csv(index=False))))
+    for line in warnings:
+        warn(line)
+    records = report.records()
+    metrics = [k for k in records[0] if k not in ("benchmark", "level", "attribute", "subset")]
+    table = Table(title=f"{name} metrics ('-' = undefined)")
+    for col in ("attribute", "subset", *metrics):
+        table.add_column(col, justify="left" if col in ("attribute", "subset") else "right")
+    for rec in records:
+        cells = [str(rec["attribute"]), str(rec["subset"])]
+        cells += [_num(rec[m], ".0f" if m.startswith("n") else ".2f") for m in metrics]
+        table.add_row(*cells)
+    print_table(table)
+    write_outputs(outputs)
+    for out in outputs:
+        console.print(f"wrote {out.path}")
+
+
+def probe_compare_command(
+    base: Path,
+    aligned: Path,
+    name: str,
+    cfg: CompareConfig,
+    *,
+    json_out: Path | None,
+    csv_out: Path | None,
+    data_dir: str | None,
+    allow_unverified: bool,
+) -> None:
+    """``spillover compare`` on two likelihood-probe predictions files of one benchmark."""
+    from ..data import load_benchmark
+    from ..stats import compare_probe_files
+
+    named = [("--json", json_out), ("--csv", csv_out)]
+    check_outputs([Output(option, path) for option, path in named if path is not None])
+    data = load_benchmark(name, data_dir, allow_unverified=allow_unverified)
+    result = compare_probe_files(base, aligned, data, cfg)
+    outputs = []
+    if json_out is not None:
+        outputs.append(Output("--json", json_out, _json_text(result.to_json())))
+    if csv_out is not None:
+        outputs.append(Output("--csv", csv_out, str(result.strata.to_csv(index=False))))
+    for line in result.warnings:
+        warn(line)
+    table = Table(title=f"BASE vs ALIGNED on {name}: {cfg.correction} over the fine strata")
+    for col in ("stratum", "n", "clusters", "metric", "base", "aligned", "Δ [95% CI]", "p adj"):
+        table.add_column(col, justify="left" if col in ("stratum", "metric") else "right")
+    for r in result.rows:
+        ci = ""
+        if r.delta_metric_ci_low is not None and r.delta_metric_ci_high is not None:
+            ci = f" [{r.delta_metric_ci_low:+.1f}, {r.delta_metric_ci_high:+.1f}]"
+        label = " / ".join(x for x in (r.attribute, r.subset) if x not in ("all", ""))
+        table.add_row(
+            label or "overall", str(r.n), str(r.n_clusters), r.metric,
+            _num(r.metric_base, ".1f"), _num(r.metric_aligned, ".1f"),
+            _num(r.delta_metric, "+.1f") + ci, _pval(r.p_adjusted),
+        )  # fmt: skip
+    print_table(table)
+    write_outputs(outputs)
+    for out in outputs:
+        console.print(f"wrote {out.path}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
-from .lmeval import check_reading
 from .schema import BBQ, KINDS, Prediction, ProbePrediction, RecordKind
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
         write_table,
     )
     from .probes import join_with_items
-    from .read import read_predictions
+    from .read import benchmark_of, read_predictions
 
 _LAZY = {
     "bbq": ("check_joined", "join_with_bbq", "position_frame"),
@@ -42,7 +41,7 @@ _LAZY = {
         "table_predictions",
         "write_table",
     ),
-    "read": ("read_predictions",),
+    "read": ("benchmark_of", "read_predictions"),
 }
 
 __getattr__ = lazy_getattr(__name__, {n: m for m, names in _LAZY.items() for n in names})
@@ -53,8 +52,8 @@ __all__ = [
     "Prediction",
     "ProbePrediction",
     "RecordKind",
+    "benchmark_of",
     "check_joined",
-    "check_reading",
     "join_with_bbq",
     "join_with_items",
     "position_frame",

@@ -342,3 +342,72 @@ def _probe_frame(
         },
     }
     return df
+
+
+def benchmark_of(
+    path: str | os.PathLike[str],
+    format: str = "auto",
+    *,
+    length_norm: str = "none",
+    given: str | None = None,
+) -> str:
+    """Which benchmark a predictions file holds (``given``, checked, else read from its
+    columns and, for a probe benchmark's file, its ``benchmark`` column), reading no more
+    than needed: ``bbq`` for BBQ predictions and lm-evaluation-harness logs. The reading
+    options are checked first, so a command fails on them before any work.
+
+    Raises:
+        ConfigError: an unknown ``format``, ``length_norm`` or ``given`` benchmark.
+        DataError: the file cannot be read, or names items by ``item_id`` without saying
+            which benchmark (pass it).
+    """
+    check_reading(format, length_norm)
+    if given is not None:
+        return check_benchmark(given)
+    p = Path(path)
+    kind = format if format != "auto" else _SUFFIXES.get(p.suffix.lower())
+    if kind == "lm-eval":
+        return "bbq"
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(p).names
+            first = (
+                pq.ParquetFile(p).read_row_group(0, columns=["benchmark"]).column(0)[0].as_py()
+                if "benchmark" in names
+                else None
+            )
+        except Exception as exc:  # pyarrow raises several unrelated types for bad files
+            raise DataError(
+                f"{p}: not a readable Parquet file ({type(exc).__name__}: {exc})"
+            ) from None
+        return _benchmark_named(names, first, p)
+    head = read_bytes(p)[: 1 << 20]
+    text = decode(p, head.rsplit(b"\n", 1)[0] if b"\n" in head else head)
+    lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.strip()]
+    if not lines:
+        raise DataError(f"{p}: no predictions (the file is empty)")
+    if kind in ("jsonl", None):
+        rec = json_line(p, 1, lines[0])
+        if kind is None or is_lm_eval_sample(rec) or not isinstance(rec, dict):
+            return "bbq"
+        return _benchmark_named(list(rec), rec.get("benchmark"), p)
+    import csv
+
+    rows = list(csv.reader(lines[:2]))
+    header = rows[0]
+    first = rows[1][header.index("benchmark")] if "benchmark" in header and len(rows) > 1 else None
+    return _benchmark_named(header, first, p)
+
+
+def _benchmark_named(columns: Any, value: Any, p: Path) -> str:
+    names = {str(c) for c in columns}
+    if "item_id" not in names or "category" in names:
+        return "bbq"
+    if value is None:
+        _kind_for(names, None, p)  # raises: the file does not say which benchmark
+    try:
+        return check_benchmark(str(value))
+    except ConfigError as exc:
+        raise DataError(f"{p}: column 'benchmark': {exc}") from None

@@ -11,7 +11,7 @@ Two entry points for BBQ, on files as the commands and the run use them:
   joined with BBQ, :func:`compare_runs` and :func:`compute_metrics` do the same work.
 
 The likelihood-probe benchmarks (CrowS-Pairs, StereoSet, WinoBias, Winogender) have the
-same two, on frames joined with their items: :func:`probe_metrics` (each benchmark's own
+same two, on files (:func:`load_and_compute_probe_metrics`, :func:`compare_probe_files`) and on frames joined with their items: ``probes.probe_metrics`` (each benchmark's own
 metrics per attribute and subset) and :func:`compare_probes` (the same paired, clustered
 machinery, one correction family across the benchmarks compared, the benchmark's metric
 and whether it moved toward its unbiased value), giving a :class:`ProbeComparison` of
@@ -39,21 +39,31 @@ from .records import WARNINGS_COLUMN, WARNINGS_SEPARATOR, Comparison, Flag, Stra
 
 if TYPE_CHECKING:
     from .compare import compare_runs
-    from .files import FileComparison, compare_files
+    from .files import (
+        FileComparison,
+        ProbeMetricsReport,
+        compare_files,
+        compare_probe_files,
+        load_and_compute_probe_metrics,
+    )
     from .guard import COLLAPSE_SHARE, UNKNOWN_RISE
     from .metrics import MetricsReport, compute_metrics, load_and_compute_metrics
     from .probe_compare import compare_probes
-    from .probes import probe_metrics
 
 # numpy- and pandas-backed parts load on first use, so that importing the configs and
 # records (as the command line does at start-up) stays cheap
 _LAZY = {
     "compare": ("compare_runs",),
-    "files": ("FileComparison", "compare_files"),
+    "files": (
+        "FileComparison",
+        "ProbeMetricsReport",
+        "compare_files",
+        "compare_probe_files",
+        "load_and_compute_probe_metrics",
+    ),
     "guard": ("COLLAPSE_SHARE", "UNKNOWN_RISE"),
     "metrics": ("MetricsReport", "compute_metrics", "load_and_compute_metrics"),
     "probe_compare": ("compare_probes",),
-    "probes": ("probe_metrics",),
 }
 
 __getattr__ = lazy_getattr(__name__, {n: m for m, names in _LAZY.items() for n in names})
@@ -71,12 +81,14 @@ __all__ = [
     "MetricsConfig",
     "MetricsReport",
     "ProbeComparison",
+    "ProbeMetricsReport",
     "ProbeRecord",
     "StratumRecord",
     "compare_files",
+    "compare_probe_files",
     "compare_probes",
     "compare_runs",
     "compute_metrics",
     "load_and_compute_metrics",
-    "probe_metrics",
+    "load_and_compute_probe_metrics",
 ]

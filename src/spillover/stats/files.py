@@ -128,3 +128,75 @@ def target_summary(
             "comparison": comparison(tb, ta),
         }
     return summary
+
+
+# --------------------------------------------------------------------------- likelihood probes
+
+
+@dataclass(frozen=True)
+class ProbeMetricsReport:
+    """What :func:`load_and_compute_probe_metrics` found."""
+
+    table: pd.DataFrame
+    """One row per stratum with the benchmark's own metric names (:func:`probe_metrics`)."""
+    warnings: list[str]
+    """Data warnings (unverified files) and the benchmark's caveat."""
+    notes: list[str]
+    """Notes made while reading (what was assumed)."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """The strata as strict-JSON records, the benchmark's metrics only."""
+        from .._io import json_safe
+
+        used = [c for c in self.table.columns if self.table[c].notna().any()]
+        return json_safe(self.table[used].to_dict(orient="records"))  # type: ignore[no-any-return]
+
+
+def _probe_frame(path: str | os.PathLike[str], data: Any) -> pd.DataFrame:
+    """A probe benchmark's predictions file, read and joined with the benchmark's items."""
+    from ..predictions import join_with_items
+
+    return join_with_items(read_predictions(path, benchmark=data.name), data.frame())
+
+
+def load_and_compute_probe_metrics(path: str | os.PathLike[str], data: Any) -> ProbeMetricsReport:
+    """Read a likelihood-probe benchmark's predictions (any system's file: ``item_id`` and
+    a score per option), join them with the benchmark's items and compute its published
+    metrics per attribute and overall (``spillover metrics`` on such a file).
+
+    Args:
+        path: The predictions file.
+        data: The benchmark, loaded (``spillover.data.load_benchmark``).
+
+    Raises:
+        DataError: unreadable or malformed predictions, items the benchmark lacks.
+    """
+    from ..data import PROBES
+    from .probes import probe_metrics
+
+    joined = _probe_frame(path, data)
+    caveat = PROBES[data.name].caveat
+    warnings = [*data.warnings, *([caveat] if caveat else [])]
+    return ProbeMetricsReport(probe_metrics(joined), warnings, list(joined.attrs["notes"]))
+
+
+def compare_probe_files(
+    base_path: str | os.PathLike[str],
+    aligned_path: str | os.PathLike[str],
+    data: Any,
+    cfg: CompareConfig | None = None,
+) -> Any:
+    """Two likelihood-probe predictions files of one benchmark compared item by item
+    (``spillover compare`` on such files): :func:`~.probe_compare.compare_probes`, with the
+    data's warnings and the reading notes in its ``warnings``.
+
+    Raises:
+        DataError: as :func:`load_and_compute_probe_metrics`, or different item sets.
+    """
+    from .probe_compare import compare_probes
+
+    base, aligned = _probe_frame(base_path, data), _probe_frame(aligned_path, data)
+    result = compare_probes(base, aligned, cfg or CompareConfig())
+    result.warnings = [*data.warnings, *base.attrs["notes"], *aligned.attrs["notes"],
+                       *result.warnings]  # fmt: skip
+    return result
