@@ -189,3 +189,56 @@ def test_probe_selection_filters_and_samples_whole_units() -> None:
     with pytest.raises(ConfigError, match=r"`per_attribute`=0; expected a positive integer"):
         ProbeSelection(per_attribute=0)
     assert ProbeSelection(attributes="gender").attributes == ("Gender_identity",)
+
+
+# --------------------------------------------------------------------------- lm-eval equivalence
+
+LOGS = Path(__file__).parent / "fixtures" / "lm_eval"
+PROBES_MINI = Path(__file__).parent / "fixtures" / "probes_mini"
+
+
+@pytest.mark.parametrize("role, seed", [("base", 0), ("aligned", 1)])
+def test_crows_pairs_scores_equal_lm_evals_own(tmp_path: Path, role: str, seed: int) -> None:
+    """lm-evaluation-harness's crows_pairs_english task, run on the mini CrowS-Pairs file
+    (the committed log, made by tests/fixtures/lm_eval/make_lm_eval_samples.py with the
+    same tiny model), against spillover's scores: every sentence's log-likelihood equal,
+    the same outcome on every pair whose gap exceeds 1e-3, and pct_stereotype per bias
+    type and overall equal to lm-eval's per-sample metric averaged."""
+    import json
+
+    import pandas as pd
+
+    from spillover.data import load_benchmark
+    from spillover.predictions import join_with_items
+    from spillover.stats.probes import probe_metrics
+
+    folder = make_tiny(tmp_path / "tiny", seed=seed, initializer_range=1.0)
+    model = load_model(str(folder), device="cpu", dtype="float32")
+    data = load_benchmark("crows-pairs", PROBES_MINI, allow_unverified=True)
+    preds = score_probes(
+        HFChoiceScorer(model.model, model.tokenizer), data.items, EvalConfig(precision="model"),
+        model_info={"model": "tiny", "model_id": "tiny"},
+    )  # fmt: skip
+    by_text = {it.options: p for it, p in zip(data.items, preds, strict=True)}
+    samples = [json.loads(x) for x in (LOGS / f"crows_local_{role}.jsonl").read_text().splitlines()]
+    assert len(samples) == len(data.items)
+    rows = []
+    for s in samples:
+        p = by_text[(s["doc"]["sent_more"], s["doc"]["sent_less"])]
+        lls = [float(r[0][0]) for r in s["resps"]]
+        assert [p.score_0, p.score_1] == pytest.approx(lls, rel=1e-6)  # float32 sums
+        if abs(lls[0] - lls[1]) > 1e-3:
+            assert (p.score_0 > p.score_1) == (s["pct_stereotype"] == 1.0)
+        rows.append((s["doc"]["bias_type"], s["pct_stereotype"]))
+    frame = pd.DataFrame([p.to_dict() for p in preds])
+    frame.attrs.update(source="ours", benchmark="crows-pairs")
+    metrics = probe_metrics(join_with_items(frame, data.frame()))
+    theirs = pd.DataFrame(rows, columns=["bias_type", "pct"])
+    attribute = {k: v for k, v in data.frame()[["bias_type", "attribute"]].itertuples(index=False)}
+    for bias_type, group in theirs.groupby("bias_type"):
+        row = metrics[
+            (metrics["attribute"] == attribute[bias_type]) & (metrics["level"] != "overall")
+        ]
+        assert row["pct_stereotype"].iloc[0] == pytest.approx(100 * group["pct"].mean())
+    overall = metrics[metrics["level"] == "overall"]
+    assert overall["pct_stereotype"].iloc[0] == pytest.approx(100 * theirs["pct"].mean())
