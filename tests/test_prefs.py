@@ -432,3 +432,31 @@ def test_probe_pairs_train_the_words_that_differ_and_hold_out_whole_clusters() -
         heldout_frac=0.2, seed=0, prefix="<s>",
     )  # fmt: skip
     assert again[2] == clusters  # the draw depends on the seed and the cluster ids only
+
+
+def test_prefs_from_crows_pairs_on_the_command_line(tmp_path: Path) -> None:
+    """`spillover prefs --source crows-pairs`: pairs of the target's items after the
+    model's prefix token, whole writers held out, split.json saying so."""
+    import json
+
+    from cli_runner import invoke
+    from tiny_models import make_tiny
+
+    model = make_tiny(tmp_path / "tiny")
+    mini = Path(__file__).parent / "fixtures" / "probes_mini"
+    out = tmp_path / "pairs"
+    res = invoke(
+        ["prefs", "--target", "race", "--source", "crows-pairs", "--model", str(model),
+         "--data-dir", str(mini), "--allow-unverified", "--out", str(out)]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    split = json.loads((out / "split.json").read_text())
+    assert split["unit"] == "cluster" and split["source"] == "crows-pairs"
+    held = set(split["heldout_clusters"]["Race_ethnicity"])
+    train = pd.read_parquet(out / "train.parquet")
+    assert held and not held & set(train["cluster"])
+    assert (train["prompt"].str.startswith("<s>")).all()  # the tiny tokenizer's BOS
+    assert set(train["rejected_kind"]) == {"stereotype"}
+    res = invoke(["prefs", "--target", "race", "--source", "crows-pairs", "--data-dir",
+                  str(mini), "--allow-unverified", "--out", str(tmp_path / "p2")])  # fmt: skip
+    assert res.exit_code == 1 and "start with the model's BOS token; give the model" in res.output

@@ -32,6 +32,7 @@ from ._common import (
     AllowUnverifiedOption,
     Bars,
     BBQDirOption,
+    DataDirOption,
     console,
     path_text,
     print_table,
@@ -71,6 +72,7 @@ def prefs_command(
         typer.Option(help="Model whose tokenizer renders chat formats (letters-chat only)."),
     ] = None,
     bbq_dir: BBQDirOption = None,
+    data_dir: DataDirOption = None,
     allow_unverified: AllowUnverifiedOption = False,
     overwrite: Annotated[
         bool,
@@ -85,9 +87,14 @@ def prefs_command(
 
     cfg = PREFS_OPTIONS.build(options, targets=tuple(target))
     out_path = Path(out).expanduser()
-    source = BBQSource(path_text(bbq_dir), None, allow_unverified)
+    source: Any = BBQSource(path_text(bbq_dir), None, allow_unverified)
+    if cfg.source != "bbq":  # pairs from a likelihood probe's items
+        from ..data import load_benchmark
+
+        source = load_benchmark(cfg.source, path_text(data_dir), allow_unverified=allow_unverified)
     pairs = make_pairs(source, cfg, out_path, model=model, overwrite=overwrite)
-    for w in (pairs.provenance.get("bbq") or {}).get("warnings", []):
+    prov = pairs.provenance.get("bbq") or pairs.provenance.get("data") or {}
+    for w in prov.get("warnings", []):
         warn(w)
     table = Table(title=f"Preference pairs -> {out_path}", show_edge=False)
     for col in ("category", "train scenarios", "held-out scenarios", "held-out templates"):
