@@ -33,9 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from eval_throughput import run_timed  # noqa: E402
 
 RUNNER = "import sys\nfrom spillover.cli import main\nsys.argv[1:1] = ['eval']\nmain()\n"
-UTILS = (
-    "from lm_eval.tasks.crows_pairs.utils import doc_to_choice, process_results  # noqa: F401\n"
-)
+UTILS = "from lm_eval.tasks.crows_pairs.utils import doc_to_choice, process_results  # noqa: F401\n"
 TASK = """\
 task: crows_bench
 dataset_path: csv
