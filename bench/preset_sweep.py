@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from spillover.runs import RunConfig, run_study
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -150,11 +152,15 @@ def main() -> None:
         if i in done:
             shared.setdefault(fmt, run_dir / "eval/base")
             continue
+        cfg = RunConfig.from_mapping(study(point, args.seed, args.bbq_dir))
         if fmt in shared and not (run_dir / "eval/base").exists():
+            # a run directory (its config first), whose base evaluation the run then skips
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             shutil.copytree(shared[fmt], run_dir / "eval/base")
         load = os.getloadavg()
         t0 = time.perf_counter()
-        run_study(RunConfig.from_mapping(study(point, args.seed, args.bbq_dir)), run_dir)
+        run_study(cfg, run_dir)
         seconds = time.perf_counter() - t0
         shared.setdefault(fmt, run_dir / "eval/base")
         m = measure(run_dir)
