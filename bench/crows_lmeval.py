@@ -21,7 +21,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -57,16 +56,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def compare(ours_file: Path, lm_out: Path) -> list[str]:
@@ -118,7 +107,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="spillover's --precision")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from spillover.models import EMBEDDED_ALIAS, prepare_embedded
+    from spillover.models import EMBEDDED_ALIAS, cpu_name, prepare_embedded
 
     folder = str(prepare_embedded()) if args.model == EMBEDDED_ALIAS else args.model
     csv = Path(args.data_dir) / "crows-pairs" / "crows_pairs_anonymized.csv"
@@ -147,7 +136,7 @@ def main() -> None:
             "--output_path", str(work / "lm_eval_out"), "--log_samples",
         ]  # fmt: skip
         lm_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-        print(f"cpu: {_cpu()}, {os.cpu_count()} cores; model: {args.model}")
+        print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; model: {args.model}")
         print(f"load: {os.getloadavg()[0]:.2f} (1-min average before the runs)", flush=True)
         runs_ours, runs_lm = [], []
         for rep in range(args.repeat):  # alternate, so both see the same machine load

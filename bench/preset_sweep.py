@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from spillover.models import cpu_name
 from spillover.runs import RunConfig, run_study
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -121,16 +121,6 @@ def measure(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bbq-dir", required=True)
@@ -139,7 +129,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, nargs="*", help="indices of POINTS to run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"cpu: {_cpu()}, {os.cpu_count()} cores", flush=True)
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores", flush=True)
     chosen = args.points if args.points else range(len(POINTS))
     results_file = args.out / "sweep.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else []
