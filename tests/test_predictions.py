@@ -4,6 +4,7 @@ and the report alike."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from pathlib import Path
@@ -255,6 +256,8 @@ def test_metrics_and_compare_read_a_probe_file_as_they_read_bbq(tmp_path: Path) 
     top = next(r for r in comp["strata"] if r["level"] == "overall")
     assert top["b"] == 5 and top["c"] == 0  # five items moved off the stereotype
     assert top["delta_metric"] == pytest.approx(-100 * 5 / len(base))
+    split = {"heldout_templates": {"Gender_identity": [1]}, "config": {"targets": ["gender"]}}
+    (tmp_path / "split.json").write_text(json.dumps(split))
     res = invoke(["compare", str(tmp_path / "base.csv"), str(tmp_path / "aligned.csv"), *common,
                   "--heldout-from", str(tmp_path)])  # fmt: skip
     assert res.exit_code == 1 and "--heldout-from reads BBQ's held-out scenarios" in res.output

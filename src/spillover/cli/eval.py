@@ -121,7 +121,8 @@ def eval_command(
     if heldout_from is not None:  # a bad split file fails before BBQ or the model is read
         from ..align import heldout_for
 
-        held = {c: t for c, t in heldout_for(heldout_from)[1].items() if t}
+        # a split of pairs from a probe benchmark held out every BBQ item: none restricted
+        held = {c: t for c, t in heldout_for(heldout_from, items=())[1].items() if t}
     source = BBQSource(path_text(bbq_dir), path_text(cache_dir), allow_unverified)
     _run(model, out, adapter, source, selection, cfg, device=device, dtype=dtype, held=held)
 

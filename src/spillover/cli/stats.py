@@ -117,6 +117,8 @@ def metrics_command(
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
+    if heldout_from is not None:  # a split of probe pairs holds out all of BBQ's items
+        held = heldout_for(heldout_from, cfg.targets, bbq.items)[1]
     report = load_and_compute_metrics(pred, bbq, cfg, format=file_format, length_norm=length_norm)
     warnings = [*report.warnings, *report.notes]
     outputs = []
@@ -199,10 +201,18 @@ def compare_command(
     **options: Any,
 ) -> None:
     """Paired comparison of a base and an aligned run (scenario-clustered and item-level tests, effects, power, flags)."""
+    from ..align import heldout_for
     from ..predictions import benchmark_of
     from ..stats import compare_files
 
     cfg = COMPARE_OPTIONS.build(options)
+    held = None
+    if heldout_from is not None:  # a bad split fails before any predictions or BBQ are read
+        try:
+            targets, _ = heldout_for(heldout_from, cfg.targets, items=())  # checks the split
+        except ConfigError as exc:
+            raise ConfigError(COMPARE_OPTIONS.flags(str(exc))) from None
+        cfg = dataclasses.replace(cfg, targets=targets)
     name = benchmark_of(base, file_format, length_norm=length_norm, given=benchmark)
     if name != "bbq":
         if heldout_from is not None:
@@ -212,18 +222,11 @@ def compare_command(
             data_dir=path_text(data_dir), allow_unverified=allow_unverified,
         )  # fmt: skip
         return
-    held = None
-    if heldout_from is not None:  # a bad split fails before BBQ is read
-        from ..align import heldout_for
-
-        try:
-            targets, held = heldout_for(heldout_from, cfg.targets)
-        except ConfigError as exc:
-            raise ConfigError(COMPARE_OPTIONS.flags(str(exc))) from None
-        cfg = dataclasses.replace(cfg, targets=targets)
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
+    if heldout_from is not None:  # a split of probe pairs holds out all of BBQ's items
+        held = heldout_for(heldout_from, cfg.targets, bbq.items)[1]
     result = compare_files(
         base, aligned, bbq, cfg, heldout=held, format=file_format, length_norm=length_norm
     ).comparison
