@@ -14,7 +14,7 @@ STAMP := $(VENV)/.spillover-installed
 TEST_STAMP := $(VENV)/.spillover-test-installed
 HINT := spillover is installed in $(VENV): call $(BIN)/spillover (e.g. $(BIN)/spillover --help), or activate the environment first with: . $(BIN)/activate
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-slurm install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,19 @@ demo: $(STAMP)
 	$(BIN)/spillover run
 	@echo "$(HINT)"
 
+# The sweep tests also start a real local Ray cluster and submitit's local executor.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+# A one-node Slurm cluster (Debian's slurm-wlm and munge, installed when missing; needs
+# root) and the sweep test through submitit against it.
+test-slurm: $(TEST_STAMP)
+	scripts/slurm-local.sh $(BIN)/python
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -290,10 +290,11 @@ def test_faces_list_each_name_consistently(package: str) -> None:
 
 def test_faces_export_entry_points_configs_and_records_only() -> None:
     """75 names for BBQ's stages (231 before the faces were cut to what other packages use),
-    and 19 more for the likelihood-probe benchmarks (their items, loaders, selection,
-    record kinds, the join, the evaluation, the metrics and the paired comparison)."""
+    19 more for the likelihood-probe benchmarks (their items, loaders, selection, record
+    kinds, the join, the evaluation, the metrics and the paired comparison), and 1 for
+    the executors of a sweep (ExecutorConfig)."""
     total = sum(len(importlib.import_module(f"spillover.{p}").__all__) for p in PACKAGES)
-    assert total <= 94
+    assert total <= 95
 
 
 def test_architecture_doc_lists_every_module() -> None:

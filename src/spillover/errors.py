@@ -27,3 +27,8 @@ class MissingDependencyError(SpilloverError):
 
 class ModelError(SpilloverError):
     """A model could not be resolved or loaded."""
+
+
+class JobError(SpilloverError):
+    """A job of a distributed run failed: its process or worker died, or the scheduler
+    refused it. Rerunning the same command resumes (completed stages are kept)."""

@@ -305,6 +305,16 @@ def load_heldout_frame(pairs: Any) -> Any | None:
     return df.reset_index(drop=True)
 
 
+def _cpu_threads(processes: int) -> int:
+    """Threads of one training process on a CPU: its share of the cores, or, in a single
+    process given a share (``OMP_NUM_THREADS``: ``spillover run --jobs N``, a Ray task, a
+    Slurm job), that share (torchrun's default of 1 per process is not taken)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if processes <= 1 and threads.isdigit() and int(threads) > 0:
+        return int(threads)
+    return max((os.cpu_count() or 1) // max(processes, 1), 1)
+
+
 def train_adapter(
     pairs: Any, cfg: AlignConfig, *, progress: TrainProgress | None = None
 ) -> AdapterRef:
@@ -350,8 +360,7 @@ def train_adapter(
     if not main:
         resume = last_checkpoint(ckpt)
     if device == "cpu":
-        cores = (os.cpu_count() or 1) // (state.num_processes if distributed else 1)
-        torch.set_num_threads(cfg.num_threads or max(cores, 1))
+        torch.set_num_threads(cfg.num_threads or _cpu_threads(state.num_processes))
     from transformers import set_seed
 
     set_seed(cfg.seed)

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..data import BBQData, BBQItem
 from ..errors import SpilloverError
 from ..models import model_info
 from ..prompts import permutations
-from ..rundir import canonical_hash
-from .config import RunConfig, SubRun
-from .stages import STAGE_TABLE, STAGES, Context
+from .config import RunConfig
+from .executors import ExecutorConfig
+from .jobs import Job, base_eval_key, job_graph, job_lines
+from .locks import JOBS_DIR
+from .stages import STAGES
 from .study import StudyData, check_machine, preflight
 
 CPU_FLOPS_BF16 = 4.3e11
@@ -76,6 +77,10 @@ class Plan:
     """The data's warnings (unverified BBQ files), as every output of the run records them."""
     machine: str | None = None
     """What this machine lacks for the run (the error a real run would stop with), or None."""
+    jobs: tuple[Job, ...] = ()
+    """The study as jobs (:func:`~spillover.runs.jobs.job_graph`)."""
+    executor: ExecutorConfig | None = None
+    """Where the jobs would run (None or local with one job: this process)."""
 
     @property
     def total(self) -> dict[str, Any]:
@@ -111,6 +116,26 @@ class Plan:
                 f"{shared})"
             )
         out.append(total_line(self.total))
+        if self.executor is not None and self.executor.distributed:
+            out.extend(self.job_lines())
+        return out
+
+    def job_lines(self) -> list[str]:
+        """The jobs: on which executor, their resources and dependencies, and what the run
+        directory must be."""
+        ex = self.executor or ExecutorConfig()
+        shared = sum(j.kind == "base" for j in self.jobs)
+        out = [
+            f"jobs on {ex.describe()}: {len(self.jobs)} job(s), {shared} of them a base "
+            "evaluation shared by several sub-runs (computed once)"
+        ]
+        out.extend(job_lines(self.jobs, ex.resources))
+        if ex.kind != "local":
+            out.append(
+                "  the run directory must be on a filesystem every node mounts (NFS, Lustre, "
+                f"GPFS, ...): each job checks the driver's marker in RUN/{JOBS_DIR}/ and stops "
+                "in one line where it cannot see it"
+            )
         return out
 
 
@@ -210,15 +235,14 @@ def estimate_compute(
     }
 
 
-def _base_key(cfg: RunConfig, sub: SubRun, data: BBQData, items: tuple[BBQItem, ...]) -> str:
-    """The cache key of the sub-run's base evaluation, as the run computes it."""
-    stage = next(s for s in STAGE_TABLE if s.name == "eval-base")
-    ctx = Context(cfg, Path(), sub, Path(), data, items, None, lambda stage, status, info: None)
-    return canonical_hash(stage.key(ctx))
-
-
-def plan_run(cfg: RunConfig, *, data: BBQData | StudyData | None = None) -> Plan:
-    """Resolve items and pairs (cheap) and estimate compute, without loading a model.
+def plan_run(
+    cfg: RunConfig,
+    *,
+    data: BBQData | StudyData | None = None,
+    executor: ExecutorConfig | None = None,
+) -> Plan:
+    """Resolve items and pairs (cheap), estimate compute and lay out the jobs (for
+    ``executor``, where they would run), without loading a model.
 
     Raises:
         ConfigError, DataError: what would stop the run before its first output (the data,
@@ -244,7 +268,7 @@ def plan_run(cfg: RunConfig, *, data: BBQData | StudyData | None = None) -> Plan
         items = checked.items[sub]
         base_from = None
         if cfg.is_sweep:  # a single run has nothing to share with
-            key = _base_key(cfg, sub, checked.data, items)
+            key = base_eval_key(cfg, sub, checked.data, items)
             base_from = first_with.setdefault(key, sub.slug)
             base_from = None if base_from == sub.slug else base_from
         acfg = cfg.align_for(sub, "unused")
@@ -268,4 +292,6 @@ def plan_run(cfg: RunConfig, *, data: BBQData | StudyData | None = None) -> Plan
         tuple(compute),
         warnings=tuple(checked.data.warnings),
         machine=machine,
+        jobs=job_graph(cfg, checked),
+        executor=executor,
     )

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from ..rundir import (
     write_manifest,
 )
 from .config import RunConfig, SubRun
+from .locks import LOCK_DIR, record_event, stage_lock
 from .stages import PROBE_STAGE_NAMES, STAGES, Context, EventFn, Stage, stages_for
 
 logger = logging.getLogger(__name__)
@@ -270,7 +271,10 @@ def check_run_dir(root: Path) -> None:
 def _only_scaffolding(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but folders and ``config.yaml`` files: no stage
     output, shard, record or manifest."""
-    return all(p.is_dir() or p.name == "config.yaml" for p in folder.rglob("*"))
+    return all(
+        p.is_dir() or p.name == "config.yaml" or p.parent.name == LOCK_DIR
+        for p in folder.rglob("*")
+    )
 
 
 def _remove_new(created: Sequence[Path]) -> None:
@@ -289,7 +293,7 @@ class _Ledger:
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_study(
+def run_sequential(
     cfg: RunConfig,
     out: str | Path,
     *,
@@ -297,7 +301,9 @@ def run_study(
     on_event: EventFn | None = None,
     data: BBQData | StudyData | None = None,
 ) -> list[Path]:
-    """Run every sub-run of ``cfg`` into ``out``; returns the sub-run directories.
+    """Run every sub-run of ``cfg`` into ``out``, one after the other in this process
+    (what :func:`spillover.runs.run_study` does without an executor); returns the sub-run
+    directories.
 
     Args:
         cfg: The study.
@@ -316,7 +322,6 @@ def run_study(
     # everything checkable without computing fails here, before any output
     check_machine(cfg)
     checked = preflight(cfg, data)
-    data = checked.data
     events: EventFn = on_event or (lambda stage, status, info: None)
     dirs: list[Path] = []
     created = [p for p in (*reversed(root.parents), root) if not p.exists()]
@@ -327,25 +332,37 @@ def run_study(
             run_dir = root / sub.slug if cfg.is_sweep else root
             if not run_dir.exists():
                 created.append(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.is_sweep:
-                _write_config(run_dir, cfg, sub)
-            held = eval_heldout(cfg, sub, data)
-            ctx = Context(
-                cfg, root, sub, run_dir, data, checked.items[sub], held, events, checked.probes
-            )
-            _run_sub(ctx, forced)
+            _run_sub(sub_context(cfg, root, sub, checked, events), forced)
             dirs.append(run_dir)
     except BaseException:
         _remove_new(created)
         raise
     if cfg.is_sweep:
-        from ..report import write_combined_report
-
-        events("combined-report", "start", {})
-        write_combined_report(root, dirs, cfg.report)
-        events("combined-report", "done", {"path": str(root / "report.html")})
+        combined_report(cfg, root, dirs, events)
     return dirs
+
+
+def sub_context(
+    cfg: RunConfig, root: Path, sub: SubRun, checked: Preflight, events: EventFn
+) -> Context:
+    """The context of one sub-run, its folder made (with its ``config.yaml`` in a sweep)."""
+    run_dir = root / sub.slug if cfg.is_sweep else root
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.is_sweep:
+        _write_config(run_dir, cfg, sub)
+    held = eval_heldout(cfg, sub, checked.data)
+    items = checked.items[sub]
+    return Context(cfg, root, sub, run_dir, checked.data, items, held, events, checked.probes)
+
+
+def combined_report(cfg: RunConfig, root: Path, dirs: Sequence[Path], events: EventFn) -> None:
+    """Write a sweep's combined report (one process at a time)."""
+    from ..report import write_combined_report
+
+    with stage_lock(root, "combined-report"):
+        events("combined-report", "start", {})
+        write_combined_report(root, list(dirs), cfg.report)
+        events("combined-report", "done", {"path": str(root / "report.html")})
 
 
 def _write_config(run_dir: Path, cfg: RunConfig, sub: SubRun | None = None) -> None:
@@ -357,34 +374,71 @@ def _write_config(run_dir: Path, cfg: RunConfig, sub: SubRun | None = None) -> N
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
-def _run_sub(ctx: Context, forced: set[str]) -> None:
+def _run_sub(ctx: Context, forced: set[str], *, until: str | None = None, job: str = "run") -> None:
+    """Run the stages of one sub-run (those complete are skipped), up to and including
+    ``until`` (None: all of them); ``job`` names the work in the event log.
+
+    Every stage found not done is computed under its lock (:func:`stage_lock`) after a
+    second look, so two processes on one run directory never compute the same stage: the
+    second waits and then finds it done. A sweep's base evaluation is locked by its stage
+    key, so sub-runs sharing it compute it once, whichever job gets there first.
+    """
     ledger = _Ledger()
     forcing = False
     for stage in stages_for(ctx.cfg):
         forcing = forcing or stage.name in forced
         key = canonical_hash(stage.key(ctx))
         stage_dir = ctx.run_dir / stage.folder
-        done = None if forcing else is_done(ctx.run_dir, stage_dir, key)
-        if done is None and not forcing and stage.name == "eval-base" and ctx.cfg.is_sweep:
-            done = _reuse_base_eval(ctx, stage_dir, key)
         ledger.keys[stage.name] = key
+        done = None if forcing else is_done(ctx.run_dir, stage_dir, key)
+        if done is None:
+            with stage_lock(ctx.root, _lock_name(ctx, stage.name, key), _waiting(ctx, stage)):
+                done = None if forcing else is_done(ctx.run_dir, stage_dir, key)
+                if done is None and not forcing and stage.name == "eval-base" and ctx.cfg.is_sweep:
+                    done = _reuse_base_eval(ctx, stage_dir, key)
+                    if done is not None:
+                        record_event(ctx.root, job=job, sub_run=ctx.sub.slug, stage=stage.name,
+                                     status="reused", seconds=0.0)  # fmt: skip
+                if done is None:
+                    _run_stage(ctx, stage, stage_dir, key, ledger, job)
         if done is not None:
             ledger.timings[stage.name] = done.seconds
             if stage.recorded is not None:
                 ledger.provenance[stage.name] = dict(stage.recorded(ctx))
             ctx.on_event(stage.name, "skip", {"seconds": done.seconds, "label": stage.label})
-            continue
-        _run_stage(ctx, stage, stage_dir, key, ledger)
+        if stage.name == until:
+            break
     _write_manifest(ctx, ledger)
 
 
-def _run_stage(ctx: Context, stage: Stage, stage_dir: Path, key: str, ledger: _Ledger) -> None:
+def _lock_name(ctx: Context, stage: str, key: str) -> str:
+    """The lock of a stage: a sweep's base evaluation by its key (sub-runs share it),
+    every other stage by its sub-run."""
+    if stage == "eval-base" and ctx.cfg.is_sweep:
+        return f"eval-base-{key[:16]}"
+    return f"{ctx.sub.slug}.{stage}" if ctx.cfg.is_sweep else stage
+
+
+def _waiting(ctx: Context, stage: Stage) -> Callable[[], None]:
+    def on_wait() -> None:
+        ctx.on_event(stage.name, "wait", {"label": stage.label})
+
+    return on_wait
+
+
+def _run_stage(
+    ctx: Context, stage: Stage, stage_dir: Path, key: str, ledger: _Ledger, job: str
+) -> None:
+    """Compute one stage and write its completion record (after its outputs), then log it
+    in the event log at once (the manifest written next takes a while)."""
     ctx.on_event(stage.name, "start", {"label": stage.label})
     start = time.perf_counter()
     result = stage.run(ctx)
     seconds = time.perf_counter() - start
     stage_dir.mkdir(parents=True, exist_ok=True)
     record = mark_done(ctx.run_dir, stage_dir, stage.name, key, result.outputs, seconds)
+    record_event(ctx.root, job=job, sub_run=ctx.sub.slug, stage=stage.name, status="done",
+                 seconds=record.seconds)  # fmt: skip
     ledger.timings[stage.name] = record.seconds
     if result.provenance and stage.recorded is not None:
         ledger.provenance[stage.name] = dict(result.provenance)
