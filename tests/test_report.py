@@ -475,6 +475,58 @@ def test_alignment_section_states_the_answer_mix_when_not_collapsed(
     )
 
 
+def test_alignment_section_shows_the_training_figure_drawn_from_the_run_log(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    from spillover.report.figures import training_figure
+
+    run = _copy(artifacts, tmp_path)
+    comparison = json.loads((run / "stats" / "comparison.json").read_text())
+    # the held-out target's comparison holds the target's rows and their pooled ones
+    comparison["strata"] = [
+        s for s in comparison["strata"] if s["category"] in ("Gender_identity", "all")
+    ]
+    gender = {s["context_condition"]: s["mdc_accuracy"] for s in comparison["strata"]
+              if s["category"] == "Gender_identity" and s.get("question_polarity") is None
+              and s["context_condition"] != "all"}  # fmt: skip
+    summary = {"targets": ["Gender_identity"], "n_items": 48, "n_in_sample": 0,
+               "comparison": comparison}  # fmt: skip
+    (run / "stats" / "heldout_target.json").write_text(json.dumps(summary))
+    log = [
+        {"step": 1, "loss": 0.6931, "rewards/accuracies": 0.0, "rewards/margins": 0.0},
+        {"step": 2, "loss": 0.61, "rewards/accuracies": 0.75, "rewards/margins": 0.2},
+        {"step": 2, "eval_loss": 0.58, "eval_rewards/accuracies": 0.8125,
+         "eval_rewards/margins": 0.31},
+        {"step": 4, "loss": 0.41, "rewards/accuracies": 1.0, "rewards/margins": 0.9},
+        {"step": 4, "eval_loss": 0.52, "eval_rewards/accuracies": 0.875,
+         "eval_rewards/margins": 0.47},
+    ]  # fmt: skip
+    (run / "align" / "log_history.json").write_text(json.dumps(log))
+    md = (write_report(run, ReportConfig(formats=("md",))).parent / "report.md").read_text()
+    section = md.split("## What the alignment did", 1)[1].split("## Summary", 1)[0]
+    assert "### What it learned: training and held-out pairs per step" in section
+    assert "(figures/training_curves.png)" in section and "## Training" not in md
+    # the target's line carries its interval and the change its test can detect
+    line = next(ln for ln in section.splitlines() if "48 items" in ln)
+    assert "interval" in line and "(cluster-signflip)" in line
+    assert len(gender) == 2 and all(m is not None for m in gender.values())
+    for mdc in gender.values():
+        assert f"detects a change of ±{100 * mdc:.1f} points with 80 % power" in line
+    # what the figure plots is the run's log, step for step
+    fig = training_figure(json.loads((run / "align" / "log_history.json").read_text()),
+                          ReportConfig())  # fmt: skip
+    assert fig is not None
+    assert fig.data["eval_loss"] == ([2.0, 4.0], [0.58, 0.52])
+    assert fig.data["loss"] == ([1.0, 2.0, 4.0], [0.6931, 0.61, 0.41])
+    assert fig.data["eval_rewards/accuracies"] == ([2.0, 4.0], [0.8125, 0.875])
+    assert fig.data["rewards/margins"][1] == [0.0, 0.2, 0.9]
+    png = (run / "figures" / "training_curves.png").read_bytes()
+    log[2]["eval_loss"] = 0.3  # another log draws another figure
+    (run / "align" / "log_history.json").write_text(json.dumps(log))
+    write_report(run, ReportConfig(formats=("md",)))
+    assert (run / "figures" / "training_curves.png").read_bytes() != png
+
+
 # --------------------------------------------------------------------------- spillover map
 
 MAP_RUNS = ("gender", "race", "gender+race")
