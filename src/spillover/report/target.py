@@ -25,16 +25,21 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f} %"
 
 
-def _context_line(rec: StratumRecord, mdc_accuracy: float | None = None) -> str:
+def _context_line(rec: StratumRecord, fine: StratumRecord | None = None) -> str:
+    """One context's held-out target change; ``fine``: the target category's own row of
+    that context (power is computed on the finest rows only)."""
     verdict = "significant" if rec.significant else "not significant"
     p = fmt_p(rec.p_value) if rec.p_value == rec.p_value else "n/a"
     interval = f"{100 * rec.delta_accuracy_ci_low:+.1f} to {100 * rec.delta_accuracy_ci_high:+.1f}"
-    detectable = rec.mdc_accuracy if rec.mdc_accuracy is not None else mdc_accuracy
-    mdc = (
-        f"; the test detects a change of ±{100 * detectable:.1f} points with 80 % power"
-        if detectable is not None and detectable == detectable
-        else ""
-    )
+    power = rec if rec.mdc_accuracy is not None or fine is None else fine
+    if power.mdc_accuracy is not None:
+        mdc = (
+            f"; the test detects a change of ±{100 * power.mdc_accuracy:.1f} points with 80 % power"
+        )
+    elif power is fine:
+        mdc = "; no change is detectable with 80 % power here (too few items or scenarios)"
+    else:
+        mdc = ""
     return (
         f"{rec.context_condition}: accuracy {_pct(rec.acc_base)} → {_pct(rec.acc_aligned)} "
         f"({100 * rec.delta_accuracy:+.1f} points, interval {interval} ({rec.ci_method}), p = {p}, "
@@ -110,7 +115,7 @@ def alignment_lines(
         for r in rows:
             if r.category != ALL and r.context_condition != ALL and r.question_polarity is None:
                 fine.setdefault(r.context_condition, []).append(r)
-        mdc = {c: rs[0].mdc_accuracy for c, rs in fine.items() if len(rs) == 1}
+        own = {c: rs[0] for c, rs in fine.items() if len(rs) == 1}
         n = summary.get("n_items", 0)
         head = (
             f"Target ({targets}) on scenarios held out of training ({n} items; the honest "
@@ -120,7 +125,7 @@ def alignment_lines(
             {
                 "cls": "",
                 "text": " ".join(
-                    [head, *(_context_line(r, mdc.get(r.context_condition)) + "." for r in pooled)]
+                    [head, *(_context_line(r, own.get(r.context_condition)) + "." for r in pooled)]
                 ),
             }
         )
