@@ -861,6 +861,21 @@ def test_probe_map_cells_undefined_and_alpha(probe_sweep: Path) -> None:
     assert probe_cell_text(crows, crows.p_adjusted / 2)["sig"] is False
 
 
+def test_probe_map_skips_an_unreadable_probe_comparison_with_a_warning(
+    probe_sweep: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    shutil.copytree(probe_sweep, sweep)
+    (sweep / "race" / "stats" / "probes.json").write_text('{"strata": 3}')
+    dirs = [sweep / run for run in MAP_RUNS]
+    write_combined_report(sweep, dirs, ReportConfig(formats=("md",)))
+    md = (sweep / "report.md").read_text()
+    warnings = md.split("## Warnings", 1)[1].split("## Sub-runs")[0]
+    assert "race: stats/probes.json could not be read and is skipped" in warnings
+    assert "blank rows of the figure): race, gender+race." in md
+    assert {run for run, _ in _probe_md(sweep)} == {"gender"}
+
+
 def test_sweep_without_probes_is_unchanged(map_sweep: Path, probe_sweep: Path) -> None:
     """No probe comparison: no section, no figure; with them, the section is all that is
     added (the same BBQ sub-runs give the same page around it)."""
