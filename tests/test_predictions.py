@@ -234,7 +234,6 @@ def _crows_file(path: Path, flip: int = 0) -> pd.DataFrame:
 def test_metrics_and_compare_read_a_probe_file_as_they_read_bbq(tmp_path: Path) -> None:
     """`spillover metrics` gives the benchmark's own metric names (pct_stereotype by
     attribute and overall, lm-eval's definition x100); `compare` pairs two such files."""
-    import json
 
     base = _crows_file(tmp_path / "base.csv")
     _crows_file(tmp_path / "aligned.csv", flip=5)

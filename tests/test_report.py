@@ -475,6 +475,58 @@ def test_alignment_section_states_the_answer_mix_when_not_collapsed(
     )
 
 
+def test_alignment_section_shows_the_training_figure_drawn_from_the_run_log(
+    artifacts: Path, tmp_path: Path
+) -> None:
+    from spillover.report.figures import training_figure
+
+    run = _copy(artifacts, tmp_path)
+    comparison = json.loads((run / "stats" / "comparison.json").read_text())
+    # the held-out target's comparison holds the target's rows and their pooled ones
+    comparison["strata"] = [
+        s for s in comparison["strata"] if s["category"] in ("Gender_identity", "all")
+    ]
+    gender = {s["context_condition"]: s["mdc_accuracy"] for s in comparison["strata"]
+              if s["category"] == "Gender_identity" and s.get("question_polarity") is None
+              and s["context_condition"] != "all"}  # fmt: skip
+    summary = {"targets": ["Gender_identity"], "n_items": 48, "n_in_sample": 0,
+               "comparison": comparison}  # fmt: skip
+    (run / "stats" / "heldout_target.json").write_text(json.dumps(summary))
+    log = [
+        {"step": 1, "loss": 0.6931, "rewards/accuracies": 0.0, "rewards/margins": 0.0},
+        {"step": 2, "loss": 0.61, "rewards/accuracies": 0.75, "rewards/margins": 0.2},
+        {"step": 2, "eval_loss": 0.58, "eval_rewards/accuracies": 0.8125,
+         "eval_rewards/margins": 0.31},
+        {"step": 4, "loss": 0.41, "rewards/accuracies": 1.0, "rewards/margins": 0.9},
+        {"step": 4, "eval_loss": 0.52, "eval_rewards/accuracies": 0.875,
+         "eval_rewards/margins": 0.47},
+    ]  # fmt: skip
+    (run / "align" / "log_history.json").write_text(json.dumps(log))
+    md = (write_report(run, ReportConfig(formats=("md",))).parent / "report.md").read_text()
+    section = md.split("## What the alignment did", 1)[1].split("## Summary", 1)[0]
+    assert "### What it learned: training and held-out pairs per step" in section
+    assert "(figures/training_curves.png)" in section and "## Training" not in md
+    # the target's line carries its interval and the change its test can detect
+    line = next(ln for ln in section.splitlines() if "48 items" in ln)
+    assert "interval" in line and "(cluster-signflip)" in line
+    assert len(gender) == 2 and all(m is not None for m in gender.values())
+    for mdc in gender.values():
+        assert f"detects a change of ±{100 * mdc:.1f} points with 80 % power" in line
+    # what the figure plots is the run's log, step for step
+    fig = training_figure(json.loads((run / "align" / "log_history.json").read_text()),
+                          ReportConfig())  # fmt: skip
+    assert fig is not None
+    assert fig.data["eval_loss"] == ([2.0, 4.0], [0.58, 0.52])
+    assert fig.data["loss"] == ([1.0, 2.0, 4.0], [0.6931, 0.61, 0.41])
+    assert fig.data["eval_rewards/accuracies"] == ([2.0, 4.0], [0.8125, 0.875])
+    assert fig.data["rewards/margins"][1] == [0.0, 0.2, 0.9]
+    png = (run / "figures" / "training_curves.png").read_bytes()
+    log[2]["eval_loss"] = 0.3  # another log draws another figure
+    (run / "align" / "log_history.json").write_text(json.dumps(log))
+    write_report(run, ReportConfig(formats=("md",)))
+    assert (run / "figures" / "training_curves.png").read_bytes() != png
+
+
 # --------------------------------------------------------------------------- spillover map
 
 MAP_RUNS = ("gender", "race", "gender+race")
@@ -646,6 +698,194 @@ def test_spillover_map_in_a_tiny_sweep_over_targets(tmp_path: Path) -> None:
         row = next(r for r in rows if r[1] == d.name.replace("_", "\\_") and r[2] == "Age")
         text = f"{100 * s['delta_accuracy']:+.1f} pp" + ("\\*" if s["significant"] else "")
         assert row[4] in (text, f"**{text}**")
+
+
+# --------------------------------------------------------------------------- map beyond BBQ
+
+PROBE_HEADING = "## Spillover map beyond BBQ's format"
+PROBE_HEADER = [
+    "target",
+    "run",
+    "attribute",
+    "role",
+    "CrowS-Pairs: Δ pct_stereotype",
+    "StereoSet: Δ ss",
+    "WinoBias: Δ diff",
+    "Winogender: Δ gender_gap",
+]
+BENCHMARK_OF = dict(
+    zip(PROBE_HEADER[4:], ("crows-pairs", "stereoset", "winobias", "winogender"), strict=True)
+)
+
+
+@pytest.fixture(scope="module")
+def probe_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three sub-runs of ``map_sweep``; gender with all four probe benchmarks, race with
+    CrowS-Pairs and StereoSet, gender+race with none (real probe comparisons), combined."""
+    sweep = tmp_path_factory.mktemp("probe-map") / "sweep"
+    dirs = _load_fixture("make_probe_sweep")(sweep)
+    assert [(d / "stats" / "probes.json").is_file() for d in dirs] == [True, True, False]
+    write_combined_report(sweep, dirs, ReportConfig(figure_formats=("png", "svg")))
+    return sweep
+
+
+def _probe_strata(run: Path) -> list[dict[str, Any]]:
+    obj = json.loads((run / "stats" / "probes.json").read_text())
+    strata: list[dict[str, Any]] = obj["strata"]
+    return strata
+
+
+def _expected_probe_cell(strata: list[dict[str, Any]], benchmark: str, attribute: str) -> str:
+    """The table cell from the records, by the documented rule: the attribute's row over
+    every subset, or the overall row of a benchmark probing that attribute only."""
+    rows = [s for s in strata if s["benchmark"] == benchmark]
+    own = [s for s in rows if s["attribute"] == attribute and s["subset"] == "all"]
+    if not own and {s["attribute"] for s in rows} == {attribute, "all"}:
+        own = [s for s in rows if s["level"] == "overall"]
+    if not own:
+        return ""
+    (rec,) = own
+    if rec["outcome"] == "stereotype_preferred":
+        mark = "\\*" if rec["significant"] else ""
+    else:
+        lo, hi = rec["delta_metric_ci_low"], rec["delta_metric_ci_high"]
+        mark = "†" if lo > 0 or hi < 0 else ""
+    way = "toward" if rec["delta_distance"] < 0 else "away"
+    text = f"{rec['delta_metric']:+.1f}{mark} ({way})"
+    return f"**{text}**" if mark else text
+
+
+def _probe_md(sweep: Path) -> dict[tuple[str, str], dict[str, str]]:
+    rows = _md_table((sweep / "report.md").read_text(), PROBE_HEADING)
+    out = {}
+    for row in rows:
+        cells = dict(zip(PROBE_HEADER, row, strict=True))
+        out[(cells["run"], cells["attribute"].replace("\\_", "_"))] = cells
+    return out
+
+
+def test_probe_map_figure_files_and_embedding(probe_sweep: Path) -> None:
+    png = probe_sweep / "figures" / "spillover_map_probes.png"
+    svg = probe_sweep / "figures" / "spillover_map_probes.svg"
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert "</svg>" in svg.read_text()
+    html = (probe_sweep / "report.html").read_text()
+    assert 'id="fig-spillover_map_probes"' in html
+    assert 'href="figures/spillover_map_probes.svg"' in html
+    assert all((probe_sweep / r).is_file() for r in _local_refs(html))
+    md = (probe_sweep / "report.md").read_text()
+    assert "![Spillover map beyond BBQ's format](figures/spillover_map_probes.png)" in md
+    assert md.index("## Spillover map\n") < md.index(PROBE_HEADING)
+    assert md.index(PROBE_HEADING) < md.index("## Significant spillovers")
+    section = md.split(PROBE_HEADING, 1)[1].split("## Significant spillovers")[0]
+    assert "blue = moved toward the unbiased value" in section  # the caption says it
+    assert "No likelihood-probe comparison (blank rows of the figure): gender+race." in section
+    assert section.count("Blodgett et al. (2021") == 2  # CrowS-Pairs' and StereoSet's caveat
+
+
+def test_probe_map_table_numbers_marks_and_blanks(probe_sweep: Path) -> None:
+    cells = _probe_md(probe_sweep)
+    # the sub-runs with probes x every attribute some benchmark probes (9 CrowS-Pairs
+    # attributes and StereoSet's Profession); gender+race has no line
+    assert {run for run, _ in cells} == {"gender", "race"}
+    assert len(cells) == 2 * 10
+    for (run, attribute), row in cells.items():
+        strata = _probe_strata(probe_sweep / run)
+        for column, benchmark in BENCHMARK_OF.items():
+            assert row[column] == _expected_probe_cell(strata, benchmark, attribute), (
+                run, attribute, benchmark,
+            )  # fmt: skip
+        assert row["role"] == ("target" if (run, attribute) in {
+            ("gender", "Gender_identity"), ("race", "Race_ethnicity")} else "spillover")  # fmt: skip
+    # the planted changes, by hand: CrowS-Pairs gender in the gender run falls 43.75 points,
+    # significant, past 50 (away from the unbiased value); StereoSet race in the race run
+    gender = _probe_strata(probe_sweep / "gender")
+    crows = next(
+        s for s in gender if s["benchmark"] == "crows-pairs" and s["attribute"] == "Gender_identity"
+    )
+    assert crows["delta_metric"] == pytest.approx(-43.75) and crows["significant"] is True
+    assert crows["delta_distance"] > 0
+    assert cells[("gender", "Gender_identity")][PROBE_HEADER[4]] == "**-43.8\\* (away)**"
+    assert cells[("race", "Race_ethnicity")][PROBE_HEADER[5]] == "**+53.1\\* (away)**"
+    # WinoBias: its overall row stands for gender; marked † by its interval, not by the
+    # record's test (of accuracy, not of the gap)
+    wb = next(s for s in gender if s["benchmark"] == "winobias" and s["level"] == "overall")
+    assert wb["delta_metric_ci_high"] < 0
+    assert cells[("gender", "Gender_identity")][PROBE_HEADER[6]] == (
+        f"**{wb['delta_metric']:+.1f}† (away)**"
+    )
+    # a benchmark the sub-run lacks, an attribute the benchmark lacks: blank, never 0
+    for attribute in ("Age", "Gender_identity", "Race_ethnicity", "Profession"):
+        assert cells[("race", attribute)][PROBE_HEADER[6]] == ""
+        assert cells[("race", attribute)][PROBE_HEADER[7]] == ""
+    assert cells[("gender", "Age")][PROBE_HEADER[5]] == ""
+    assert cells[("gender", "Profession")][PROBE_HEADER[4]] == ""
+    assert cells[("gender", "Profession")][PROBE_HEADER[5]] != ""
+
+
+def test_probe_map_html_marks_follow_the_records(probe_sweep: Path) -> None:
+    html = (probe_sweep / "report.html").read_text()
+    table = html.split('<table class="map probes">', 1)[1].split("<tbody>", 1)[1]
+    table = table.split("</table>")[0]
+    rows = re.findall(r"<tr( class=\"own\")?>(.*?)</tr>", table, flags=re.S)
+    assert len(rows) == 20
+    for own, body in rows:
+        tds = re.findall(r"<td( class=\"(?:text|sig)\")?>(.*?)</td>", body)
+        run, attribute = tds[1][1], tds[2][1]
+        assert bool(own) == (tds[3][1] == "target")
+        strata = _probe_strata(probe_sweep / run)
+        for (cls, value), benchmark in zip(tds[4:], BENCHMARK_OF.values(), strict=True):
+            expect = _expected_probe_cell(strata, benchmark, attribute)
+            marked = expect.startswith("**")
+            assert (cls == ' class="sig"') == marked, (run, attribute, benchmark)
+            assert value == expect.strip("*").replace("\\*", "*")
+
+
+def test_probe_map_cells_undefined_and_alpha(probe_sweep: Path) -> None:
+    """An undefined change reads undefined (not 0); ``alpha`` decides from adjusted p."""
+    import dataclasses
+
+    from spillover.report.probe_map import probe_cell_text, probe_record
+    from spillover.stats import ProbeComparison
+
+    obj = json.loads((probe_sweep / "gender" / "stats" / "probes.json").read_text())
+    probes = ProbeComparison.from_json(obj)
+    wg = probe_record(probes, "winogender", "Gender_identity")
+    assert wg is not None and wg.level == "overall"
+    undefined = dataclasses.replace(wg, delta_metric=None, delta_distance=None)
+    assert probe_cell_text(undefined, None) == {"text": "undefined", "sig": False}
+    assert probe_record(probes, "winogender", "Age") is None
+    crows = probe_record(probes, "crows-pairs", "Gender_identity")
+    assert crows is not None and crows.p_adjusted is not None
+    assert probe_cell_text(crows, None)["sig"] is True
+    assert probe_cell_text(crows, crows.p_adjusted / 2)["sig"] is False
+
+
+def test_probe_map_skips_an_unreadable_probe_comparison_with_a_warning(
+    probe_sweep: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    shutil.copytree(probe_sweep, sweep)
+    (sweep / "race" / "stats" / "probes.json").write_text('{"strata": 3}')
+    dirs = [sweep / run for run in MAP_RUNS]
+    write_combined_report(sweep, dirs, ReportConfig(formats=("md",)))
+    md = (sweep / "report.md").read_text()
+    warnings = md.split("## Warnings", 1)[1].split("## Sub-runs")[0]
+    assert "race: stats/probes.json could not be read and is skipped" in warnings
+    assert "blank rows of the figure): race, gender+race." in md
+    assert {run for run, _ in _probe_md(sweep)} == {"gender"}
+
+
+def test_sweep_without_probes_is_unchanged(map_sweep: Path, probe_sweep: Path) -> None:
+    """No probe comparison: no section, no figure; with them, the section is all that is
+    added (the same BBQ sub-runs give the same page around it)."""
+    md = (map_sweep / "report.md").read_text()
+    html = (map_sweep / "report.html").read_text()
+    assert "beyond BBQ" not in md and "beyond BBQ" not in html
+    assert not list((map_sweep / "figures").glob("spillover_map_probes*"))
+    with_probes = (probe_sweep / "report.md").read_text()
+    head, rest = with_probes.split(PROBE_HEADING, 1)
+    assert head + "## Significant spillovers" + rest.split("## Significant spillovers", 1)[1] == md
 
 
 # --------------------------------------------------------------------------- by hand

@@ -17,9 +17,11 @@ import pytest
 import yaml
 
 from cli_runner import invoke
+from spillover.data import ProbeSelection
 from spillover.errors import ConfigError
 from spillover.models import fast_bf16
 from spillover.runs import RunConfig, run_study
+from spillover.runs.config import ProbesConfig
 from spillover.runs.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +38,15 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
 
 
 def test_default_study_is_written_once() -> None:
-    """`RunConfig()` is the default study; the YAML file, `RunConfig.default()` and the
-    resolved config a run records all read back equal to it."""
-    default = RunConfig()
-    assert RunConfig.default() == default
+    """`RunConfig.default()` is the default study: the field defaults with DEFAULT_STUDY's
+    benchmarks; the YAML file and the resolved config a run records read back equal to it."""
+    default = RunConfig.default()
+    assert default == dataclasses.replace(
+        RunConfig(),
+        benchmarks=("bbq", "winogender", "crows-pairs"),
+        probes=ProbesConfig(items={"crows-pairs": ProbeSelection(per_attribute=40)}),
+    )
+    assert RunConfig().benchmarks == ("bbq",)  # a config without `benchmarks`: BBQ alone
     assert RunConfig.load(CONFIGS / "default.yaml") == default
     assert RunConfig.from_mapping(default.to_dict()) == default
     assert default.name == "default" and default.selection.per_stratum == 100
@@ -766,7 +773,7 @@ def test_dry_run_total_counts_every_sub_run_and_order(workdir: Path, mini_dir: P
     lines = result.output.splitlines()
     (total,) = [ln for ln in lines if ln.strip().startswith("total over")]
     assert "total over 4 sub-run(s)" in total
-    assert f"{aligned + base:,} rows scored in 6 evaluation(s) (4 aligned, 2 base; " in total
+    assert f"{aligned + base:,} BBQ rows scored in 6 evaluation(s) (4 aligned, 2 base; " in total
     assert "2 sub-run(s) reuse another's base evaluation" in total
     assert "12 training steps" in total
     subs = cfg.sub_runs()
@@ -774,7 +781,7 @@ def test_dry_run_total_counts_every_sub_run_and_order(workdir: Path, mini_dir: P
         at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"{sub.slug}:"))
         line = lines[at + 1]
         assert line.strip().startswith(f"compute {sub.model}:")
-        assert f"{3 * n[sub] * (1 if sub.method == 'ipo' else 2):,} rows scored" in line
+        assert f"{3 * n[sub] * (1 if sub.method == 'ipo' else 2):,} BBQ rows scored" in line
         assert f"({n[sub]} items x 3 order(s)" in line
         if sub.method == "ipo":
             twin = next(s for s in subs if s.seed == sub.seed and s.method == "dpo")
@@ -1023,3 +1030,34 @@ def test_benchmarks_are_checked_in_the_run_config(tmp_path: Path) -> None:
         RunConfig.from_mapping({"probes": {"stereoset": {"seed": 3}}})
     ok = RunConfig.from_mapping({"benchmarks": "bbq"})
     assert ok.benchmarks == ("bbq",)
+
+
+def test_dry_run_lists_the_probe_stages_and_counts_their_items(
+    workdir: Path, mini_dir: Path
+) -> None:
+    """The plan shows each probe benchmark's evaluation stages and the items both models
+    score, the counts a run's stages would score (the selection applied by hand)."""
+    from spillover.data import ProbeSelection, load_benchmark
+
+    body = (
+        "model: smollm2-135m\ntarget: gender\nbenchmarks: [bbq, winogender, crows-pairs]\n"
+        f"probes:\n  dir: {PROBES_MINI}\n  allow_unverified: true\n"
+        "  crows-pairs:\n    per_attribute: 2\neval:\n  per_stratum: 2\n"
+    )
+    path = workdir / "probes.yaml"
+    path.write_text(_study_text(mini_dir, body), encoding="utf-8")
+    result = invoke(["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    wino = load_benchmark("winogender", PROBES_MINI, allow_unverified=True).items
+    crows = load_benchmark("crows-pairs", PROBES_MINI, allow_unverified=True).items
+    n_crows = len(ProbeSelection(per_attribute=2).apply(crows))
+    assert 0 < n_crows < len(crows)
+    assert (
+        f"likelihood probes, items x 2 models: winogender {len(wino)}, crows-pairs {n_crows}"
+        in result.output
+    )
+    assert (
+        "stages: eval-base -> eval-base-winogender -> eval-base-crows-pairs -> prefs -> align "
+        "-> eval-aligned -> eval-aligned-winogender -> eval-aligned-crows-pairs -> compare"
+        in result.output
+    )

@@ -117,8 +117,6 @@ def metrics_command(
     named = [("--json", json_out), ("--csv", csv_out)]
     check_outputs([Output(option, path) for option, path in named if path is not None])
     bbq = BBQSource(path_text(bbq_dir), None, allow_unverified).load()
-    if heldout_from is not None:  # a split of probe pairs holds out all of BBQ's items
-        held = heldout_for(heldout_from, cfg.targets, bbq.items)[1]
     report = load_and_compute_metrics(pred, bbq, cfg, format=file_format, length_norm=length_norm)
     warnings = [*report.warnings, *report.notes]
     outputs = []

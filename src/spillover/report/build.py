@@ -55,7 +55,8 @@ from .load import (
     read_json,
     report_inputs,
 )
-from .spillover_map import map_columns, map_figure, map_rows, map_table
+from .probe_map import probe_figure, probe_map, probe_table
+from .spillover_map import map_columns, map_figure, map_rows, map_table, run_name
 from .tables import (
     provenance_rows,
     summary_lines,
@@ -478,9 +479,11 @@ def write_combined_report(
     The combined page lists every sub-run (targets, significant losses and gains
     among the attribute x context strata, Simpson flags), the spillover map (target x
     evaluated attribute x context: the changes in accuracy, unknown rate and bias score,
-    significance marked; figure ``figures/spillover_map`` and table) and one table of the
-    significant spillovers: strata of non-target attributes whose corrected test
-    is significant.
+    significance marked; figure ``figures/spillover_map`` and table), when any sub-run has
+    a likelihood-probe comparison (``stats/probes.json``) the map beyond BBQ's format (the
+    same rows, one panel per probe benchmark: the change of its bias metric; figure
+    ``figures/spillover_map_probes`` and table), and one table of the significant
+    spillovers: strata of non-target attributes whose corrected test is significant.
 
     Args:
         sweep_dir: Folder receiving the combined ``report.html`` / ``report.md``.
@@ -512,6 +515,7 @@ def write_combined_report(
     alphas = {cfg.alpha if cfg.alpha is not None else c.config.alpha for _, c in loaded}
     header = ["run", "target", "category", "context", "Δ acc.", "95% CI", "p adj.", "change"]
     spill_map, map_fig = _spillover_map(sweep_dir, loaded, cfg)
+    probes, probe_fig, no_probes = _probe_map(sweep_dir, loaded, cfg, warnings)
     context = {
         "title": cfg.title or f"Bias spillover sweep: {sweep_dir.resolve().name}",
         "subs": subs,
@@ -520,10 +524,14 @@ def write_combined_report(
         "spill": {"header": header, "rows": spill_rows},
         "map": spill_map,
         "map_figure": map_fig,
+        "probes": probes,
+        "probe_figure": probe_fig,
+        "no_probes": no_probes,
         "embed_png": "png" in cfg.figure_formats,
     }
     docs = _render_documents(cfg, "combined", context)
-    _write_outputs(sweep_dir, [map_fig] if map_fig is not None else [], docs, cfg)
+    figures = [f for f in (map_fig, probe_fig) if f is not None]
+    _write_outputs(sweep_dir, figures, docs, cfg)
     return sweep_dir / "report.html"
 
 
@@ -541,6 +549,28 @@ def _spillover_map(
     with matplotlib.rc_context(rc):
         fig = map_figure(rows, columns, cfg)
     return map_table(rows, columns), fig
+
+
+def _probe_map(
+    sweep_dir: Path, loaded: list[tuple[Path, Comparison]], cfg: ReportConfig, warnings: list[str]
+) -> tuple[dict[str, Any] | None, FigureOut | None, list[str]]:
+    """The map beyond BBQ's format: its table, figure and the sub-runs without probes (None,
+    None, [] when no sub-run compared any probe benchmark)."""
+    import matplotlib
+
+    found = {}
+    for run_dir, _ in loaded:
+        name = run_name(sweep_dir, run_dir)
+        lost: list[str] = []
+        found[name] = _probes(run_dir, lost)
+        warnings += [f"{name}: {w}" for w in lost]
+    pm = probe_map(map_rows(sweep_dir, loaded, cfg), found)
+    if pm is None:
+        return None, None, []
+    rc: Any = MPL_RC
+    with matplotlib.rc_context(rc):
+        fig = probe_figure(pm, cfg)
+    return probe_table(pm), fig, list(pm.without)
 
 
 def find_run_dirs(sweep_dir: Path) -> list[Path]:

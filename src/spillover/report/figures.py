@@ -75,6 +75,9 @@ class FigureOut:
     """SVG text, when SVG is among the figure formats or needed for inlining."""
     files: list[str] = field(default_factory=list)
     """Paths (relative to the run directory) of the files written for it."""
+    data: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    """What a line figure plots, per series: its x and y values (the training figure's
+    log-history keys, e.g. ``eval_loss``: steps and values)."""
 
     @property
     def png_b64(self) -> str:
@@ -509,7 +512,9 @@ def training_figure(history: Sequence[Mapping[str, Any]], cfg: ReportConfig) -> 
             "(scenarios never trained on), evaluated during training; training points that "
             "improve while held-out ones do not are overfitting to the training scenarios."
         )
-    return _render(fig, FigureOut("training_curves", "Training curves", caption), cfg)
+    out = FigureOut("training_curves", "Training curves", caption)
+    out.data = {key: (xs, ys) for _, series in panels for key, xs, ys in series}
+    return _render(fig, out, cfg)
 
 
 def position_figure(pb: PositionBias, cfg: ReportConfig) -> FigureOut:

@@ -77,13 +77,18 @@ class MapRow:
     """The report's ``alpha`` override (None: the comparison's own verdicts)."""
 
 
+def run_name(sweep_dir: Path, run_dir: Path) -> str:
+    """A sub-run's folder relative to the sweep, with ``/`` (:attr:`MapRow.name`)."""
+    return os.path.relpath(run_dir.resolve(), sweep_dir.resolve()).replace(os.sep, "/")
+
+
 def map_rows(
     sweep_dir: Path, loaded: Sequence[tuple[Path, Comparison]], cfg: ReportConfig
 ) -> list[MapRow]:
     """The map's rows: single targets in BBQ's order, then multi-attribute ones, then others."""
     rows = []
     for run_dir, comparison in loaded:
-        name = os.path.relpath(run_dir.resolve(), sweep_dir.resolve()).replace(os.sep, "/")
+        name = run_name(sweep_dir, run_dir)
         targets = tuple(targets_of(comparison))
         cells = {(r.category, r.context_condition): r for r in comparison.rows if is_fine(r)}
         rows.append(MapRow(name, "+".join(targets) or name, targets, cells, cfg.alpha))

@@ -25,14 +25,26 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f} %"
 
 
-def _context_line(rec: StratumRecord) -> str:
+def _context_line(rec: StratumRecord, fine: StratumRecord | None = None) -> str:
+    """One context's held-out target change; ``fine``: the target category's own row of
+    that context (power is computed on the finest rows only)."""
     verdict = "significant" if rec.significant else "not significant"
     p = fmt_p(rec.p_value) if rec.p_value == rec.p_value else "n/a"
+    interval = f"{100 * rec.delta_accuracy_ci_low:+.1f} to {100 * rec.delta_accuracy_ci_high:+.1f}"
+    power = rec if rec.mdc_accuracy is not None or fine is None else fine
+    if power.mdc_accuracy is not None:
+        mdc = (
+            f"; the test detects a change of ±{100 * power.mdc_accuracy:.1f} points with 80 % power"
+        )
+    elif power is fine:
+        mdc = "; no change is detectable with 80 % power here (too few items or scenarios)"
+    else:
+        mdc = ""
     return (
         f"{rec.context_condition}: accuracy {_pct(rec.acc_base)} → {_pct(rec.acc_aligned)} "
-        f"({100 * rec.delta_accuracy:+.1f} points, p = {p}, {verdict}; {rec.n} items, "
-        f"{rec.n_clusters} scenarios), 'unknown' answers {_pct(rec.unknown_rate_base)} → "
-        f"{_pct(rec.unknown_rate_aligned)}"
+        f"({100 * rec.delta_accuracy:+.1f} points, interval {interval} ({rec.ci_method}), p = {p}, "
+        f"{verdict}; {rec.n} items, {rec.n_clusters} scenarios{mdc}), 'unknown' answers "
+        f"{_pct(rec.unknown_rate_base)} → {_pct(rec.unknown_rate_aligned)}"
     )
 
 
@@ -97,13 +109,25 @@ def alignment_lines(
     else:
         rows = Comparison.from_json(comp, "stats/heldout_target.json").rows
         pooled = [r for r in rows if r.category == ALL and r.context_condition != ALL]
+        # power is computed on the finest rows: with one target category its row per
+        # context holds the same items as the pooled one
+        fine: dict[str, list[StratumRecord]] = {}
+        for r in rows:
+            if r.category != ALL and r.context_condition != ALL and r.question_polarity is None:
+                fine.setdefault(r.context_condition, []).append(r)
+        own = {c: rs[0] for c, rs in fine.items() if len(rs) == 1}
         n = summary.get("n_items", 0)
         head = (
             f"Target ({targets}) on scenarios held out of training ({n} items; the honest "
             "test of whether the alignment worked):"
         )
         lines.append(
-            {"cls": "", "text": " ".join([head, *(_context_line(r) + "." for r in pooled)])}
+            {
+                "cls": "",
+                "text": " ".join(
+                    [head, *(_context_line(r, own.get(r.context_condition)) + "." for r in pooled)]
+                ),
+            }
         )
     if isinstance(mix, Mapping) and not mix.get("collapsed"):
         line = _mix_line(mix)

@@ -20,6 +20,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .._checks import SEED_MAX, check_device
@@ -186,14 +187,29 @@ class SubRun:
         return f"{model}__{'+'.join(self.target)}__{self.method}__s{self.seed}"
 
 
+DEFAULT_STUDY: Mapping[str, Any] = MappingProxyType(
+    {
+        "benchmarks": ["bbq", "winogender", "crows-pairs"],
+        "probes": {"crows-pairs": {"per_attribute": 40}},
+    }
+)
+"""What the embedded default study (``spillover run`` without a config,
+``configs/default.yaml``, :meth:`RunConfig.default`) sets beyond the field defaults: beside
+BBQ, Winogender in full (the target's own attribute in another format) and a seeded sample
+of 40 CrowS-Pairs pairs per bias type (every attribute in another format), what keeps the
+default run within about 15 % more time (docs/benchmarks.md). A config that leaves
+``benchmarks`` out evaluates BBQ alone."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole study; lists in ``models``/``targets``/``methods``/``seeds`` make a sweep.
 
-    ``RunConfig()`` is the embedded default study (``spillover run`` without a config):
-    SmolLM2-135M-Instruct aligned on gender with DPO and the model's preset, evaluated on
-    :data:`DEFAULT_SELECTION`, compared with :class:`~spillover.stats.CompareConfig`'s
-    defaults. A YAML key left out takes the value of this default study.
+    ``RunConfig()`` holds the field defaults: SmolLM2-135M-Instruct aligned on gender with
+    DPO and the model's preset, evaluated on :data:`DEFAULT_SELECTION` of BBQ, compared with
+    :class:`~spillover.stats.CompareConfig`'s defaults. A YAML key left out takes its field
+    default. :meth:`default`, the embedded default study (``spillover run`` without a
+    config), adds :data:`DEFAULT_STUDY`'s likelihood probes.
     """
 
     name: str = "default"
@@ -232,8 +248,9 @@ class RunConfig:
 
     @classmethod
     def default(cls) -> RunConfig:
-        """The embedded default study (the field defaults, validated as a run config is)."""
-        return cls.from_mapping({})
+        """The embedded default study: the field defaults with :data:`DEFAULT_STUDY`'s
+        benchmarks, validated as a run config is."""
+        return cls.from_mapping(DEFAULT_STUDY)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

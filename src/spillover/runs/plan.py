@@ -11,20 +11,22 @@ same stage key, :func:`~spillover.runs.study.run_study`) once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data import BBQData, BBQItem
 from ..errors import SpilloverError
 from ..models import model_info
 from ..prompts import permutations
-from .config import RunConfig
+from .config import RunConfig, SubRun
 from .executors import ExecutorConfig
 from .jobs import Job, base_eval_key, job_graph, job_lines
 from .locks import JOBS_DIR
-from .stages import STAGES
-from .study import StudyData, check_machine, preflight
+from .stages import STAGES, Context, probe_items_for, stages_for
+from .study import Preflight, StudyData, check_machine, preflight
 
 CPU_FLOPS_BF16 = 4.3e11
 """Effective FLOP/s of 2 CPU cores with bf16 instructions: the estimate's 145.6 TFLOP for the
@@ -53,11 +55,14 @@ class SubRunCompute:
     steps: int
     batch: int
     estimate: Mapping[str, Any]
-    """:func:`estimate_compute` of the evaluations and training steps it computes."""
+    """:func:`estimate_compute` of the evaluations and training steps it computes (its probe
+    evaluations included)."""
+    probe_items: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Items of each likelihood-probe benchmark, each scored by both models."""
 
     @property
     def rows(self) -> int:
-        """Rows scored: items x orders x evaluations."""
+        """BBQ rows scored: items x orders x evaluations."""
         return self.n_items * self.orders * self.evaluations
 
 
@@ -110,8 +115,11 @@ class Plan:
                 f"{self.n_train_pairs.get(t, 0)} train / {self.n_heldout_pairs.get(t, 0)} held out"
             )
             shared = f"; base evaluation reused from {c.base_from}" if c.base_from else ""
+            if c.probe_items:
+                probes = ", ".join(f"{b} {n}" for b, n in c.probe_items.items())
+                out.append(f"    likelihood probes, items x 2 models: {probes}")
             out.append(
-                f"    compute {sr.model}: {c.estimate['summary']}; {c.rows:,} rows scored "
+                f"    compute {sr.model}: {c.estimate['summary']}; {c.rows:,} BBQ rows scored "
                 f"({c.n_items} items x {c.orders} order(s) x {c.evaluations} evaluation(s)"
                 f"{shared})"
             )
@@ -148,7 +156,7 @@ def total_line(total: Mapping[str, Any]) -> str:
     )
     return (
         f"  total over {total['sub_runs']} sub-run(s): ~{flops / 1e12:.1f} TFLOP, "
-        f"{total['rows']:,} rows scored in {total['evaluations']} evaluation(s) "
+        f"{total['rows']:,} BBQ rows scored in {total['evaluations']} evaluation(s) "
         f"({total['sub_runs']} aligned, {total['evaluations'] - total['sub_runs']} base; "
         f"{total['shared_base']} sub-run(s) reuse another's base evaluation), "
         f"{total['eval_tokens']:,} tokens scored, {total['steps']:,} training steps; "
@@ -200,15 +208,21 @@ def estimate_compute(
     *,
     orders: int = 1,
     evaluations: int = 2,
+    probe_items: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Rough FLOPs of ``evaluations`` evaluations of ``items`` in ``orders`` answer orders
-    each and of the training steps (2 x params per token forward)."""
+    each, of two evaluations of the likelihood-probe items, and of the training steps
+    (2 x params per token forward)."""
     # ~4 characters per token is a rough English average; prompts are shared by their answers
     per_eval = orders * sum(
         (len(it.context) + len(it.question) + 12 + sum(len(a) + 1 for a in it.answers)) / 4
         for it in items
     )
-    eval_tokens = int(per_eval * evaluations)
+    # a probe item scores each option whole after its (shared) context
+    per_probe = sum(
+        (len(it.context) + sum(len(o) + 1 for o in it.options)) / 4 for it in probe_items
+    )
+    eval_tokens = int(per_eval * evaluations + 2 * per_probe)
     # a pair is a prompt plus two short answers (~40 characters)
     chars = sum(len(it.context) + len(it.question) + 40 for it in items)
     pair_tokens = chars / max(1, len(items)) / 4
@@ -233,6 +247,14 @@ def estimate_compute(
             f"~{total / 1e12:.1f} TFLOP ({eval_tokens:,} tokens scored, {train}); {_times(total)}"
         ),
     }
+
+
+def _context(cfg: RunConfig, sub: SubRun, checked: Preflight) -> Context:
+    """A stage context of ``sub`` with no run directory: enough for keys and item choices."""
+    return Context(
+        cfg, Path(), sub, Path(), checked.data, checked.items[sub], None,
+        lambda stage, status, info: None, checked.probes,
+    )  # fmt: skip
 
 
 def plan_run(
@@ -276,12 +298,24 @@ def plan_run(
         pairs = checked.pairs[sub.target, sub.seed][0]
         steps = acfg.max_steps or int((acfg.epochs or 1) * pairs / max(1, batch))
         evaluations = 1 if base_from else 2
+        ctx = _context(cfg, sub, checked)
+        probe = {b: probe_items_for(ctx, b) for b in cfg.benchmarks if b != "bbq"}
         est = estimate_compute(
-            sub.model, items, steps, batch, orders=orders, evaluations=evaluations
-        )
+            sub.model, items, steps, batch, orders=orders, evaluations=evaluations,
+            probe_items=[it for chosen in probe.values() for it in chosen],
+        )  # fmt: skip
         compute.append(
             SubRunCompute(
-                sub.slug, sub.model, len(items), orders, evaluations, base_from, steps, batch, est
+                sub.slug,
+                sub.model,
+                len(items),
+                orders,
+                evaluations,
+                base_from,
+                steps,
+                batch,
+                est,
+                {b: len(chosen) for b, chosen in probe.items()},
             )
         )
     return Plan(
@@ -290,6 +324,7 @@ def plan_run(
         train,
         held,
         tuple(compute),
+        stages=tuple(s.name for s in stages_for(cfg)),
         warnings=tuple(checked.data.warnings),
         machine=machine,
         jobs=job_graph(cfg, checked),

@@ -291,6 +291,13 @@ def probe_heldout(ctx: Context, benchmark: str) -> dict[str, tuple[str, ...]] | 
     return probe_target_split(ctx.probes[benchmark].items, pcfg)
 
 
+def probe_items_for(ctx: Context, benchmark: str) -> list[Any]:
+    """The items of a probe benchmark the sub-run scores (its selection, on the held-out
+    clusters when the pairs come from it): what its evaluation stages score, what a plan counts."""
+    selection = ctx.cfg.probe_selection_for(ctx.sub, benchmark)
+    return selection.apply(ctx.probes[benchmark].items, probe_heldout(ctx, benchmark))
+
+
 def _key(benchmark: str, role: str) -> Callable[[Context], Mapping[str, Any]]:
     def key(ctx: Context) -> Mapping[str, Any]:
         data = ctx.probes[benchmark]
