@@ -147,6 +147,31 @@ def test_list_subruns_names_the_jobs_and_their_dependencies(sweep: Path, tmp_pat
     assert not out.exists()  # listing writes nothing
 
 
+@pytest.mark.parametrize(
+    ("forced", "expected"),
+    [
+        (["eval-base"], {"base": {"eval-base"}, "model": {"prefs"}, "stats": {"compare"}}),
+        (["align"], {"base": set(), "model": {"align"}, "stats": {"compare"}}),
+        (["report"], {"base": set(), "model": set(), "stats": {"report"}}),
+        (["all"], {"base": {"eval-base"}, "model": {"prefs"}, "stats": {"compare"}}),
+    ],
+    ids=["eval-base", "align", "report", "all"],
+)
+def test_force_reruns_a_stage_in_the_job_that_owns_it(
+    sweep: Path, forced: list[str], expected: dict[str, set[str]]
+) -> None:
+    """`--force` in a distributed run: each job reruns from the first forced stage it owns,
+    so a forced shared base evaluation is computed again once (by its base job)."""
+    from spillover.runs.jobs import job_force, job_graph
+    from spillover.runs.study import check_force, preflight
+
+    cfg = RunConfig.load(sweep)
+    jobs = job_graph(cfg, preflight(cfg))
+    for job in jobs:
+        got = job_force(cfg, job, check_force(forced))
+        assert got == expected.get(job.kind, set()), (job.name, got)
+
+
 def test_dry_run_shows_the_jobs_resources_and_the_shared_filesystem(
     sweep: Path, tmp_path: Path
 ) -> None:
