@@ -529,6 +529,7 @@ def _trl_args_summary(args: Any) -> dict[str, Any]:
         "disable_dropout",
         "lr_scheduler_type",
         "warmup_steps",
+        "warmup_ratio",
         "cpo_alpha",
     )
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
