@@ -29,3 +29,28 @@ def test_the_installed_transformers_warms_up_a_tenth_of_the_steps(tmp_path: Path
     )
     args = trl_config(cfg, tmp_path / "ckpt", device="cpu", max_length=64)
     assert args.get_warmup_steps(40) == 4
+
+
+@pytest.mark.parametrize("model", ["mistral-7b", "llama-3.1-8b", "qwen-2.5-7b"])
+def test_a_7b_preset_passes_a_plain_accelerate_launch(
+    model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`accelerate launch` without a config exports mixed precision `no`; the presets' bf16
+    is a default that follows it, not an explicit --bf16 that the launch would refuse."""
+    import spillover.models
+    from spillover.align.sharding import Launch, launch_bf16, launch_from_env
+    from spillover.align.trainer import check_environment, resolve_bf16
+
+    cfg = AlignConfig.from_preset(model, tmp_path / "a", device="cpu")
+    assert cfg.bf16 is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert check_environment(cfg) == "cpu"  # refused before: "drop --bf16"
+    assert launch_bf16(cfg.bf16, launch_from_env()) is False
+    # without a launch, bf16 autocast is on wherever bf16 is fast (every bf16 GPU)
+    monkeypatch.setattr(spillover.models, "fast_bf16", lambda device: device == "cuda")
+    assert resolve_bf16(launch_bf16(cfg.bf16, Launch()), "cuda") is True
+    # an explicit --bf16 against the launch is still refused
+    from spillover.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="drop --bf16"):
+        check_environment(AlignConfig.from_preset(model, tmp_path / "a", device="cpu", bf16=True))
