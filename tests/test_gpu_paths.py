@@ -54,3 +54,14 @@ def test_a_7b_preset_passes_a_plain_accelerate_launch(
 
     with pytest.raises(ConfigError, match="drop --bf16"):
         check_environment(AlignConfig.from_preset(model, tmp_path / "a", device="cpu", bf16=True))
+
+
+def test_a_4bit_load_under_data_parallelism_goes_to_the_local_gpu() -> None:
+    from spillover.align.sharding import four_bit_device_map
+
+    # {"": "cuda"} would put every process's copy on GPU 0 (transformers maps only the bare
+    # string "cuda" to the local rank); accelerate then refuses the 4-bit model
+    assert four_bit_device_map("cuda", num_processes=4, local_process_index=3) == {"": 3}
+    assert four_bit_device_map("cuda:0", num_processes=2, local_process_index=1) == {"": 1}
+    assert four_bit_device_map("cuda", num_processes=1, local_process_index=0) == {"": "cuda"}
+    assert four_bit_device_map("cuda:1", num_processes=1, local_process_index=0) == {"": "cuda:1"}

@@ -142,6 +142,22 @@ def launch_bf16(bf16: bool | None, launch: Launch) -> bool | None:
     return None
 
 
+def four_bit_device_map(
+    device: str, *, num_processes: int, local_process_index: int
+) -> dict[str, int | str]:
+    """The ``device_map`` of a 4-bit (QLoRA) load: the whole model on this process's GPU.
+
+    Under data parallelism every process must load onto its own GPU, named by its local
+    index: transformers maps only the bare string ``device_map="cuda"`` to the local rank,
+    so ``{"": "cuda"}`` puts every process's copy on GPU 0, and accelerate then refuses to
+    train a 4-bit model placed "on a different device" than the process's. One process
+    keeps the device it was given (``cuda``, ``cuda:N``).
+    """
+    if num_processes > 1 and device.startswith("cuda"):
+        return {"": local_process_index}
+    return {"": device}
+
+
 def full_state_dict_for_saving(trainer: object, launch: Launch) -> None:
     """Under FSDP, switch the trainer to ``FULL_STATE_DICT`` before ``save_model``.
 

@@ -27,7 +27,12 @@ from .._io import (
 from ..errors import ConfigError, DataError, ModelError
 from ..rundir import canonical_hash, library_versions
 from .config import AlignConfig
-from .sharding import full_state_dict_for_saving, launch_from_env, missing_adapter_files
+from .sharding import (
+    four_bit_device_map,
+    full_state_dict_for_saving,
+    launch_from_env,
+    missing_adapter_files,
+)
 from .trainer import TrainProgress, build_trainer, check_environment, lora_config
 from .trl_args import resolve_trl_args
 
@@ -139,7 +144,15 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
 
     from ..models import load_tokenizer, refused_load, resolve_model, weights_location
 
+    from accelerate import PartialState
+
     spec = resolve_model(cfg.model)
+    state = PartialState()
+    device_map = four_bit_device_map(
+        device,
+        num_processes=state.num_processes,
+        local_process_index=state.local_process_index,
+    )
     bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -151,7 +164,7 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
             weights_location(spec),
             quantization_config=bnb,
             dtype=torch.bfloat16,
-            device_map={"": device},
+            device_map=device_map,
         )
     except OSError as exc:
         raise ModelError(f"could not load model {cfg.model!r}: {exc}") from None
