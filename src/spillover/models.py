@@ -286,6 +286,22 @@ def fast_bf16(device: str) -> bool:
     return device == "cpu" and native_cpu_bf16()
 
 
+def release_cuda_memory() -> None:
+    """Give the GPU memory this process no longer uses back to the driver.
+
+    torch's caching allocator keeps freed blocks for reuse by this process only; another
+    process (vLLM's engine) sees them as taken. ``gc.collect()`` first: a trainer or a
+    model in a reference cycle is only freed by the collector. Nothing happens without CUDA.
+    """
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def embedded_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where the plain (safetensors) copy of the embedded model is cached."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
@@ -512,6 +528,7 @@ __all__ = [
     "load_tokenizer",
     "model_info",
     "prepare_embedded",
+    "release_cuda_memory",
     "resolve_device",
     "resolve_dtype",
     "resolve_model",

@@ -139,12 +139,11 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
 
 def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
     import torch
+    from accelerate import PartialState
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from ..models import load_tokenizer, refused_load, resolve_model, weights_location
-
-    from accelerate import PartialState
 
     spec = resolve_model(cfg.model)
     state = PartialState()
@@ -343,6 +342,17 @@ def train_adapter(
     Raises:
         ConfigError, DataError, MissingDependencyError, ModelError.
     """
+    from ..models import release_cuda_memory
+
+    try:
+        return _train_adapter(pairs, cfg, progress)
+    finally:
+        # the trainer, model and optimizer are unreferenced once _train_adapter returns;
+        # give their GPU memory back, for a vLLM engine started next in the same process
+        release_cuda_memory()
+
+
+def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None) -> AdapterRef:
     import torch
 
     cfg = resolve_trl_args(cfg)  # recorded as TRL reads them
