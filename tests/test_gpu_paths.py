@@ -156,3 +156,119 @@ def test_a_failing_process_of_a_launch_ends_at_once(mini_dir: Path, tmp_path: Pa
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "the GPU ran out of memory" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path) -> Any:
+    """A real (one-process, gloo) process group, as under `accelerate launch`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+FSDP_EFFICIENT = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
+
+
+def _train_cfg(model: Path, out: Path, **kw: Any) -> AlignConfig:
+    base: dict[str, Any] = {"max_steps": 1, "batch_size": 2, "lora_r": 4, "bf16": False}
+    base.update(kw)
+    return AlignConfig(
+        model=str(model), output_dir=str(out), device="cpu", target_modules=("q_proj",), **base
+    )
+
+
+def test_fsdp_efficient_loading_leaves_the_other_processes_weights_on_meta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_process_group: Any
+) -> None:
+    """With fsdp_cpu_ram_efficient_loading, transformers 4.56-4.57 leave the weights of every
+    process but the first on `meta` (5.x reads them on every process); the loader must not
+    move them (`.to(device)` fails on meta: "Cannot copy out of meta tensor") and FSDP sends
+    the first process's weights to the others."""
+    import torch
+    import transformers
+
+    from spillover.align.train import load_for_training
+    from tiny_models import make_tiny
+
+    model_dir = make_tiny(tmp_path / "tiny")
+    for key, value in FSDP_EFFICIENT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of the machine
+    cfg = _train_cfg(model_dir, tmp_path / "a", dtype="float32")
+    model, _, _ = load_for_training(cfg, "cpu")  # the installed transformers' own way
+    assert {p.device.type for p in model.parameters()} <= {"meta", "cpu"}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def on_meta(*args: Any, **kwargs: Any) -> Any:  # what transformers 4.x gives that process
+        config = transformers.AutoConfig.from_pretrained(args[0])
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", on_meta)
+    model, _, _ = load_for_training(cfg, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")  # unsharded: moved to the device as before
+    model, _, _ = load_for_training(cfg, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_sharded_training_arguments_come_before_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ZeRO-3 the training arguments make transformers' DeepSpeed config live, which
+    makes from_pretrained load under zero.Init; unsharded, none are made early."""
+    from spillover.align.trainer import sharded_training_args
+
+    cfg = _train_cfg(Path("m"), tmp_path / "a")
+    assert sharded_training_args(cfg, tmp_path / "c", "cpu") is None
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    for key, value in {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_MIXED_PRECISION": "no",
+    }.items():
+        monkeypatch.setenv(key, value)
+    assert not is_deepspeed_zero3_enabled()
+    args = sharded_training_args(cfg, tmp_path / "c", "cpu")
+    assert args is not None and is_deepspeed_zero3_enabled()
+    del args
+    import gc
+
+    gc.collect()
+    assert not is_deepspeed_zero3_enabled()  # a weak reference: alive only with the args
+
+
+def test_adapters_take_the_base_dtype_under_fsdp(tmp_path: Path) -> None:
+    """TRL's frozen reference adapter (PEFT's default autocast: float32 on a bf16 base) would
+    sit beside the bf16 base in FSDP1's FlatParameters: "Must flatten tensors with uniform
+    dtype". Sharded, every LoRA weight is cast to the base dtype; unsharded, left alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from spillover.align.sharding import Launch, uniform_adapter_dtype
+    from tiny_models import make_tiny
+
+    base = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "t"), dtype=torch.bfloat16)
+    lora = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    model.add_adapter("ref", lora)  # what TRL does for a resumed adapter
+
+    def lora_dtypes() -> set[torch.dtype]:
+        return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+    assert lora_dtypes() == {torch.float32}
+    assert uniform_adapter_dtype(model, Launch()) == 0
+    assert uniform_adapter_dtype(model, Launch(kind="fsdp")) == 8  # A and B, 2 layers x 2
+    assert lora_dtypes() == {torch.bfloat16}

@@ -442,6 +442,7 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = None,
     merge_adapter: bool = False,
+    place: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, optionally with a LoRA adapter applied.
 
@@ -460,6 +461,12 @@ def load_model(
             adapter adds its low-rank products to every adapted layer (measured on the
             default study's aligned SmolLM2: bf16 scoring 1.7x faster, float32 1.2x, every
             float32 prediction equal, log-probabilities within 5e-5; docs/benchmarks.md).
+        place: Move the weights to ``device``. False for sharded training (DeepSpeed
+            ZeRO-3, FSDP): the weights are then ZeRO-3 partitions (loaded under
+            ``deepspeed.zero.Init``) or, with FSDP's ``cpu_ram_efficient_loading`` and
+            transformers 4.x, whole on the first process and on the ``meta`` device on the
+            others; the engine places them, and ``.to(device)`` would put a whole copy on
+            every GPU before sharding (or fail on ``meta``).
 
     Raises:
         MissingDependencyError, ModelError, ConfigError.
@@ -490,7 +497,8 @@ def load_model(
         if refused is None:
             raise
         raise refused from None
-    model.to(dev)
+    if place:
+        model.to(dev)
     model.eval()
     tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     adapter_str: str | None = None

@@ -12,13 +12,18 @@ one line before any work:
 - 4-bit QLoRA under sharding: the 4-bit load pins the model to one device
   (``device_map``) and stores weights as uint8, which FSDP and ZeRO-3 cannot shard (bitsandbytes
   documents a float ``bnb_4bit_quant_storage`` and no ``device_map`` for that); refused.
-- ``fsdp_cpu_ram_efficient_loading: true``: transformers then loads the weights on the
-  first process only and leaves the others' on the ``meta`` device (read in the 4.56-4.57
-  sources this project allows; later releases are not checked, so it is refused with every
-  release), which the model loader's ``.to(device)`` cannot move.
 - ``bf16`` set explicitly against the launch config's ``mixed_precision``: the launcher's
   setting reaches the Accelerator through the environment and would silently win
   (DeepSpeed takes it as its own precision).
+
+Sharded loading: under ZeRO-3 or FSDP the model loader does not move the weights to the
+device (the engine places them), and the training arguments are made before the model is
+loaded (``trainer.sharded_training_args``), so that ZeRO-3 partitions the weights as they
+are read (``zero3_init_flag``) instead of every process holding a whole copy, and FSDP's
+``fsdp_cpu_ram_efficient_loading`` reads them on the first process only (the others hold
+``meta`` tensors until FSDP broadcasts them with ``sync_module_states``; transformers
+4.56-4.57, read in their sources; 5.x reads them on every process and FSDP still broadcasts
+the first's).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -112,12 +118,6 @@ def check_launch(launch: Launch, *, merge: bool, load_in_4bit: bool, bf16: bool 
             "device, which FSDP / ZeRO-3 cannot shard; train 4-bit with one process per GPU "
             "(configs/accelerate/multi_gpu.yaml) or drop --load-in-4bit under sharding"
         )
-    if launch.kind == "fsdp" and launch.fsdp_cpu_ram_efficient_loading:
-        raise ConfigError(
-            "the FSDP launch config sets fsdp_cpu_ram_efficient_loading: true, which leaves "
-            "the weights of every process but the first on the meta device; set it to false "
-            "(as configs/accelerate/fsdp.yaml does)"
-        )
     mp = launch.mixed_precision
     if bf16 is False and mp == "bf16":
         raise ConfigError(
@@ -173,6 +173,30 @@ def full_state_dict_for_saving(trainer: object, launch: Launch) -> None:
         return
     if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
         plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def uniform_adapter_dtype(model: Any, launch: Launch) -> int:
+    """Sharded, cast every LoRA weight to the dtype of the base weights; return how many.
+
+    TRL adds a frozen copy of a loaded adapter as the reference (adapter ``ref``, with
+    PEFT's default ``autocast_adapter_dtype``, which upcasts bf16 LoRA weights to float32).
+    Frozen, it is wrapped with the bf16 base in FSDP1's FlatParameters, which refuse mixed
+    dtypes ("Must flatten tensors with uniform dtype"), and ZeRO-3 gathers parameters in the
+    first one's dtype. Weights DeepSpeed already partitioned (``ds_id``) are left alone.
+    Unsharded launches keep PEFT's float32 adapters (more precise updates).
+    """
+    if not launch.sharded:
+        return 0
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    if len(base) != 1:
+        return 0
+    (dtype,) = base
+    cast = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def missing_adapter_files(folder: os.PathLike[str] | str) -> list[str]:

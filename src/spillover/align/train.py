@@ -32,8 +32,15 @@ from .sharding import (
     full_state_dict_for_saving,
     launch_from_env,
     missing_adapter_files,
+    uniform_adapter_dtype,
 )
-from .trainer import TrainProgress, build_trainer, check_environment, lora_config
+from .trainer import (
+    TrainProgress,
+    build_trainer,
+    check_environment,
+    lora_config,
+    sharded_training_args,
+)
 from .trl_args import resolve_trl_args
 
 logger = logging.getLogger(__name__)
@@ -113,10 +120,14 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
     """
     from ..models import load_model
 
+    launch = launch_from_env()
     if cfg.load_in_4bit:
         model, tok, prov = _load_4bit(cfg, device)
     else:
-        loaded = load_model(cfg.model, device=device, dtype=cfg.dtype)
+        # sharded: the engine places the weights (see load_model's `place`); the caller has
+        # made the training arguments first (sharded_training_args), so that transformers
+        # loads under ZeRO-3's zero.Init or FSDP's first-process-only loading
+        loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, place=not launch.sharded)
         model, tok, prov = loaded.model, loaded.tokenizer, loaded.provenance()
     if cfg.adapter is not None:
         from peft import PeftModel
@@ -125,13 +136,14 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
         if not (path / "adapter_config.json").is_file():
             raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
         # is_trainable=True: a frozen adapter would train nothing (loss stuck at ln 2).
-        # Under ZeRO-3, LoRA weights must keep the base's dtype: PEFT's default autocast to
-        # float32 gives mixed dtypes that fail at the first optimizer step (TRL's docs)
+        # Sharded, LoRA weights must keep the base's dtype: PEFT's default autocast to
+        # float32 gives mixed dtypes that fail at ZeRO-3's first optimizer step (TRL's docs)
+        # and in FSDP1's flattening ("Must flatten tensors with uniform dtype")
         model = PeftModel.from_pretrained(
             model,
             str(path),
             is_trainable=True,
-            autocast_adapter_dtype=not launch_from_env().zero3,
+            autocast_adapter_dtype=not launch.sharded,
         )
         prov["adapter"] = str(path.resolve())
     return model, tok, prov
@@ -380,6 +392,8 @@ def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None)
     set_seed(cfg.seed)
     tmp: Path | None = None
     try:
+        # held until the trainer has its own: it keeps the ZeRO-3 config live while loading
+        early_args = sharded_training_args(cfg, ckpt, device)
         model, tok, model_prov = load_for_training(cfg, device)
         tmp = _scratch(target, state)
         trainer = build_trainer(
@@ -394,6 +408,8 @@ def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None)
             eval_pairs=heldout,
             logs_dir=ckpt / LOGS_DIR,
         )
+        del early_args
+        uniform_adapter_dtype(trainer.model, launch_from_env())
         run = _run_training(trainer, cfg, ckpt, resume)
         history = [dict(h) for h in trainer.state.log_history]
         # collective under several processes (gathers ZeRO-3 / FSDP shards); only the main

@@ -333,6 +333,23 @@ def trl_config(
             ) from None
 
 
+def sharded_training_args(cfg: AlignConfig, output_dir: Path, device: str) -> Any | None:
+    """Under ZeRO-3 or FSDP, the run's TRL config made before the model is loaded; else None.
+
+    transformers decides how ``from_pretrained`` loads from state the training arguments
+    create: under DeepSpeed they make its DeepSpeed config live (accelerate's plugin, a weak
+    reference read by ``is_deepspeed_zero3_enabled()``), and ZeRO-3 then partitions every
+    weight as it is read (``deepspeed.zero.Init``, ``zero3_init_flag``) instead of each
+    process holding a whole copy in host memory. FSDP's first-process-only loading
+    (``fsdp_cpu_ram_efficient_loading``) needs only the launch's environment and the
+    process group. Keep the returned object alive until the trainer is built (the weak
+    reference dies with it). ``max_length`` is not known yet and does not matter here.
+    """
+    if not launch_from_env().sharded:
+        return None
+    return trl_config(cfg, output_dir, device=device, max_length=None)
+
+
 def _schedule_args(cfg: AlignConfig, evaluate: bool) -> dict[str, Any]:
     """Steps or epochs, evaluation and checkpoint intervals (a float below 1 is
     transformers' share of the total steps)."""
