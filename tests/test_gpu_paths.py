@@ -272,3 +272,77 @@ def test_adapters_take_the_base_dtype_under_fsdp(tmp_path: Path) -> None:
     assert uniform_adapter_dtype(model, Launch()) == 0
     assert uniform_adapter_dtype(model, Launch(kind="fsdp")) == 8  # A and B, 2 layers x 2
     assert lora_dtypes() == {torch.bfloat16}
+
+
+SHARED_CHECK = """\
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+from spillover._io import check_shared_dir
+from spillover.errors import ConfigError
+
+state = PartialState(cpu=True)
+base = Path(sys.argv[1])
+# "same": one folder for all; else each process its own, as on machines without a shared disk
+folder = base if sys.argv[2] == "same" else base / f"machine{state.process_index}"
+try:
+    check_shared_dir(folder, state, what="the adapter folder", wait=1.0)
+    print(f"rank {state.process_index}: shared")
+except ConfigError as exc:
+    print(f"rank {state.process_index}: error: {exc}")
+"""
+
+
+def test_every_process_of_a_launch_must_see_one_folder(tmp_path: Path) -> None:
+    """Two gloo processes: a folder both see passes (and its marker is removed); folders that
+    differ (machines without a shared filesystem) fail on both processes, in one line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_CHECK)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    outs = {}
+    for mode in ("same", "apart"):
+        folder = tmp_path / mode
+        proc = subprocess.run(
+            [*launch, str(script), str(folder), mode], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[:3000]
+        outs[mode] = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("rank"))
+    assert outs["same"] == ["rank 0: shared", "rank 1: shared"]
+    assert not list((tmp_path / "same").iterdir())  # the marker is gone
+    assert len(outs["apart"]) == 2
+    for line in outs["apart"]:
+        assert "not one folder for every process of this launch" in line
+        assert "the adapter folder must be on a filesystem all machines share" in line
+
+
+def test_the_shipped_launch_configs_hard_code_no_process_counts() -> None:
+    """accelerate refuses a config without num_processes unless --num_processes is given, so
+    no launch silently assumes 8 GPUs; the multi-node config takes the machines' count and
+    rank from the launch line (the environment), and says so."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    assert "multi_node_zero3.yaml" in names
+    for name in names:
+        raw = yaml.safe_load((folder / name).read_text())
+        assert "num_processes" not in raw, name
+        assert load_config_from_file(str(folder / name)).num_processes == -1, name
+    text = (folder / "multi_node_zero3.yaml").read_text()
+    raw = yaml.safe_load(text)
+    assert not {"num_machines", "machine_rank", "main_process_ip"} & set(raw)
+    for flag in ('--num_machines "$NNODES"', '--machine_rank "$NODE_RANK"', "--main_process_ip"):
+        assert flag in text

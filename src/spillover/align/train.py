@@ -19,6 +19,7 @@ from .._io import (
     OWNER_MARKER,
     atomic_write_json,
     check_output_dir,
+    check_shared_dir,
     json_safe,
     mark_owned,
     replace_dir,
@@ -380,6 +381,10 @@ def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None)
     distributed = state.num_processes > 1
     main = state.is_main_process
     ckpt = checkpoint_dir(target)
+    # the first process decides the resume and writes what the others read: one folder
+    check_shared_dir(
+        target.parent, state, what="the adapter folder, its checkpoints and scratch data"
+    )
     with state.main_process_first():
         resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
     if not main:

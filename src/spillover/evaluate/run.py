@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from pathlib import Path
 from typing import Any
 
+from .._io import check_shared_dir
 from ..data import CATEGORIES, BBQData, BBQItem, Selection
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel
@@ -607,6 +608,8 @@ def evaluate_distributed(
             loaded_model, ordered, cfg, out=out, progress=progress, provenance=provenance
         )
         return Path(out)
+    # the main process merges every process's part file: they must meet in one folder
+    check_shared_dir(Path(out).parent, state, what="the predictions file and its part files")
     parts = [part_path(out, i, state.num_processes) for i in range(state.num_processes)]
     with state.split_between_processes(ordered) as share:
         evaluate_model(
