@@ -252,7 +252,8 @@ def test_sharded_training_arguments_come_before_the_model(
 def test_adapters_take_the_base_dtype_under_fsdp(tmp_path: Path) -> None:
     """TRL's frozen reference adapter (PEFT's default autocast: float32 on a bf16 base) would
     sit beside the bf16 base in FSDP1's FlatParameters: "Must flatten tensors with uniform
-    dtype". Sharded, every LoRA weight is cast to the base dtype; unsharded, left alone."""
+    dtype". Under FSDP the frozen LoRA weights take the base dtype (the trainable ones keep
+    float32 updates), under ZeRO-3 all of them; unsharded, nothing changes."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -268,9 +269,14 @@ def test_adapters_take_the_base_dtype_under_fsdp(tmp_path: Path) -> None:
     def lora_dtypes() -> set[torch.dtype]:
         return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
 
+    def dtypes(adapter: str) -> set[torch.dtype]:
+        return {p.dtype for n, p in model.named_parameters() if "lora_" in n and adapter in n}
+
     assert lora_dtypes() == {torch.float32}
     assert uniform_adapter_dtype(model, Launch()) == 0
-    assert uniform_adapter_dtype(model, Launch(kind="fsdp")) == 8  # A and B, 2 layers x 2
+    assert uniform_adapter_dtype(model, Launch(kind="fsdp")) == 4  # ref's A and B, 2 layers
+    assert dtypes(".ref.") == {torch.bfloat16} and dtypes(".default.") == {torch.float32}
+    assert uniform_adapter_dtype(model, Launch(kind="deepspeed", zero_stage=3)) == 4
     assert lora_dtypes() == {torch.bfloat16}
 
 

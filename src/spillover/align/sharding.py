@@ -176,14 +176,19 @@ def full_state_dict_for_saving(trainer: object, launch: Launch) -> None:
 
 
 def uniform_adapter_dtype(model: Any, launch: Launch) -> int:
-    """Sharded, cast every LoRA weight to the dtype of the base weights; return how many.
+    """Sharded, cast the LoRA weights the engine would mix with the base's dtype; return
+    how many were cast.
 
-    TRL adds a frozen copy of a loaded adapter as the reference (adapter ``ref``, with
-    PEFT's default ``autocast_adapter_dtype``, which upcasts bf16 LoRA weights to float32).
-    Frozen, it is wrapped with the bf16 base in FSDP1's FlatParameters, which refuse mixed
-    dtypes ("Must flatten tensors with uniform dtype"), and ZeRO-3 gathers parameters in the
-    first one's dtype. Weights DeepSpeed already partitioned (``ds_id``) are left alone.
-    Unsharded launches keep PEFT's float32 adapters (more precise updates).
+    TRL adds a frozen copy of a loaded adapter as the reference (adapter ``ref``) with
+    PEFT's default ``autocast_adapter_dtype``, which upcasts LoRA weights on a bf16 base to
+    float32. Under FSDP1 the frozen copy is wrapped with the bf16 base layer in one
+    FlatParameter, which refuses mixed dtypes ("Must flatten tensors with uniform dtype"),
+    so frozen LoRA weights take the base dtype there; trainable ones stay float32 (PEFT's
+    FSDP wrap policy gives them units of their own, and bf16 weights would lose the small
+    updates of a 5e-6 learning rate: FSDP keeps no float32 copy). ZeRO-3 gathers every
+    parameter in the first one's dtype, so there all LoRA weights take the base dtype
+    (DeepSpeed's optimizer keeps float32 master weights); weights DeepSpeed already
+    partitioned (``ds_id``) are left alone. Unsharded launches are left as they are.
     """
     if not launch.sharded:
         return 0
@@ -193,9 +198,12 @@ def uniform_adapter_dtype(model: Any, launch: Launch) -> int:
     (dtype,) = base
     cast = 0
     for name, param in model.named_parameters():
-        if "lora_" in name and param.dtype != dtype and not hasattr(param, "ds_id"):
-            param.data = param.data.to(dtype)
-            cast += 1
+        if "lora_" not in name or param.dtype == dtype or hasattr(param, "ds_id"):
+            continue
+        if launch.kind == "fsdp" and param.requires_grad:
+            continue
+        param.data = param.data.to(dtype)
+        cast += 1
     return cast
 
 

@@ -137,14 +137,14 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
         if not (path / "adapter_config.json").is_file():
             raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
         # is_trainable=True: a frozen adapter would train nothing (loss stuck at ln 2).
-        # Sharded, LoRA weights must keep the base's dtype: PEFT's default autocast to
-        # float32 gives mixed dtypes that fail at ZeRO-3's first optimizer step (TRL's docs)
-        # and in FSDP1's flattening ("Must flatten tensors with uniform dtype")
+        # Under ZeRO-3, LoRA weights must keep the base's dtype: PEFT's default autocast to
+        # float32 gives mixed dtypes that fail at the first optimizer step (TRL's docs).
+        # Under FSDP the trainable adapter stays float32 (see uniform_adapter_dtype)
         model = PeftModel.from_pretrained(
             model,
             str(path),
             is_trainable=True,
-            autocast_adapter_dtype=not launch.sharded,
+            autocast_adapter_dtype=not launch.zero3,
         )
         prov["adapter"] = str(path.resolve())
     return model, tok, prov
