@@ -366,35 +366,15 @@ def train_adapter(
 
 
 def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None) -> AdapterRef:
-    import torch
-
     cfg = resolve_trl_args(cfg)  # recorded as TRL reads them
     target = Path(cfg.output_dir).expanduser()
     check_output_dir(target, ADAPTER_KIND, overwrite=cfg.overwrite)
     df, split = load_pair_frame(pairs)
     heldout = load_heldout_frame(pairs)
     device = check_environment(cfg)
-    from accelerate import PartialState
-
-    # one process, or one of several under `accelerate launch` / torchrun
-    state = PartialState(cpu=device == "cpu")
+    state, ckpt, resume = _join_launch(cfg, target, df, device)
     distributed = state.num_processes > 1
     main = state.is_main_process
-    ckpt = checkpoint_dir(target)
-    # the first process decides the resume and writes what the others read: one folder
-    check_shared_dir(
-        target.parent, state, what="the adapter folder, its checkpoints and scratch data"
-    )
-    with state.main_process_first():
-        resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
-    if not main:
-        resume = last_checkpoint(ckpt)
-    if device == "cpu":
-        cores = (os.cpu_count() or 1) // (state.num_processes if distributed else 1)
-        torch.set_num_threads(cfg.num_threads or max(cores, 1))
-    from transformers import set_seed
-
-    set_seed(cfg.seed)
     tmp: Path | None = None
     try:
         # held until the trainer has its own: it keeps the ZeRO-3 config live while loading
@@ -448,6 +428,35 @@ def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None)
         if main and ckpt.is_dir() and not list(ckpt.glob("checkpoint-*")):
             shutil.rmtree(ckpt, ignore_errors=True)  # nothing to resume from
     return _adapter_ref(target, cfg, trainer, history, merged_dir, run)
+
+
+def _join_launch(
+    cfg: AlignConfig, target: Path, df: Any, device: str
+) -> tuple[Any, Path, Path | None]:
+    """This process's place in the launch (accelerate's ``PartialState``), the checkpoint
+    folder and the checkpoint to resume from (decided by the first process, in a folder
+    every process must see); torch's threads and the seed set."""
+    import torch
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    # one process, or one of several under `accelerate launch` / torchrun
+    state = PartialState(cpu=device == "cpu")
+    main = state.is_main_process
+    ckpt = checkpoint_dir(target)
+    # the first process decides the resume and writes what the others read: one folder
+    check_shared_dir(
+        target.parent, state, what="the adapter folder, its checkpoints and scratch data"
+    )
+    with state.main_process_first():
+        resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
+    if not main:
+        resume = last_checkpoint(ckpt)
+    if device == "cpu":
+        cores = (os.cpu_count() or 1) // state.num_processes
+        torch.set_num_threads(cfg.num_threads or max(cores, 1))
+    set_seed(cfg.seed)
+    return state, ckpt, resume
 
 
 def _scratch(target: Path, state: Any) -> Path:

@@ -305,6 +305,24 @@ GPU's total memory the engine may take for weights, activations and KV cache. vL
 to start when less than that is free."""
 
 
+def _engine_sizes(
+    gpu_memory_utilization: float | None, max_num_batched_tokens: int | None
+) -> float:
+    """Check the engine's memory settings; return ``gpu_memory_utilization`` (None: the
+    default)."""
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"`gpu_memory_utilization`={gpu_memory_utilization}; expected a share in (0, 1]"
+        )
+    if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+        raise ConfigError(
+            f"`max_num_batched_tokens`={max_num_batched_tokens}; expected a positive integer"
+        )
+    return gpu_memory_utilization
+
+
 def load_vllm_model(
     name: str,
     *,
@@ -343,16 +361,7 @@ def load_vllm_model(
     )
 
     vllm = _import_vllm()
-    if gpu_memory_utilization is None:
-        gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ConfigError(
-            f"`gpu_memory_utilization`={gpu_memory_utilization}; expected a share in (0, 1]"
-        )
-    if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
-        raise ConfigError(
-            f"`max_num_batched_tokens`={max_num_batched_tokens}; expected a positive integer"
-        )
+    gpu_memory_utilization = _engine_sizes(gpu_memory_utilization, max_num_batched_tokens)
     if tensor_parallel_size < 1:
         raise ConfigError(f"`tensor_parallel_size`={tensor_parallel_size}; expected >= 1")
     if max_model_len is not None and max_model_len < 1:
