@@ -116,6 +116,7 @@ def test_a_spent_budget_runs_nothing_and_says_so(inputs: Path, tmp_path: Path) -
         assert report["sections"][name]["error"] == "not run: the --budget was spent"
 
 
+@pytest.mark.slow
 def test_the_correctness_sections_run_before_the_timings_on_the_cpu(
     inputs: Path, tmp_path: Path
 ) -> None:
