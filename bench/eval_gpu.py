@@ -130,7 +130,7 @@ def measure(
     config: str = "qwen2.5-7b",
     device: str = "cuda",
     batch_tokens: int = 32768,
-    max_row_tokens: int = 512,
+    max_row_tokens: int | None = 512,
     check_items: int = 64,
     tolerance: float = 0.1,
 ) -> dict[str, Any]:

@@ -146,7 +146,11 @@ class FakeLLM:
         self.hf_model = hf_model
         self.fail = fail
         self.calls: list[list[list[int]]] = []
+        self.shut_down = 0
         FakeLLM.made.append(self)
+
+    def shutdown(self) -> None:  # vLLM's LLM.shutdown (newer releases)
+        self.shut_down += 1
 
     def generate(self, prompts: list[Any], params: Any, **kwargs: Any) -> list[Any]:
         if self.fail is not None:
@@ -391,3 +395,126 @@ def test_docs_do_not_claim_the_prefix_cache_shares_prompt_logprob_requests() -> 
         ):
             assert stale not in flat, (name, stale)
         assert "prefix cache does not share" in flat, name
+
+
+def _engine_on(fake_vllm: Any, tiny: Any, fail: BaseException | None = None) -> None:
+    """``vllm.LLM`` of the fake package: a FakeLLM scoring with the tiny model."""
+    fake_vllm.LLM = lambda **kw: FakeLLM(kw, tiny.model, fail=fail)
+
+
+def test_the_engine_is_shut_down_and_its_memory_settings_reach_it(
+    tiny: Any, fake_vllm: Any, mini_dir: Path, tmp_path: Path
+) -> None:
+    """Every stage of a `spillover run` runs in one process: each vLLM engine is shut down
+    after its evaluation (else the next one, or the training, finds the GPU full)."""
+    from spillover.data import load_bbq
+    from spillover.evaluate import EvalConfig
+    from spillover.evaluate.run import run_evaluation
+
+    _engine_on(fake_vllm, tiny)
+    items = load_bbq(mini_dir, allow_unverified=True, fetch=False).items[:3]
+    cfg = EvalConfig(backend="vllm", gpu_memory_utilization=0.5, max_num_batched_tokens=2048)
+    outcome = run_evaluation(tiny.spec.location, items, cfg, out=tmp_path / "p.parquet")
+    assert outcome.n_rows == 3
+    (llm,) = FakeLLM.made
+    assert llm.kwargs["gpu_memory_utilization"] == 0.5
+    assert llm.kwargs["max_num_batched_tokens"] == 2048
+    assert llm.shut_down == 1
+    # unset: vLLM's 0.9, and its own batched-token default
+    FakeLLM.made.clear()
+    run_evaluation(
+        tiny.spec.location, items, EvalConfig(backend="vllm"), out=tmp_path / "q.parquet"
+    )
+    assert FakeLLM.made[0].kwargs["gpu_memory_utilization"] == 0.9
+    assert "max_num_batched_tokens" not in FakeLLM.made[0].kwargs
+    assert FakeLLM.made[0].shut_down == 1
+
+
+def test_an_engine_that_fails_while_scoring_is_shut_down_too(
+    tiny: Any, fake_vllm: Any, mini_dir: Path, tmp_path: Path
+) -> None:
+    from spillover.data import load_bbq
+    from spillover.evaluate import EvalConfig
+    from spillover.evaluate.run import run_evaluation
+
+    _engine_on(fake_vllm, tiny, fail=RuntimeError("CUDA out of memory. Tried to allocate"))
+    items = load_bbq(mini_dir, allow_unverified=True, fetch=False).items[:3]
+    with pytest.raises(ModelError) as info:
+        run_evaluation(tiny.spec.location, items, EvalConfig(backend="vllm"), out=tmp_path / "p")
+    assert "--max-num-batched-tokens (eval.max_num_batched_tokens)" in str(info.value)
+    assert "--gpu-memory-utilization (eval.gpu_memory_utilization)" in str(info.value)
+    assert FakeLLM.made[0].shut_down == 1
+
+
+def test_engine_shutdown_falls_back_to_the_engine_client() -> None:
+    """vLLM 0.10-0.11 has no LLM.shutdown: its engine client is stopped; failures only log."""
+    from spillover.evaluate.vllm import shutdown_engine
+
+    stopped: list[str] = []
+    core = SimpleNamespace(shutdown=lambda: stopped.append("core"))
+    shutdown_engine(SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core)))
+    assert stopped == ["core"]
+
+    def broken() -> None:
+        raise RuntimeError("engine already dead")
+
+    shutdown_engine(SimpleNamespace(shutdown=broken))  # logged, not raised
+    shutdown_engine(object())  # nothing to stop
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"backend": "vllm", "gpu_memory_utilization": 0}, "`gpu_memory_utilization`=0;"),
+        ({"backend": "vllm", "gpu_memory_utilization": 1.5}, "`gpu_memory_utilization`=1.5;"),
+        ({"gpu_memory_utilization": 0.5}, "with `backend`: vllm"),
+        ({"backend": "vllm", "max_num_batched_tokens": 0}, "`max_num_batched_tokens`=0;"),
+        ({"max_num_batched_tokens": 4096}, "with `backend`: vllm"),
+    ],
+)
+def test_engine_memory_settings_are_checked(values: dict[str, Any], needle: str) -> None:
+    from spillover.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        EvalConfig(**values)
+
+
+def test_engine_memory_settings_neither_rerun_stages_nor_refuse_shards(tmp_path: Path) -> None:
+    """They size the engine, not the scores: out of the scoring config's dict (the key of
+    shards and stages), but read from the run config and recorded in its config.yaml."""
+    from spillover.evaluate import EvalConfig
+    from spillover.runs import RunConfig
+
+    cfg = EvalConfig(backend="vllm", gpu_memory_utilization=0.6, max_num_batched_tokens=4096)
+    assert cfg.to_dict() == EvalConfig(backend="vllm").to_dict()
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "eval:\n  backend: vllm\n  gpu_memory_utilization: 0.6\n  max_num_batched_tokens: 4096\n",
+        encoding="utf-8",
+    )
+    run = RunConfig.load(path)
+    assert (run.eval.gpu_memory_utilization, run.eval.max_num_batched_tokens) == (0.6, 4096)
+    assert run.to_dict()["eval"]["gpu_memory_utilization"] == 0.6
+
+
+def test_a_dead_engine_is_one_line_on_the_command_line(
+    tiny: Any, fake_vllm: Any, mini_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's EngineDeadError (an Exception, not one of the engine errors caught while
+    scoring where vLLM is absent) reaches the CLI's boundary and reads as one line."""
+    import importlib.machinery
+
+    class EngineDeadError(Exception):
+        pass
+
+    fake_vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    _engine_on(fake_vllm, tiny, fail=EngineDeadError("EngineCore encountered an issue."))
+    out = tmp_path / "preds.parquet"
+    res = _invoke(tiny, mini_dir, out, ["--backend", "vllm", "--limit", "2"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    tail = res.output[res.output.index("error:") :].strip()
+    assert "\n" not in tail
+    assert "vLLM's engine stopped (EngineDeadError: EngineCore encountered an issue.)" in tail
+    assert "--max-num-batched-tokens" in tail and "--gpu-memory-utilization" in tail
+    assert FakeLLM.made[0].shut_down == 1

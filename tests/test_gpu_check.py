@@ -1,5 +1,6 @@
-"""bench/gpu_check.py on the CPU with a 2-layer model: every section runs and reports numbers,
-a failing section is reported while the others run, and the time budget is kept."""
+"""bench/gpu_check.py on the CPU with a 2-layer model: every section runs and reports numbers
+(the correctness checks and the timings), a failing section is reported while the others
+run, and the time budget is kept."""
 
 from __future__ import annotations
 
@@ -48,16 +49,22 @@ def run(inputs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=600,
     )
 
 
-def test_the_cpu_smoke_run_reports_every_section_with_numbers(inputs: Path, tmp_path: Path) -> None:
+TIMED = ("ours", "trl-tuned", "eval")
+
+
+def test_the_cpu_smoke_run_reports_every_timed_section_with_numbers(
+    inputs: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "check.json"
-    proc = run(inputs, out, "--budget", "240", "--reserve", "30")
+    proc = run(inputs, out, "--sections", ",".join(TIMED), "--budget", "240", "--reserve", "30")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("versions: torch ")  # printed before anything runs
     report = json.loads(out.read_text())
-    assert report["sections_run"] == list(gpu_check.SECTIONS)
+    assert report["sections_run"] == list(TIMED)
     sections = report["sections"]
     for arm in ("ours", "trl-tuned"):
         res = sections[arm]
@@ -74,8 +81,9 @@ def test_the_cpu_smoke_run_reports_every_section_with_numbers(inputs: Path, tmp_
     assert ev["check_passed"] and ev["items"] == 16 and ev["items_per_s"] > 0
     assert ev["max_packed_vs_fp32"] < 1e-3  # float32 on the CPU: the check is exact
     assert report["compare"]["speedup"] > 0
+    assert ev["batch_tokens"] == 4096 and ev["max_row_tokens"] == "scorer default"  # the CLI's
     printed = proc.stdout[proc.stdout.index(report["title"]) :]
-    for name in (*gpu_check.SECTIONS, "compare"):
+    for name in (*TIMED, "compare"):
         assert f"\n{name} " in printed
     assert "steps/s (after warm-up)" in printed and "items/s" in printed
     assert "ERROR" not in printed
@@ -106,3 +114,34 @@ def test_a_spent_budget_runs_nothing_and_says_so(inputs: Path, tmp_path: Path) -
     report = json.loads(out.read_text())
     for name in gpu_check.SECTIONS:
         assert report["sections"][name]["error"] == "not run: the --budget was spent"
+
+
+@pytest.mark.slow
+def test_the_correctness_sections_run_before_the_timings_on_the_cpu(
+    inputs: Path, tmp_path: Path
+) -> None:
+    """Step-1 log-probabilities equal TRL's, train_adapter resumes with the preset's gradient
+    checkpointing, and one-process FSDP launches save an adapter, with and without --adapter."""
+    assert gpu_check.SECTIONS[:3] == ("logprobs", "train", "fsdp")
+    out = tmp_path / "check.json"
+    proc = run(inputs, out, "--sections", "logprobs,train,fsdp", "--budget", "500")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    lp = sections["logprobs"]
+    assert lp["logps_agree"] is True and lp["diff logps/chosen"] < 1e-3
+    assert lp["ours"]["logps/chosen"] < 0 and lp["ours"]["loss"] == pytest.approx(0.693, abs=1e-3)
+    tr = sections["train"]
+    assert (tr["resumed_step"], tr["steps"], tr["recorded_checkpointing"]) == (1, 3, True)
+    assert tr["resume_vs_whole_max_diff"] < 1e-5
+    fs = sections["fsdp"]
+    assert fs["new_adapter_saved"] is True and fs["adapter_adapter_saved"] is True
+
+
+def test_the_wheels_are_pinned_to_the_installed_versions() -> None:
+    from importlib import metadata
+
+    pins = gpu_check.pinned_wheels()
+    assert f"trl=={metadata.version('trl')}" in pins
+    assert {p.split("==")[0] for p in pins} >= {
+        "transformers", "accelerate", "peft", "datasets", "trl",
+    }  # fmt: skip

@@ -72,11 +72,6 @@ def test_the_launch_is_read_from_accelerates_environment() -> None:
         (ZERO3, {"merge": True}, "`merge`=True under DeepSpeed ZeRO-3"),
         (FSDP, {"load_in_4bit": True}, "`load_in_4bit`=True under FSDP"),
         (ZERO3, {"load_in_4bit": True}, "`load_in_4bit`=True under DeepSpeed ZeRO-3"),
-        (
-            {**FSDP, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
-            {},
-            "fsdp_cpu_ram_efficient_loading: true",
-        ),
         (ZERO3, {"bf16": False}, "`bf16`=False but the launch config's mixed_precision is bf16"),
         (
             {**FSDP, "ACCELERATE_MIXED_PRECISION": "no"},
@@ -112,10 +107,13 @@ def test_the_launch_configs_mixed_precision_decides_an_unset_bf16() -> None:
 
 
 def test_the_shipped_fsdp_config_is_not_refused() -> None:
+    """It loads the weights on the first process only (one host copy per machine); FSDP
+    then sends them to the others (sync_module_states)."""
     import yaml
 
     cfg = yaml.safe_load(Path("configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
-    assert cfg["fsdp_cpu_ram_efficient_loading"] is False
+    assert cfg["fsdp_cpu_ram_efficient_loading"] is True
+    assert cfg["fsdp_sync_module_states"] is True
     env = {
         "ACCELERATE_USE_FSDP": "true",
         "FSDP_CPU_RAM_EFFICIENT_LOADING": str(cfg["fsdp_cpu_ram_efficient_loading"]).lower(),
@@ -248,6 +246,14 @@ import spillover.align.train as train
 from spillover.cli import main
 
 real = train._run_training
+real_load = train.load_for_training
+
+
+def load(*args, **kwargs):
+    model, tok, prov = real_load(*args, **kwargs)
+    weight = next(p for n, p in model.named_parameters() if "lora_" not in n)
+    print(f"loaded partitioned: {hasattr(weight, 'ds_id')}")
+    return model, tok, prov
 
 
 def run(trainer, *args, **kwargs):
@@ -258,11 +264,13 @@ def run(trainer, *args, **kwargs):
 
 
 train._run_training = run
+train.load_for_training = load
 sys.argv = ["spillover", *sys.argv[1:]]
 main()
 """
-"""`spillover align`, printing after training what wraps the model and whether its parameters
-are ZeRO-3 partitions (DeepSpeed marks those with ``ds_id``)."""
+"""`spillover align`, printing whether the weights were ZeRO-3 partitions as soon as they
+were loaded (``zero.Init``: no process holds a whole copy), and after training what wraps
+the model and whether its parameters are partitions (DeepSpeed marks those with ``ds_id``)."""
 
 
 @pytest.mark.skipif(
@@ -292,6 +300,8 @@ def test_two_process_zero3_training_saves_the_whole_adapter(tiny_dir: Path, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter ->") == 1  # the main process reports
     assert proc.stdout.count("engine: DeepSpeedEngine, partitioned: True") == 2, proc.stdout
+    # partitioned as they were read: the training arguments came before the load
+    assert proc.stdout.count("loaded partitioned: True") == 2, proc.stdout
     assert missing_adapter_files(two) == []
     a, b = lora_weights(one), lora_weights(two)
     assert sorted(a) == sorted(b)

@@ -246,3 +246,70 @@ def json_safe(obj: Any, *, other: Callable[[Any], Any] | None = None) -> Any:
     if type(obj).__name__ in ("NAType", "NaTType"):  # pandas' missing values
         return None
     return other(obj) if other is not None else obj
+
+
+SHARED_MARKER_PREFIX = ".spillover-shared-"
+"""Name prefix of the marker file :func:`check_shared_dir` writes (and removes)."""
+
+
+def check_shared_dir(folder: Path, state: Any, *, what: str, wait: float = 15.0) -> None:
+    """Check that every process of a multi-process launch sees ``folder`` as one folder.
+
+    Several processes (and, across machines, several filesystems) must meet in one folder
+    where a training or an evaluation is split: the first process decides what is resumed
+    and writes what the others read (datasets cached by TRL, checkpoints, the gathered
+    adapter, the predictions' part files). On machines that do not share that folder the
+    others would read nothing, or their own stale copy. The first process writes a marker
+    named by a fresh token it sends to all; every process looks for it (for up to ``wait``
+    seconds: network filesystems may cache a missing name for a few seconds), and all of
+    them learn which machines did not see it. One process: nothing to check.
+
+    Args:
+        folder: The folder (created where missing).
+        state: accelerate's ``PartialState`` of the launch.
+        what: What is kept there, for the message.
+
+    Raises:
+        ConfigError: on every process, naming the machines that do not see the marker.
+    """
+    if state.num_processes <= 1:
+        return
+    import socket
+    import time
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from .errors import ConfigError
+
+    token: list[str | None] = [uuid.uuid4().hex if state.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    marker = folder / f"{SHARED_MARKER_PREFIX}{token[0]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            marker.write_text(str(token[0]), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
+    state.wait_for_everyone()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            seen = marker.read_text(encoding="utf-8") == token[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    verdicts = gather_object([(socket.gethostname(), seen)])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = sorted({host for host, ok in verdicts if not ok})
+    if blind:
+        raise ConfigError(
+            f"{folder}: not one folder for every process of this launch (the processes on "
+            f"{', '.join(blind)} do not see the file the first process wrote there); "
+            f"{what} must be on a filesystem all machines share (NFS, Lustre, ...): "
+            "choose such an --out"
+        )

@@ -60,13 +60,16 @@ _GPU_7B: Mapping[str, Any] = MappingProxyType(
         "grad_accum": 4,
         "precompute_ref": True,
         "gradient_checkpointing": True,
-        "bf16": True,
+        # no "bf16": a preset's value would count as the user's choice, and a plain
+        # `accelerate launch` (mixed_precision 'no') would then be refused; left unset, bf16
+        # autocast is on wherever bf16 is fast (every bf16 GPU) unless the launch config says no
         "pack_pairs": True,
         "dtype": "auto",
         "epochs": 1.0,
     }
 )
-"""The paper-sized (7-8B) models: one GPU in bfloat16, LoRA on every projection."""
+"""The paper-sized (7-8B) models: one GPU in bfloat16 (``dtype`` auto), LoRA on every
+projection; bf16 autocast is the automatic default (on for GPUs with bf16)."""
 
 PRESETS: Mapping[str, Preset] = MappingProxyType(
     {

@@ -12,13 +12,18 @@ one line before any work:
 - 4-bit QLoRA under sharding: the 4-bit load pins the model to one device
   (``device_map``) and stores weights as uint8, which FSDP and ZeRO-3 cannot shard (bitsandbytes
   documents a float ``bnb_4bit_quant_storage`` and no ``device_map`` for that); refused.
-- ``fsdp_cpu_ram_efficient_loading: true``: transformers then loads the weights on the
-  first process only and leaves the others' on the ``meta`` device (read in the 4.56-4.57
-  sources this project allows; later releases are not checked, so it is refused with every
-  release), which the model loader's ``.to(device)`` cannot move.
 - ``bf16`` set explicitly against the launch config's ``mixed_precision``: the launcher's
   setting reaches the Accelerator through the environment and would silently win
   (DeepSpeed takes it as its own precision).
+
+Sharded loading: under ZeRO-3 or FSDP the model loader does not move the weights to the
+device (the engine places them), and the training arguments are made before the model is
+loaded (``trainer.sharded_training_args``), so that ZeRO-3 partitions the weights as they
+are read (``zero3_init_flag``) instead of every process holding a whole copy, and FSDP's
+``fsdp_cpu_ram_efficient_loading`` reads them on the first process only (the others hold
+``meta`` tensors until FSDP broadcasts them with ``sync_module_states``; transformers
+4.56-4.57, read in their sources; 5.x reads them on every process and FSDP still broadcasts
+the first's).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -112,12 +118,6 @@ def check_launch(launch: Launch, *, merge: bool, load_in_4bit: bool, bf16: bool 
             "device, which FSDP / ZeRO-3 cannot shard; train 4-bit with one process per GPU "
             "(configs/accelerate/multi_gpu.yaml) or drop --load-in-4bit under sharding"
         )
-    if launch.kind == "fsdp" and launch.fsdp_cpu_ram_efficient_loading:
-        raise ConfigError(
-            "the FSDP launch config sets fsdp_cpu_ram_efficient_loading: true, which leaves "
-            "the weights of every process but the first on the meta device; set it to false "
-            "(as configs/accelerate/fsdp.yaml does)"
-        )
     mp = launch.mixed_precision
     if bf16 is False and mp == "bf16":
         raise ConfigError(
@@ -142,6 +142,22 @@ def launch_bf16(bf16: bool | None, launch: Launch) -> bool | None:
     return None
 
 
+def four_bit_device_map(
+    device: str, *, num_processes: int, local_process_index: int
+) -> dict[str, int | str]:
+    """The ``device_map`` of a 4-bit (QLoRA) load: the whole model on this process's GPU.
+
+    Under data parallelism every process must load onto its own GPU, named by its local
+    index: transformers maps only the bare string ``device_map="cuda"`` to the local rank,
+    so ``{"": "cuda"}`` puts every process's copy on GPU 0, and accelerate then refuses to
+    train a 4-bit model placed "on a different device" than the process's. One process
+    keeps the device it was given (``cuda``, ``cuda:N``).
+    """
+    if num_processes > 1 and device.startswith("cuda"):
+        return {"": local_process_index}
+    return {"": device}
+
+
 def full_state_dict_for_saving(trainer: object, launch: Launch) -> None:
     """Under FSDP, switch the trainer to ``FULL_STATE_DICT`` before ``save_model``.
 
@@ -157,6 +173,38 @@ def full_state_dict_for_saving(trainer: object, launch: Launch) -> None:
         return
     if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
         plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def uniform_adapter_dtype(model: Any, launch: Launch) -> int:
+    """Sharded, cast the LoRA weights the engine would mix with the base's dtype; return
+    how many were cast.
+
+    TRL adds a frozen copy of a loaded adapter as the reference (adapter ``ref``) with
+    PEFT's default ``autocast_adapter_dtype``, which upcasts LoRA weights on a bf16 base to
+    float32. Under FSDP1 the frozen copy is wrapped with the bf16 base layer in one
+    FlatParameter, which refuses mixed dtypes ("Must flatten tensors with uniform dtype"),
+    so frozen LoRA weights take the base dtype there; trainable ones stay float32 (PEFT's
+    FSDP wrap policy gives them units of their own, and bf16 weights would lose the small
+    updates of a 5e-6 learning rate: FSDP keeps no float32 copy). ZeRO-3 gathers every
+    parameter in the first one's dtype, so there all LoRA weights take the base dtype
+    (DeepSpeed's optimizer keeps float32 master weights); weights DeepSpeed already
+    partitioned (``ds_id``) are left alone. Unsharded launches are left as they are.
+    """
+    if not launch.sharded:
+        return 0
+    base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    if len(base) != 1:
+        return 0
+    (dtype,) = base
+    cast = 0
+    for name, param in model.named_parameters():
+        if "lora_" not in name or param.dtype == dtype or hasattr(param, "ds_id"):
+            continue
+        if launch.kind == "fsdp" and param.requires_grad:
+            continue
+        param.data = param.data.to(dtype)
+        cast += 1
+    return cast
 
 
 def missing_adapter_files(folder: os.PathLike[str] | str) -> list[str]:

@@ -19,6 +19,7 @@ from .._io import (
     OWNER_MARKER,
     atomic_write_json,
     check_output_dir,
+    check_shared_dir,
     json_safe,
     mark_owned,
     replace_dir,
@@ -27,8 +28,20 @@ from .._io import (
 from ..errors import ConfigError, DataError, ModelError
 from ..rundir import canonical_hash, library_versions
 from .config import AlignConfig
-from .sharding import full_state_dict_for_saving, launch_from_env, missing_adapter_files
-from .trainer import TrainProgress, build_trainer, check_environment, lora_config
+from .sharding import (
+    four_bit_device_map,
+    full_state_dict_for_saving,
+    launch_from_env,
+    missing_adapter_files,
+    uniform_adapter_dtype,
+)
+from .trainer import (
+    TrainProgress,
+    build_trainer,
+    check_environment,
+    lora_config,
+    sharded_training_args,
+)
 from .trl_args import resolve_trl_args
 
 logger = logging.getLogger(__name__)
@@ -108,10 +121,14 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
     """
     from ..models import load_model
 
+    launch = launch_from_env()
     if cfg.load_in_4bit:
         model, tok, prov = _load_4bit(cfg, device)
     else:
-        loaded = load_model(cfg.model, device=device, dtype=cfg.dtype)
+        # sharded: the engine places the weights (see load_model's `place`); the caller has
+        # made the training arguments first (sharded_training_args), so that transformers
+        # loads under ZeRO-3's zero.Init or FSDP's first-process-only loading
+        loaded = load_model(cfg.model, device=device, dtype=cfg.dtype, place=not launch.sharded)
         model, tok, prov = loaded.model, loaded.tokenizer, loaded.provenance()
     if cfg.adapter is not None:
         from peft import PeftModel
@@ -121,12 +138,13 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
             raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
         # is_trainable=True: a frozen adapter would train nothing (loss stuck at ln 2).
         # Under ZeRO-3, LoRA weights must keep the base's dtype: PEFT's default autocast to
-        # float32 gives mixed dtypes that fail at the first optimizer step (TRL's docs)
+        # float32 gives mixed dtypes that fail at the first optimizer step (TRL's docs).
+        # Under FSDP the trainable adapter stays float32 (see uniform_adapter_dtype)
         model = PeftModel.from_pretrained(
             model,
             str(path),
             is_trainable=True,
-            autocast_adapter_dtype=not launch_from_env().zero3,
+            autocast_adapter_dtype=not launch.zero3,
         )
         prov["adapter"] = str(path.resolve())
     return model, tok, prov
@@ -134,12 +152,19 @@ def load_for_training(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str
 
 def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]:
     import torch
+    from accelerate import PartialState
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from ..models import load_tokenizer, refused_load, resolve_model, weights_location
 
     spec = resolve_model(cfg.model)
+    state = PartialState()
+    device_map = four_bit_device_map(
+        device,
+        num_processes=state.num_processes,
+        local_process_index=state.local_process_index,
+    )
     bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -151,7 +176,7 @@ def _load_4bit(cfg: AlignConfig, device: str) -> tuple[Any, Any, dict[str, Any]]
             weights_location(spec),
             quantization_config=bnb,
             dtype=torch.bfloat16,
-            device_map={"": device},
+            device_map=device_map,
         )
     except OSError as exc:
         raise ModelError(f"could not load model {cfg.model!r}: {exc}") from None
@@ -340,32 +365,30 @@ def train_adapter(
     Raises:
         ConfigError, DataError, MissingDependencyError, ModelError.
     """
-    import torch
+    from ..models import release_cuda_memory
 
+    try:
+        return _train_adapter(pairs, cfg, progress)
+    finally:
+        # the trainer, model and optimizer are unreferenced once _train_adapter returns;
+        # give their GPU memory back, for a vLLM engine started next in the same process
+        release_cuda_memory()
+
+
+def _train_adapter(pairs: Any, cfg: AlignConfig, progress: TrainProgress | None) -> AdapterRef:
     cfg = resolve_trl_args(cfg)  # recorded as TRL reads them
     target = Path(cfg.output_dir).expanduser()
     check_output_dir(target, ADAPTER_KIND, overwrite=cfg.overwrite)
     df, split = load_pair_frame(pairs)
     heldout = load_heldout_frame(pairs)
     device = check_environment(cfg)
-    from accelerate import PartialState
-
-    # one process, or one of several under `accelerate launch` / torchrun
-    state = PartialState(cpu=device == "cpu")
+    state, ckpt, resume = _join_launch(cfg, target, df, device)
     distributed = state.num_processes > 1
     main = state.is_main_process
-    ckpt = checkpoint_dir(target)
-    with state.main_process_first():
-        resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
-    if not main:
-        resume = last_checkpoint(ckpt)
-    if device == "cpu":
-        torch.set_num_threads(cfg.num_threads or _cpu_threads(state.num_processes))
-    from transformers import set_seed
-
-    set_seed(cfg.seed)
     tmp: Path | None = None
     try:
+        # held until the trainer has its own: it keeps the ZeRO-3 config live while loading
+        early_args = sharded_training_args(cfg, ckpt, device)
         model, tok, model_prov = load_for_training(cfg, device)
         tmp = _scratch(target, state)
         trainer = build_trainer(
@@ -380,6 +403,8 @@ def train_adapter(
             eval_pairs=heldout,
             logs_dir=ckpt / LOGS_DIR,
         )
+        del early_args
+        uniform_adapter_dtype(trainer.model, launch_from_env())
         run = _run_training(trainer, cfg, ckpt, resume)
         history = [dict(h) for h in trainer.state.log_history]
         # collective under several processes (gathers ZeRO-3 / FSDP shards); only the main
@@ -413,6 +438,34 @@ def train_adapter(
         if main and ckpt.is_dir() and not list(ckpt.glob("checkpoint-*")):
             shutil.rmtree(ckpt, ignore_errors=True)  # nothing to resume from
     return _adapter_ref(target, cfg, trainer, history, merged_dir, run)
+
+
+def _join_launch(
+    cfg: AlignConfig, target: Path, df: Any, device: str
+) -> tuple[Any, Path, Path | None]:
+    """This process's place in the launch (accelerate's ``PartialState``), the checkpoint
+    folder and the checkpoint to resume from (decided by the first process, in a folder
+    every process must see); torch's threads and the seed set."""
+    import torch
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    # one process, or one of several under `accelerate launch` / torchrun
+    state = PartialState(cpu=device == "cpu")
+    main = state.is_main_process
+    ckpt = checkpoint_dir(target)
+    # the first process decides the resume and writes what the others read: one folder
+    check_shared_dir(
+        target.parent, state, what="the adapter folder, its checkpoints and scratch data"
+    )
+    with state.main_process_first():
+        resume = open_checkpoints(ckpt, training_digest(cfg, df)) if main else None
+    if not main:
+        resume = last_checkpoint(ckpt)
+    if device == "cpu":
+        torch.set_num_threads(cfg.num_threads or _cpu_threads(state.num_processes))
+    set_seed(cfg.seed)
+    return state, ckpt, resume
 
 
 def _scratch(target: Path, state: Any) -> Path:
@@ -538,6 +591,7 @@ def _trl_args_summary(args: Any) -> dict[str, Any]:
         "disable_dropout",
         "lr_scheduler_type",
         "warmup_steps",
+        "warmup_ratio",
         "cpo_alpha",
     )
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}

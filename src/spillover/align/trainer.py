@@ -244,6 +244,28 @@ def _checkpointing_key() -> str:
     )
 
 
+def _training_arg_names() -> frozenset[str]:
+    """The fields of the installed ``transformers.TrainingArguments``."""
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dc.fields(TrainingArguments))
+
+
+def warmup_args(ratio: float, fields: frozenset[str]) -> dict[str, float]:
+    """The warm-up as the installed transformers reads a share of the steps.
+
+    transformers 4.x has ``warmup_ratio`` (a share) and an integer ``warmup_steps``, which
+    takes ``0.1`` for a step count (no warm-up at all); transformers 5 dropped
+    ``warmup_ratio`` and reads a ``warmup_steps`` below 1 as the share. ``fields``: the
+    ``TrainingArguments`` field names.
+    """
+    if "warmup_ratio" in fields:
+        return {"warmup_ratio": ratio}
+    return {"warmup_steps": ratio}
+
+
 def resolve_bf16(bf16: bool | None, device: str) -> bool:
     """``bf16`` as asked, or (None) bfloat16 autocast where bf16 is fast on ``device``."""
     if bf16 is not None:
@@ -287,7 +309,7 @@ def trl_config(
         "fp16": False,
         "use_cpu": device == "cpu",
         "report_to": [] if cfg.report_to == "none" else [cfg.report_to],
-        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1): a share of the steps
+        **warmup_args(cfg.warmup_ratio, _training_arg_names()),
         "lr_scheduler_type": cfg.lr_scheduler_type,
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
@@ -309,6 +331,23 @@ def trl_config(
                 f"TRL's {config_cls.__name__} refuses these settings: {text} (check `trl_args` "
                 "and the options it names)"
             ) from None
+
+
+def sharded_training_args(cfg: AlignConfig, output_dir: Path, device: str) -> Any | None:
+    """Under ZeRO-3 or FSDP, the run's TRL config made before the model is loaded; else None.
+
+    transformers decides how ``from_pretrained`` loads from state the training arguments
+    create: under DeepSpeed they make its DeepSpeed config live (accelerate's plugin, a weak
+    reference read by ``is_deepspeed_zero3_enabled()``), and ZeRO-3 then partitions every
+    weight as it is read (``deepspeed.zero.Init``, ``zero3_init_flag``) instead of each
+    process holding a whole copy in host memory. FSDP's first-process-only loading
+    (``fsdp_cpu_ram_efficient_loading``) needs only the launch's environment and the
+    process group. Keep the returned object alive until the trainer is built (the weak
+    reference dies with it). ``max_length`` is not known yet and does not matter here.
+    """
+    if not launch_from_env().sharded:
+        return None
+    return trl_config(cfg, output_dir, device=device, max_length=None)
 
 
 def _schedule_args(cfg: AlignConfig, evaluate: bool) -> dict[str, Any]:

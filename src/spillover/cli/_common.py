@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -116,8 +117,14 @@ class ErrorBoundary(TyperGroup):
     can cause in any code, including code not written yet, through
     :func:`environment_error`: OS errors (a path that cannot be read or written),
     undecodable text, input nested too deeply, numbers out of range, memory exhausted.
+    The GPU's failures are expected too (:func:`accelerator_error`): torch's
+    ``OutOfMemoryError`` and vLLM's dead engine, each with the setting to turn.
     Anything else is a bug and keeps its traceback. ``--debug`` (or
     ``$SPILLOVER_DEBUG=1``) re-raises every error with its traceback.
+
+    Under a multi-process launch (``accelerate launch``, torchrun) a failing process ends at
+    once (:func:`failed`), so that the launcher tears the others down instead of leaving them
+    waiting in a collective.
     """
 
     def invoke(self, ctx: Any) -> Any:
@@ -126,16 +133,81 @@ class ErrorBoundary(TyperGroup):
         except SpilloverError as exc:
             if debugging(ctx):
                 raise
-            raise fail(str(exc)) from None
+            raise failed(str(exc)) from None
         except (OSError, UnicodeError, RecursionError, OverflowError, MemoryError) as exc:
             if debugging(ctx):
                 raise
-            raise fail(environment_error(exc)) from None
+            raise failed(environment_error(exc)) from None
+        except Exception as exc:
+            message = accelerator_error(exc)
+            if message is None or debugging(ctx):
+                raise
+            raise failed(message) from None
         except KeyboardInterrupt:
             if debugging(ctx):
                 raise
             err_console.print("[bold red]interrupted[/]; completed stages and shards are kept")
             raise typer.Exit(code=130) from None
+
+
+def launched_processes(env: Any = None) -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 outside a launch)."""
+    env = os.environ if env is None else env
+    value = str(env.get("WORLD_SIZE", "")).strip()
+    return int(value) if value.isdigit() else 1
+
+
+def failed(message: str) -> typer.Exit:
+    """:func:`fail`; under a multi-process launch, print and end this process now.
+
+    A process that fails alone (a GPU out of memory on one rank) would otherwise leave the
+    others blocked in their next NCCL collective until its timeout, and its own exit can
+    block in the process group's teardown. ``os._exit`` skips that teardown; the launcher
+    (torchrun's agent, which ``accelerate launch`` runs) sees the non-zero exit and stops
+    the other processes. Every ``finally`` on the way here has already run.
+    """
+    exit_ = fail(message)
+    if launched_processes() > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(exit_.exit_code)
+    return exit_
+
+
+VLLM_ENGINE_ERRORS: tuple[str, ...] = ("EngineDeadError", "EngineGenerateError")
+"""vLLM's exceptions of a failed engine (``vllm/v1/engine/exceptions.py``), matched by name:
+vLLM is optional and never imported here."""
+
+
+def accelerator_error(exc: BaseException) -> str | None:
+    """The one-line message for a GPU failure, naming the settings to turn; None otherwise.
+
+    torch's ``OutOfMemoryError`` (a ``RuntimeError``) from training or scoring, and vLLM's
+    dead engine (its engine process failed, most often out of GPU memory).
+    """
+    text = " ".join(str(exc).split())
+    first = text if len(text) <= 300 else text[:299] + "…"
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(oom, type) and isinstance(exc, oom):
+        return (
+            f"the GPU ran out of memory ({first}); training: a smaller --batch-size with a "
+            "larger --grad-accum (align.batch_size, align.grad_accum: the same effective "
+            "batch), --gradient-checkpointing, or --load-in-4bit; scoring: a smaller "
+            "--batch-tokens (eval.batch_tokens); beside a vLLM engine: a smaller "
+            "--gpu-memory-utilization (eval.gpu_memory_utilization)"
+        )
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & set(VLLM_ENGINE_ERRORS):
+        return (
+            f"vLLM's engine stopped ({type(exc).__name__}: {first or 'no message'}); the "
+            "engine's own log above says why; out of GPU memory: a smaller "
+            "--max-num-batched-tokens (eval.max_num_batched_tokens) or --max-model-len "
+            "(eval.max_model_len), or a smaller --gpu-memory-utilization "
+            "(eval.gpu_memory_utilization) when other work shares the GPU"
+        )
+    return None
 
 
 def environment_error(exc: BaseException) -> str:

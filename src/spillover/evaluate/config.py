@@ -66,6 +66,14 @@ class EvalConfig:
     """Longest sequence, in tokens, the vLLM engine is built for (``vllm`` backend only); its KV
     cache is sized for it. Unset: 4096, or the model's ``max_position_embeddings`` if smaller
     (a BBQ request is a few hundred tokens)."""
+    gpu_memory_utilization: float | None = None
+    """Share of each GPU's memory the vLLM engine takes for weights, activations and KV cache
+    (``vllm`` backend only); vLLM refuses to start when less is free. Unset: 0.9. Lower it
+    when other work shares the GPU; raise it when the KV cache is too small."""
+    max_num_batched_tokens: int | None = None
+    """Tokens the vLLM engine computes in one step (``vllm`` backend only): its activation
+    peak grows with it, so lower it when scoring runs out of GPU memory. Unset: vLLM's
+    default."""
 
     def __post_init__(self) -> None:
         check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
@@ -104,9 +112,37 @@ class EvalConfig:
                 "with `backend`: vllm"
             )
 
+        gmu = self.gpu_memory_utilization
+        if gmu is not None and (
+            isinstance(gmu, bool)
+            or not isinstance(gmu, (int, float))
+            or not 0 < gmu <= 1
+            or self.backend != "vllm"
+        ):
+            raise ConfigError(
+                f"`gpu_memory_utilization`={gmu!r}; expected unset, or a share in (0, 1] "
+                "(e.g. 0.6) with `backend`: vllm"
+            )
+        tokens = self.max_num_batched_tokens
+        if tokens is not None and (not _is_int(tokens) or tokens < 1 or self.backend != "vllm"):
+            raise ConfigError(
+                f"`max_num_batched_tokens`={tokens!r}; expected unset, or a positive integer "
+                "(e.g. 8192) with `backend`: vllm"
+            )
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict view."""
-        return dataclasses.asdict(self)
+        """Plain dict view of what decides the scores (recorded in outputs, and the key of
+        resumable shards and run stages). The engine's memory settings
+        (:data:`ENGINE_RESOURCES`) are left out: changing them after running out of memory
+        must neither rerun finished stages nor refuse the shards already scored."""
+        out = dataclasses.asdict(self)
+        for name in ENGINE_RESOURCES:
+            out.pop(name)
+        return out
+
+
+ENGINE_RESOURCES: tuple[str, ...] = ("gpu_memory_utilization", "max_num_batched_tokens")
+""":class:`EvalConfig` fields that size the vLLM engine's memory without changing a score."""
 
 
 def _is_int(value: object) -> bool:

@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError
 from ..predictions import KINDS, ProbePrediction, RecordKind, write_table
 from .config import EvalConfig
 from .hf import HFChoiceScorer, compile_requested
-from .run import EvalOutcome, load_for_eval, resolve_precision
+from .run import EvalOutcome, loaded_for_eval, resolve_precision
 from .scoring import ChoiceRequest, ChoiceScorer, ChoiceScores
 from .shards import MANIFEST_FORMAT, items_digest, open_shards, read_shard, shard_dir, write_shard
 
@@ -262,26 +262,29 @@ def evaluate_benchmark(
             f"{data.name}` without accelerate launch or torchrun"
         )
     t0 = time.perf_counter()
-    loaded, scorer = load_for_eval(
+    with loaded_for_eval(
         model, cfg, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
-    )
-    if scorer is None:
-        scorer = HFChoiceScorer(
-            loaded.model,
-            loaded.tokenizer,
-            batch_tokens=cfg.batch_tokens,
-            boundary=cfg.boundary,
-            compile=compile_requested(),
+    ) as (loaded, engine):
+        scorer = engine
+        if scorer is None:
+            scorer = HFChoiceScorer(
+                loaded.model,
+                loaded.tokenizer,
+                batch_tokens=cfg.batch_tokens,
+                boundary=cfg.boundary,
+                compile=compile_requested(),
+            )
+        cfg = resolve_precision(cfg, loaded, scorer)
+        t1 = time.perf_counter()
+        described = dict(selection.describe())
+        if heldout:
+            described["heldout_clusters"] = {a: sorted(c) for a, c in heldout.items()}
+        provenance = {"data": data.provenance(), "selection": described}
+        rows, stats = evaluate_probe_items(
+            loaded, items, cfg, out=out, scorer=scorer, progress=progress, provenance=provenance
         )
-    cfg = resolve_precision(cfg, loaded, scorer)
-    t1 = time.perf_counter()
-    described = dict(selection.describe())
-    if heldout:
-        described["heldout_clusters"] = {a: sorted(c) for a, c in heldout.items()}
-    provenance = {"data": data.provenance(), "selection": described}
-    rows, stats = evaluate_probe_items(
-        loaded, items, cfg, out=out, scorer=scorer, progress=progress, provenance=provenance
-    )
+        name = loaded.spec.name
+        del loaded, engine, scorer  # the engine's memory is given back on leaving
     return EvalOutcome(
-        Path(out), None, 1, True, loaded.spec.name, t1 - t0, time.perf_counter() - t1, rows, stats
+        Path(out), None, 1, True, name, t1 - t0, time.perf_counter() - t1, rows, stats
     )

@@ -10,13 +10,15 @@ original answer index.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import check_shared_dir
 from ..data import CATEGORIES, BBQData, BBQItem, Selection
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel
@@ -176,12 +178,44 @@ def load_for_eval(
         cache_dir=cache_dir,
         tensor_parallel_size=cfg.tensor_parallel_size,
         max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
         seed=cfg.seed,
     )
     scorer = VLLMChoiceScorer(
         loaded.model, loaded.tokenizer, boundary=cfg.boundary, lora_path=loaded.adapter
     )
     return loaded, scorer
+
+
+@contextlib.contextmanager
+def loaded_for_eval(
+    model: str,
+    cfg: EvalConfig,
+    *,
+    adapter: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> Iterator[tuple[LoadedModel, ChoiceScorer | None]]:
+    """:func:`load_for_eval`, with the GPU memory given back on leaving, also on an error:
+    a vLLM engine is shut down (:func:`~spillover.evaluate.vllm.shutdown_engine`) and the
+    CUDA cache emptied, so that the stage after (training, or the next engine of a
+    ``spillover run``) finds the GPU free."""
+    from ..models import release_cuda_memory
+
+    loaded, scorer = load_for_eval(
+        model, cfg, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
+    )
+    try:
+        yield loaded, scorer
+    finally:
+        if loaded.backend == "vllm":
+            from .vllm import shutdown_engine
+
+            shutdown_engine(loaded.model)
+        del loaded, scorer
+        release_cuda_memory()
 
 
 def resolve_precision(
@@ -451,25 +485,33 @@ def run_evaluation(
     if not ordered:
         raise ConfigError("the selection is empty; check the categories, contexts and items")
     t0 = time.perf_counter()
-    loaded, scorer = load_for_eval(
-        model, cfg, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
-    )
-    render(ordered[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
-    t1 = time.perf_counter()
     preds: list[Prediction] | None = None
-    if state.num_processes > 1:
-        evaluate_distributed(
-            loaded,
-            ordered,
-            cfg,
-            out=out,
-            progress=progress if state.is_main_process else None,
-            provenance=provenance,
-        )
-    else:
-        preds = evaluate_model(
-            loaded, ordered, cfg, out=out, progress=progress, provenance=provenance, scorer=scorer
-        )
+    with loaded_for_eval(
+        model, cfg, adapter=adapter, device=device, dtype=dtype, cache_dir=cache_dir
+    ) as (loaded, scorer):
+        render(ordered[0], cfg.prompt_format, tokenizer=loaded.tokenizer)  # chat template check
+        t1 = time.perf_counter()
+        name = loaded.spec.name
+        if state.num_processes > 1:
+            evaluate_distributed(
+                loaded,
+                ordered,
+                cfg,
+                out=out,
+                progress=progress if state.is_main_process else None,
+                provenance=provenance,
+            )
+        else:
+            preds = evaluate_model(
+                loaded,
+                ordered,
+                cfg,
+                out=out,
+                progress=progress,
+                provenance=provenance,
+                scorer=scorer,
+            )
+        del loaded, scorer  # the engine's memory is given back on leaving
     seconds = time.perf_counter() - t1
     meta = read_metadata(out) if state.is_main_process else {}
     return EvalOutcome(
@@ -477,7 +519,7 @@ def run_evaluation(
         preds,
         state.num_processes,
         state.is_main_process,
-        loaded.spec.name,
+        name,
         t1 - t0,
         seconds,
         int(meta.get("n_rows", 0)),
@@ -566,6 +608,8 @@ def evaluate_distributed(
             loaded_model, ordered, cfg, out=out, progress=progress, provenance=provenance
         )
         return Path(out)
+    # the main process merges every process's part file: they must meet in one folder
+    check_shared_dir(Path(out).parent, state, what="the predictions file and its part files")
     parts = [part_path(out, i, state.num_processes) for i in range(state.num_processes)]
     with state.split_between_processes(ordered) as share:
         evaluate_model(

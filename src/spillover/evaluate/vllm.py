@@ -19,6 +19,7 @@ vLLM is imported only when this backend is used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from .scoring import (
     ScorerStats,
 )
 
+logger = logging.getLogger(__name__)
+
 INSTALL_HINT = "the vllm backend needs vLLM and a CUDA GPU: pip install 'spillover[vllm]'"
 
 
@@ -48,7 +51,32 @@ def _import_vllm() -> Any:
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
 """What vLLM raises when the engine cannot be built or a request cannot run (too little GPU
 memory, a ``max_model_len`` the model or the KV cache cannot hold, CUDA out of memory,
-a failed engine process); each becomes a one-line :class:`ModelError`."""
+a failed engine process); each becomes a one-line :class:`ModelError`. vLLM's own
+``EngineDeadError`` (an ``Exception``: its engine process died) is added where vLLM has it
+(:func:`engine_errors`)."""
+
+MEMORY_HINT = (
+    "out of GPU memory: a smaller --max-num-batched-tokens (eval.max_num_batched_tokens) "
+    "lowers the engine's activation peak, a smaller --max-model-len (eval.max_model_len) its "
+    "KV cache; a smaller --gpu-memory-utilization (eval.gpu_memory_utilization) leaves more "
+    "to other work on the GPU, a larger one gives the engine more"
+)
+"""What to turn when the engine runs out of GPU memory (in every engine error)."""
+
+
+def engine_errors() -> tuple[type[BaseException], ...]:
+    """:data:`ENGINE_ERRORS` and vLLM's ``EngineDeadError`` / ``EngineGenerateError`` (V1
+    engine, ``vllm/v1/engine/exceptions.py``) where the installed vLLM has them."""
+    found: list[type[BaseException]] = []
+    try:
+        from vllm.v1.engine import exceptions
+    except ImportError:
+        return ENGINE_ERRORS
+    for name in ("EngineDeadError", "EngineGenerateError"):
+        cls = getattr(exceptions, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return (*ENGINE_ERRORS, *found)
 
 
 def engine_error(what: str, exc: BaseException, hint: str) -> ModelError:
@@ -127,6 +155,7 @@ class VLLMChoiceScorer:
 
             self.lora = LoRARequest("spillover-adapter", 1, str(lora_path))
         self.stats = ScorerStats()
+        self.errors = engine_errors()
 
     supports_bf16 = False
     """vLLM computes in its weights' dtype: no ``bf16-verified`` precision."""
@@ -176,13 +205,12 @@ class VLLMChoiceScorer:
                     lora_request=self.lora,
                     use_tqdm=False,
                 )
-            except ENGINE_ERRORS as exc:
+            except self.errors as exc:
                 raise engine_error(
                     "vLLM failed while scoring",
                     exc,
-                    "a request longer than --max-model-len needs a larger one; out of GPU "
-                    "memory: a smaller --max-model-len, a larger --tensor-parallel-size, or "
-                    "a GPU with more free memory",
+                    "a request longer than --max-model-len needs a larger one; "
+                    f"{MEMORY_HINT}; or a larger --tensor-parallel-size",
                 ) from None
             done = 0
             for k, out in zip(part, outputs, strict=True):
@@ -271,6 +299,30 @@ def _default_max_model_len(spec: Any, where: str, trust_remote_code: bool) -> in
     return DEFAULT_MAX_MODEL_LEN
 
 
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+"""``gpu_memory_utilization`` when none is given (vLLM's own default): the share of the
+GPU's total memory the engine may take for weights, activations and KV cache. vLLM refuses
+to start when less than that is free."""
+
+
+def _engine_sizes(
+    gpu_memory_utilization: float | None, max_num_batched_tokens: int | None
+) -> float:
+    """Check the engine's memory settings; return ``gpu_memory_utilization`` (None: the
+    default)."""
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError(
+            f"`gpu_memory_utilization`={gpu_memory_utilization}; expected a share in (0, 1]"
+        )
+    if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+        raise ConfigError(
+            f"`max_num_batched_tokens`={max_num_batched_tokens}; expected a positive integer"
+        )
+    return gpu_memory_utilization
+
+
 def load_vllm_model(
     name: str,
     *,
@@ -280,7 +332,8 @@ def load_vllm_model(
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
+    max_num_batched_tokens: int | None = None,
     seed: int = 0,
     max_model_len: int | None = None,
 ) -> Any:
@@ -288,14 +341,27 @@ def load_vllm_model(
 
     Aliases, hub ids and folders resolve as for the transformers backend (the embedded
     model is served from its converted safetensors folder). ``max_model_len`` None is
-    :data:`DEFAULT_MAX_MODEL_LEN`, capped by the model's ``max_position_embeddings``.
+    :data:`DEFAULT_MAX_MODEL_LEN`, capped by the model's ``max_position_embeddings``;
+    ``gpu_memory_utilization`` None is :data:`DEFAULT_GPU_MEMORY_UTILIZATION`;
+    ``max_num_batched_tokens`` None is vLLM's default. What this process's torch still
+    caches on the GPU (an earlier stage's model) is given back first, since vLLM's engine
+    runs in its own process and checks the GPU's free memory. Shut the engine down with
+    :func:`shutdown_engine` when done.
 
     Raises:
         ModelError: vLLM could not build the engine (one line, with what to try).
     """
-    from ..models import LoadedModel, load_tokenizer, resolve_dtype, resolve_model, weights_location
+    from ..models import (
+        LoadedModel,
+        load_tokenizer,
+        release_cuda_memory,
+        resolve_dtype,
+        resolve_model,
+        weights_location,
+    )
 
     vllm = _import_vllm()
+    gpu_memory_utilization = _engine_sizes(gpu_memory_utilization, max_num_batched_tokens)
     if tensor_parallel_size < 1:
         raise ConfigError(f"`tensor_parallel_size`={tensor_parallel_size}; expected >= 1")
     if max_model_len is not None and max_model_len < 1:
@@ -319,6 +385,8 @@ def load_vllm_model(
         "seed": seed,
         "max_model_len": max_model_len,
     }
+    if max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if spec.kind == "hub" and spec.revision:
         kwargs["revision"] = spec.revision
     adapter_str: str | None = None
@@ -327,25 +395,65 @@ def load_vllm_model(
         kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(path), max_loras=1)
         adapter_str = str(path)
     tok = load_tokenizer(spec, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    release_cuda_memory()
     try:
         llm = vllm.LLM(**kwargs)
-    except ENGINE_ERRORS as exc:
+    except engine_errors() as exc:
         raise engine_error(
             f"vLLM could not start {spec.name!r} (max_model_len {max_model_len}, "
             f"tensor_parallel_size {tensor_parallel_size}, gpu_memory_utilization "
             f"{gpu_memory_utilization})",
             exc,
             "try a smaller --max-model-len (eval.max_model_len), a larger "
-            "--tensor-parallel-size, or a GPU with more free memory",
+            "--tensor-parallel-size, or a GPU with more free memory; less memory free than "
+            "--gpu-memory-utilization (eval.gpu_memory_utilization) asks for: a smaller "
+            "share, or free the GPU",
         ) from None
     return LoadedModel(llm, tok, spec, dtype_name, "cuda", adapter_str, backend="vllm")
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine so that its GPU memory is free for what comes next.
+
+    vLLM's V1 engine runs in its own process and holds its GPU memory (90 % by default)
+    until that process ends; dropping the ``LLM`` object leaves that to the garbage
+    collector, so a second engine in the same ``spillover run`` (or the training after the
+    first evaluation) would find the GPU full. ``LLM.shutdown()`` where vLLM has it, else
+    its engine client's ``shutdown()`` (``llm.llm_engine.engine_core``, read in vLLM 0.10-0.11);
+    an in-process engine's model-parallel groups are destroyed too. Failures to shut down
+    are logged, never raised (they must not hide the error that ended scoring).
+    """
+    try:
+        stop = getattr(llm, "shutdown", None)
+        if not callable(stop):
+            engine = getattr(llm, "llm_engine", None)
+            stop = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(stop):
+            stop()
+    except Exception as exc:  # a dead engine may fail to stop again
+        logger.warning("vLLM's engine did not shut down cleanly: %s", exc)
+    try:
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+    except ImportError:
+        return
+    try:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception as exc:
+        logger.warning("vLLM's process groups were not destroyed: %s", exc)
+
+
 __all__ = [
+    "DEFAULT_GPU_MEMORY_UTILIZATION",
     "DEFAULT_MAX_MODEL_LEN",
     "INSTALL_HINT",
     "VLLM_LORA_RANKS",
     "VLLMChoiceScorer",
     "continuation_logprob",
+    "engine_errors",
     "load_vllm_model",
+    "shutdown_engine",
 ]
