@@ -378,3 +378,16 @@ def test_slurm_cluster_sweep_matches_sequential(sweep: Path, sequential: Path) -
     _assert_like_sequential(out, sequential, sweep)
     scripts = sorted((out / ".jobs" / "submitit").rglob("*_submission.sh"))
     assert any("afterok:" in p.read_text() for p in scripts)  # dependencies went to Slurm
+
+
+def test_training_keeps_to_the_cores_a_job_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single training process given a share of the cores (`--jobs N`, a Ray task) keeps to
+    it; a multi-process launch splits the cores (torchrun's OMP_NUM_THREADS=1 not taken)."""
+    from spillover.align.train import _cpu_threads
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _cpu_threads(1) == 3
+    assert _cpu_threads(2) == max(cores // 2, 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _cpu_threads(1) == cores
