@@ -68,11 +68,14 @@ def compare(ours_file: Path, lm_out: Path) -> list[str]:
     by_id = ours.set_index("item_id")
     agree = differ = close = 0
     gaps = []
+    worst: list[tuple[float, str, str, tuple[float, float], tuple[float, ...]]] = []
     rows = []
     for s in samples:
         rec = by_id.loc[str(s["doc"]["Unnamed: 0"])]
         lls = [float(r[0][0]) for r in s["resps"]]
         gaps.append(max(abs(rec.score_0 - lls[0]), abs(rec.score_1 - lls[1])))
+        worst.append((gaps[-1], str(s["doc"]["Unnamed: 0"]), s["doc"]["bias_type"],
+                      (rec.score_0, rec.score_1), tuple(lls)))  # fmt: skip
         mine = bool(rec.score_0 > rec.score_1)
         theirs = s["pct_stereotype"] == 1.0
         if abs(lls[0] - lls[1]) <= 1e-3:
@@ -86,6 +89,11 @@ def compare(ours_file: Path, lm_out: Path) -> list[str]:
     out = [
         f"pairs: {len(samples)}; same outcome {agree}, different {differ}, gap <= 1e-3 {close}; "
         f"largest log-likelihood difference {max(gaps):.2e}",
+        *(
+            f"  pair {pid} ({bias}): spillover {o[0]:.3f} / {o[1]:.3f}, lm-eval "
+            f"{t[0]:.3f} / {t[1]:.3f} (more / less stereotypical)"
+            for _, pid, bias, o, t in sorted(worst, reverse=True)[:3]
+        ),
         "| bias type | n | pct_stereotype lm-eval | pct_stereotype spillover |",
         "|---|---|---|---|",
     ]
