@@ -295,9 +295,11 @@ base = Path(sys.argv[1])
 folder = base if sys.argv[2] == "same" else base / f"machine{state.process_index}"
 try:
     check_shared_dir(folder, state, what="the adapter folder", wait=1.0)
-    print(f"rank {state.process_index}: shared")
+    line = f"rank {state.process_index}: shared"
 except ConfigError as exc:
-    print(f"rank {state.process_index}: error: {exc}")
+    line = f"rank {state.process_index}: error: {exc}"
+# one file per process: two processes printing to one pipe may interleave their lines
+Path(sys.argv[3], f"rank{state.process_index}.txt").write_text(line)
 """
 
 
@@ -320,11 +322,14 @@ def test_every_process_of_a_launch_must_see_one_folder(tmp_path: Path) -> None:
     outs = {}
     for mode in ("same", "apart"):
         folder = tmp_path / mode
+        results = tmp_path / f"{mode}-results"
+        results.mkdir()
         proc = subprocess.run(
-            [*launch, str(script), str(folder), mode], capture_output=True, text=True, timeout=120
-        )
+            [*launch, str(script), str(folder), mode, str(results)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[:3000]
-        outs[mode] = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("rank"))
+        outs[mode] = sorted(p.read_text() for p in results.iterdir())
     assert outs["same"] == ["rank 0: shared", "rank 1: shared"]
     assert not list((tmp_path / "same").iterdir())  # the marker is gone
     assert len(outs["apart"]) == 2
