@@ -324,10 +324,17 @@ def test_every_process_of_a_launch_must_see_one_folder(tmp_path: Path) -> None:
         folder = tmp_path / mode
         results = tmp_path / f"{mode}-results"
         results.mkdir()
-        proc = subprocess.run(
-            [*launch, str(script), str(folder), mode, str(results)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        for _ in range(2):
+            proc = subprocess.run(
+                [*launch, str(script), str(folder), mode, str(results)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            # gloo's rendezvous now and then aborts a process before the script runs
+            # ("terminate called without an active exception"): that launch is made again
+            if proc.returncode == 0 or any(results.iterdir()):
+                break
+            if "terminate called without an active exception" not in proc.stderr:
+                break
         assert proc.returncode == 0, proc.stderr[:3000]
         outs[mode] = sorted(p.read_text() for p in results.iterdir())
     assert outs["same"] == ["rank 0: shared", "rank 1: shared"]
