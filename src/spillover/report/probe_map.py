@@ -36,7 +36,7 @@ from ..data import PROBES
 from ..stats import ProbeComparison, ProbeRecord
 from .config import ReportConfig
 from .figures import FigureOut, _new_figure, _render
-from .spillover_map import MapRow
+from .spillover_map import MapRow, draw_cell
 from .values import AGGREGATE, UNDEFINED, category_order, number
 
 if TYPE_CHECKING:
@@ -210,7 +210,6 @@ def _panel(ax: Axes, pm: ProbeMap, benchmark: str, norm: Any) -> None:
     """One benchmark's panel: coloured cells, signed changes, marks, target cells outlined."""
     import matplotlib
     import numpy as np
-    from matplotlib.patches import Rectangle
 
     cols = pm.columns[benchmark]
     colour, shown, undefined = _grid(pm, benchmark)
@@ -221,23 +220,11 @@ def _panel(ax: Axes, pm: ProbeMap, benchmark: str, norm: Any) -> None:
     for i, row in enumerate(pm.rows):
         for j, attr in enumerate(cols):
             rec = pm.cells[row.name].get((benchmark, attr))
-            if undefined[i, j]:
-                ax.add_patch(
-                    Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e6e6e6",
-                              edgecolor="#a0a0a0", hatch="////", linewidth=0)
-                )  # fmt: skip
-            elif rec is not None and math.isfinite(shown[i, j]):
+            text = None
+            if not undefined[i, j] and rec is not None and math.isfinite(shown[i, j]):
                 mark = probe_mark(rec, row.alpha)
-                dark = abs(float(norm(colour[i, j])) - 0.5) > 0.32
-                ax.text(
-                    j, i, f"{shown[i, j]:+.1f}{mark}", ha="center", va="center", fontsize=6.5,
-                    color="white" if dark else "black", fontweight="bold" if mark else "normal",
-                )  # fmt: skip
-            if attr in row.targets:
-                ax.add_patch(
-                    Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, facecolor="none",
-                              edgecolor="black", linewidth=1.8)
-                )  # fmt: skip
+                text = (f"{shown[i, j]:+.1f}{mark}", bool(mark), float(norm(colour[i, j])))
+            draw_cell(ax, i, j, bool(undefined[i, j]), text, attr in row.targets)
     ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
     ax.set_yticks(np.arange(-0.5, len(pm.rows)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.0)

@@ -190,7 +190,6 @@ def _panel(
     """One context x metric panel: coloured cells, values, marks, the target's cells outlined."""
     import matplotlib
     import numpy as np
-    from matplotlib.patches import Rectangle
 
     values, undefined = _values(rows, columns, ctx, metric)
     ax.imshow(
@@ -200,24 +199,12 @@ def _panel(
     for i, row in enumerate(rows):
         for j, cat in enumerate(columns):
             rec = row.cells.get((cat, ctx))
-            if undefined[i, j]:
-                ax.add_patch(
-                    Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e6e6e6",
-                              edgecolor="#a0a0a0", hatch="////", linewidth=0)
-                )  # fmt: skip
-            elif rec is not None and math.isfinite(values[i, j]):
+            text = None
+            if not undefined[i, j] and rec is not None and math.isfinite(values[i, j]):
                 sig = is_marked(rec, metric, row.alpha)
-                dark = abs(float(norm(values[i, j])) - 0.5) > 0.32
-                ax.text(
-                    j, i, f"{values[i, j]:+.1f}" + ("*" if sig else ""), ha="center",
-                    va="center", fontsize=6.5, color="white" if dark else "black",
-                    fontweight="bold" if sig else "normal",
-                )  # fmt: skip
-            if cat in row.targets:
-                ax.add_patch(
-                    Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, facecolor="none",
-                              edgecolor="black", linewidth=1.8)
-                )  # fmt: skip
+                label = f"{values[i, j]:+.1f}" + ("*" if sig else "")
+                text = (label, sig, float(norm(values[i, j])))
+            draw_cell(ax, i, j, bool(undefined[i, j]), text, cat in row.targets)
     ax.set_xticks(np.arange(-0.5, len(columns)), minor=True)
     ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.0)
@@ -225,6 +212,38 @@ def _panel(
     ax.set_title(f"{metric.label}, {_CONTEXT_NAMES[ctx]}")
     for spine in ax.spines.values():
         spine.set_visible(False)
+
+
+def draw_cell(
+    ax: Axes,
+    i: int,
+    j: int,
+    undefined: bool,
+    text: tuple[str, bool, float] | None,
+    target: bool,
+) -> None:
+    """One map cell's marks: hatched grey when undefined, else its text (label, bold when
+    marked, the cell's colour position 0-1: white on dark colours), and a black outline
+    for a target cell. Both maps draw their cells with it."""
+    from matplotlib.patches import Rectangle
+
+    if undefined:
+        ax.add_patch(
+            Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e6e6e6",
+                      edgecolor="#a0a0a0", hatch="////", linewidth=0)
+        )  # fmt: skip
+    elif text is not None:
+        label, bold, shade = text
+        dark = abs(shade - 0.5) > 0.32
+        ax.text(
+            j, i, label, ha="center", va="center", fontsize=6.5,
+            color="white" if dark else "black", fontweight="bold" if bold else "normal",
+        )  # fmt: skip
+    if target:
+        ax.add_patch(
+            Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, facecolor="none",
+                      edgecolor="black", linewidth=1.8)
+        )  # fmt: skip
 
 
 def _half_range(rows: Sequence[MapRow], columns: Sequence[str], metric: MapMetric) -> float:
